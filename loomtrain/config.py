@@ -1,0 +1,314 @@
+"""Frozen run configuration: YAML file + dotted `key=value` overrides, validated up front.
+
+Every key has a default, so an empty YAML file runs the embedded demo. Values are checked here,
+before any process starts, so a typo or an impossible layout ends in one line that names the key
+and the fix instead of a hang inside a collective. Checks that need the model's own HF config
+(heads divisible by tp, ...) live in `runtime.model.validate_model_layout`.
+"""
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from loomtrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which HF causal LM to train: `path` (a local HF directory) wins over `architecture`."""
+
+    architecture: str = "llama"
+    path: str | None = None
+    # Fields of the HF config class of `architecture` (or overrides of the one found in `path`).
+    config: Mapping[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"  # float32 | bfloat16 (compute dtype; master weights stay float32)
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are cut into fixed-length training sequences."""
+
+    source: str = "embedded"  # embedded | synthetic | a file or directory (.txt/.md/.py, .jsonl, .parquet)
+    tokenizer: str | None = None  # local HF tokenizer directory; None = byte-level fallback
+    seq_len: int = 256
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 4  # sequences per rank per micro-step
+    lengths: str = "fixed"  # synthetic document lengths: fixed | longtail | file:PATH
+    text_field: str = "text"  # JSONL key / Parquet column holding the document text
+    shuffle: bool = True
+    max_corpus_mb: float = 64.0  # cap on text read from the embedded corpus or a directory
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel degrees. Their product must equal the world size (dp_shard=-1 fills the rest)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    zero: int = 3  # 0 = DDP, 1 = sharded optimizer state, 2/3 = FSDP2 without/with reshard after forward
+    pp_schedule: str = "1F1B"
+    pp_virtual_stages: int = 1
+    cp_impl: str = "ulysses"
+    sequence_scheduler: str = "static"
+    activation_checkpointing: str = "none"  # none | full | every:N (checkpoint every N-th block)
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup + decay; `grad_clip` <= 0 disables clipping."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 200
+    seed: int = 1234
+    output_dir: str = "runs/demo"
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 1
+    progress: bool = True
+    tensorboard: bool = True
+    # Peak dense TFLOP/s of one device at the compute dtype, for MFU. None = look it up (GPU) or
+    # measure a matrix product at start-up (CPU).
+    peak_tflops: float | None = None
+    # Write the global sample ids of each step to `samples.jsonl` (tests, data audits).
+    log_samples: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = None  # default: {train.output_dir}/checkpoints
+    every: int = 0  # save every N steps (0 = only at the end if dir is set)
+    resume: str = "none"  # none | auto | PATH
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **sections: Any) -> "Config":
+        """`cfg.replace(train={"max_steps": 5})`: a new Config with some keys of some sections changed."""
+        return from_dict(_merge(self.to_dict(), sections))
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "parallel.zero": (0, 1, 2, 3),
+    "parallel.pp_schedule": ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble"),
+    "parallel.cp_impl": ("ulysses", "ring"),
+    "parallel.sequence_scheduler": ("static", "hetero"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "config":
+            out[key] = _merge(out[key], value)
+        elif key == "config" and isinstance(value, Mapping):
+            out[key] = {**out.get(key, {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _section_class(name: str) -> type:
+    return typing.get_type_hints(Config)[name]
+
+
+def _unknown(kind: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    return ConfigError(f"unknown {kind} '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against the field's annotation; accept ints for floats and YAML-ish strings."""
+    ann = annotation
+    origin = typing.get_origin(ann)
+    options = typing.get_args(ann) if origin in (typing.Union, types.UnionType) else (ann,)
+    if value is None and type(None) in options:
+        return None
+    for opt in options:
+        if opt is type(None):
+            continue
+        base = typing.get_origin(opt) or opt
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if base in (Mapping, dict, collections.abc.Mapping) and isinstance(value, Mapping):
+            return dict(value)
+    wanted = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
+
+
+def from_dict(raw: Mapping[str, Any] | None) -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections/keys and wrong types."""
+    raw = raw or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for name, values in raw.items():
+        if name not in _SECTIONS:
+            raise _unknown("config section", name, list(_SECTIONS))
+        if values is None:
+            values = {}
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+        cls = _section_class(name)
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise _unknown("config key", f"{name}.{key}", list(hints))
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    check(cfg)
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["train.max_steps=5", "model.config.hidden_size=64"]` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override '{item}': the key must be section.key (e.g. train.max_steps=5)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': cannot parse the value ({exc.problem})") from None
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{part}'")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (may be empty or absent) and apply dotted overrides on top."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+def check(cfg: Config) -> None:
+    """Checks that need nothing but the config itself (choices, ranges, divisibility, paths)."""
+    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r}: must be one of {', '.join(map(str, allowed))}")
+    for key in ("data.seq_len", "data.global_batch_size", "data.micro_batch_size", "train.max_steps",
+                "parallel.dp_replicate", "parallel.tp", "parallel.pp", "parallel.cp",
+                "parallel.pp_virtual_stages", "train.log_every", "checkpoint.keep"):
+        if flat[key] < 1:
+            raise ConfigError(f"{key}={flat[key]}: must be at least 1")
+    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard={cfg.parallel.dp_shard}: must be -1 (fill) or at least 1")
+    for key in ("optim.lr", "optim.eps"):
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}={flat[key]}: must be positive")
+    for key in ("optim.weight_decay", "optim.warmup_steps", "checkpoint.every"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]}: must not be negative")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be within [0, 1]")
+    if cfg.data.global_batch_size % cfg.data.micro_batch_size:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
+            f"data.micro_batch_size={cfg.data.micro_batch_size}")
+    ac = cfg.parallel.activation_checkpointing
+    if ac not in ("none", "full") and not (ac.startswith("every:") and ac[6:].isdigit() and int(ac[6:]) > 0):
+        raise ConfigError(f"parallel.activation_checkpointing={ac!r}: must be none, full or every:N (N >= 1)")
+    lengths = cfg.data.lengths
+    if lengths not in ("fixed", "longtail") and not lengths.startswith("file:"):
+        raise ConfigError(f"data.lengths={lengths!r}: must be fixed, longtail or file:PATH")
+    if lengths.startswith("file:") and not os.path.isfile(lengths[5:]):
+        raise ConfigError(f"data.lengths: length file not found: {lengths[5:]}")
+    if cfg.data.source not in ("embedded", "synthetic") and not os.path.exists(cfg.data.source):
+        raise ConfigError(f"data.source: no such file or directory: {cfg.data.source}")
+    if cfg.data.tokenizer is not None and not os.path.isdir(cfg.data.tokenizer):
+        raise ConfigError(f"data.tokenizer: not a directory: {cfg.data.tokenizer}")
+    if cfg.model.path is not None and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        raise ConfigError(f"model.path: no HF model directory (config.json) at {cfg.model.path}")
+    if cfg.checkpoint.resume not in ("none", "auto") and not os.path.exists(cfg.checkpoint.resume):
+        raise ConfigError(f"checkpoint.resume: no checkpoint at {cfg.checkpoint.resume}")
+
+
+def resolve_degrees(p: ParallelConfig, world_size: int) -> dict[str, int]:
+    """Fill `dp_shard=-1` and check that the degrees multiply to the world size."""
+    fixed = p.dp_replicate * p.tp * p.pp * p.cp
+    shard = p.dp_shard
+    if shard == -1:
+        if world_size % fixed:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by dp_replicate*tp*pp*cp = "
+                f"{p.dp_replicate}*{p.tp}*{p.pp}*{p.cp} = {fixed}; change the degrees or the process count")
+        shard = world_size // fixed
+    if fixed * shard != world_size:
+        raise ConfigError(
+            f"parallel degrees dp_replicate*dp_shard*tp*pp*cp = {p.dp_replicate}*{shard}*{p.tp}*{p.pp}*{p.cp}"
+            f" = {fixed * shard} but the world size is {world_size}; make them multiply to {world_size}")
+    return {"dp_replicate": p.dp_replicate, "dp_shard": shard, "cp": p.cp, "tp": p.tp, "pp": p.pp}

@@ -1,0 +1,1 @@
+"""Triton kernels with pure-torch fallbacks. Not implemented yet."""

@@ -1,0 +1,1 @@
+"""Interleaved optimizer-state offloading (Deep Optimizer States). Not implemented yet."""

@@ -1,0 +1,59 @@
+"""The one place that decides in which order parallelisms are applied to a (stage of a) model.
+
+Order: tensor parallel -> context parallel -> activation checkpointing -> compile -> FSDP.
+- TP first: it replaces parameters by DTensors sharded over the tp mesh; FSDP then shards those
+  DTensors again over the dp mesh (2-D parameters). The other way round FSDP would have to know
+  the TP layout of every parameter.
+- Activation checkpointing before FSDP: the recomputed region must be the block's own forward,
+  with FSDP's all-gather hooks outside it, or backward would all-gather each block twice.
+- compile per block after checkpointing so the compiled region includes the recomputation
+  decision, and before FSDP so FSDP's hooks are not traced.
+- FSDP last, wrapping blocks and then the root (see parallel.data.apply_fsdp).
+ZeRO-0/1 wrap the whole model in DDP instead; that happens after materialisation (DDP needs real
+tensors to broadcast), so it is returned as a separate step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from loomtrain.config import Config
+from loomtrain.parallel.activation import apply_activation_checkpointing
+from loomtrain.parallel.data import apply_ddp, apply_fsdp
+from loomtrain.runtime.model import find_blocks
+
+
+@dataclass
+class Parallelized:
+    module: nn.Module  # the model with its own parameter names (FSDP-sharded or plain)
+    wrapper: nn.Module | None  # DDP wrapper to call for forward (ZeRO-0/1), else None
+    uses_fsdp: bool
+    autocast_dtype: torch.dtype | None  # compute dtype when mixed precision is done by autocast
+    checkpointed_blocks: list[int]
+
+
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Parallelized:
+    """Apply the config's parallelisms to a model whose parameters are still on the meta device."""
+    pcfg = cfg.parallel
+    compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    blocks = find_blocks(model)
+    checkpointed = apply_activation_checkpointing(blocks, pcfg.activation_checkpointing)
+    if pcfg.compile:
+        for block in blocks:
+            block.compile()  # in place: parameter names keep no `_orig_mod.` prefix
+    dp_size = 1 if mesh is None else mesh["dp_cp"].size()
+    uses_fsdp = dp_size > 1 and pcfg.zero >= 2
+    if uses_fsdp:
+        apply_fsdp(model, blocks, mesh, zero=pcfg.zero, param_dtype=compute_dtype)
+    mixed_by_autocast = not uses_fsdp and compute_dtype != torch.float32
+    return Parallelized(model, None, uses_fsdp, compute_dtype if mixed_by_autocast else None, checkpointed)
+
+
+def wrap_after_materialize(par: Parallelized, cfg: Config, mesh: DeviceMesh | None) -> Parallelized:
+    """DDP for ZeRO-0/1 once parameters hold real values."""
+    if mesh is not None and not par.uses_fsdp and mesh["dp"].size() > 1:
+        par.wrapper = apply_ddp(par.module, mesh)
+    return par

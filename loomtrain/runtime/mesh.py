@@ -1,0 +1,119 @@
+"""Process-group set-up and the named device mesh.
+
+`ParallelDims` turns `pp x dp_replicate x dp_shard x cp x tp` into one `DeviceMesh` whose dimension
+names are what the `apply_*` functions ask for ("dp_shard", "tp", ...). tp is the innermost
+dimension so a TP group stays inside a node (NVLink); pp is the outermost so the slow inter-node
+links carry only the small pipeline activations (the Megatron/torchtitan ordering).
+
+Nothing here is global: the mesh is created once per `Trainer` and passed to whoever needs it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from loomtrain.config import ParallelConfig, resolve_degrees
+
+_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its rank, the world size and the device it computes on."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None when running as a single process without a process group
+    owns_process_group: bool  # True if we created the default group (and must destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from loomtrain.errors import ConfigError
+
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Join the job torchrun started (NCCL on CUDA, gloo on CPU), or run alone if there is none.
+
+    Reuses an existing default process group, so tests and notebooks can build several Trainers
+    in one process group.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(requested_device, local_rank)
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device,
+                       dist.get_backend(), owns_process_group=False)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+        return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend,
+                       owns_process_group=True)
+    return DistEnv(0, 0, 1, device, None, owns_process_group=False)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved parallel degrees; `build_mesh` makes the named DeviceMesh for them."""
+
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+        return cls(**resolve_degrees(cfg, world_size))
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Ranks that see different data (the batch is split across them)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp(self) -> int:
+        """Ranks a parameter is sharded over: dp_shard, and cp (context ranks hold the same weights)."""
+        return self.dp_shard * self.cp
+
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+        """The world as a mesh with every dimension named, plus flattened views:
+        "dp" (dp_replicate x dp_shard: data split), "dp_shard_cp" (the FSDP shard group) and
+        "dp_cp" (gradient reduction group). None when running as a single process."""
+        if not dist.is_initialized():
+            return None
+        sizes = [getattr(self, name) for name in _ORDER]
+        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=_ORDER)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        return mesh
+
+
+def dp_coordinates(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """(rank, size) of this process among the data-parallel ranks: which slice of the batch it reads."""
+    if mesh is None:
+        return 0, 1
+    dp = mesh["dp"]
+    return dp.get_local_rank(), dp.size()

@@ -1,0 +1,241 @@
+"""Building the HF model: config, construction on the meta device, and materialisation.
+
+A model is built with its parameters on the meta device (buffers such as rotary frequencies are
+real: they are computed from the config and are small), then parallelised, then materialised
+parameter by parameter into each rank's local shard. No rank ever holds more than one full
+parameter at a time, so a model larger than one device's memory can be started.
+
+Random initialisation is layout-independent by construction: every module is initialised by the
+model's own HF `_init_weights` on full-size temporary tensors under a seed derived from
+(train.seed, module name), and each rank keeps only its slice. One process and any mix of
+dp/zero/tp/pp therefore start from bit-identical weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import zlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from loomtrain.config import ModelConfig
+from loomtrain.errors import ConfigError, LoomError
+
+# Geometry of the demo model. Filled into model.config for keys the user did not set, so that
+# `architecture: llama` alone gives a model a CPU can train (HF's defaults are 7B parameters).
+DEMO_GEOMETRY = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
+
+
+def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id: int | None = None):
+    """The HF config for `model.path` or `model.architecture` + `model.config` overrides."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if mcfg.path is not None:
+        hf = AutoConfig.from_pretrained(mcfg.path, local_files_only=True)
+        overrides = dict(mcfg.config)
+    else:
+        arch = mcfg.architecture
+        if arch not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(arch, list(CONFIG_MAPPING.keys()), n=3)
+            raise ConfigError(f"model.architecture={arch!r} is not an HF model_type"
+                              + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        hf = CONFIG_MAPPING[arch]()
+        overrides = {k: v for k, v in DEMO_GEOMETRY.items() if k not in mcfg.config and hasattr(hf, k)}
+        overrides.update(mcfg.config)
+        overrides.setdefault("vocab_size", vocab_size)
+        if hasattr(hf, "max_position_embeddings"):
+            overrides.setdefault("max_position_embeddings", max(seq_len, 128))
+        if eos_id is not None:
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                overrides.setdefault(key, eos_id)
+    for key, value in overrides.items():
+        if not hasattr(hf, key):
+            known = [k for k in hf.to_dict() if not k.startswith("_")]
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"model.config.{key}: not a field of {type(hf).__name__}"
+                              + (f" (did you mean '{close[0]}'?)" if close else ""))
+        setattr(hf, key, value)
+    hf._attn_implementation = mcfg.attn_implementation
+    if hf.vocab_size < vocab_size:
+        raise ConfigError(f"model vocab_size={hf.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+                          "raise model.config.vocab_size or use a matching data.tokenizer")
+    max_pos = getattr(hf, "n_positions", None) if hf.model_type == "gpt2" else None
+    if max_pos is not None and max_pos < seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's learned positions ({max_pos}); "
+                          f"set model.config.n_positions >= {seq_len}")
+    return hf
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters go to the meta device as modules register them; buffers stay real.
+
+    `torch.device("meta")` alone would also put buffers (rotary `inv_freq`, ...) on meta, and those
+    are computed in the module constructors, which we do not want to re-run.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_meta_model(hf_config) -> nn.Module:
+    """An `AutoModelForCausalLM` of this config with every parameter on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with _parameters_on_meta():
+        try:
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        except ValueError as exc:
+            raise ConfigError(f"model: transformers cannot build a causal LM for "
+                              f"model_type={hf_config.model_type!r}: {exc}") from None
+    if getattr(hf_config, "num_local_experts", 0) or getattr(hf_config, "num_experts", 0):
+        raise ConfigError(f"model: {hf_config.model_type} is a mixture-of-experts model; MoE is not supported yet")
+    return model
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated decoder blocks (`model.layers`, `transformer.h`, ...): the unit that FSDP
+    wraps, activation checkpointing recomputes and pipeline stages split."""
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if block_names and type(module[0]).__name__ in block_names:
+                return module
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise LoomError(f"{type(model).__name__}: no repeated decoder blocks (nn.ModuleList) found")
+    return best
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the slice of `full` that this rank owns into `param` (a plain tensor or a DTensor)."""
+    full = full.to(dtype=param.dtype)
+    if tuple(full.shape) != tuple(param.shape):
+        raise LoomError(f"shape mismatch: checkpoint tensor {tuple(full.shape)} vs model {tuple(param.shape)}")
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                      src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)
+
+
+def materialize(model: nn.Module, device: torch.device, fill: Callable[[nn.Module], None]) -> None:
+    """Allocate the (possibly sharded) meta parameters on `device`, keep the real buffers, and let
+    `fill(model)` write the values."""
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in buffers:
+                buf.copy_(buffers[name])
+    fill(model)
+
+
+def init_random(model: nn.Module, seed: int) -> None:
+    """Initialise every parameter with the model's own `_init_weights`, module by module, on
+    full-size temporaries, under a per-module seed; copy each rank's slice into place."""
+    done: set[int] = set()
+    rng_state = torch.get_rng_state()
+    for mod_name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in done]
+        if not own:
+            continue
+        originals = {n: module._parameters[n] for n, _ in own}
+        temps = {n: nn.Parameter(torch.full(p.shape, float("nan"), dtype=torch.float32)) for n, p in own}
+        module._parameters.update(temps)
+        try:
+            torch.manual_seed(_module_seed(seed, mod_name))
+            model._init_weights(module)
+        finally:
+            module._parameters.update(originals)
+        for n, param in originals.items():
+            full = temps[n].detach()
+            if torch.isnan(full).any():
+                raise LoomError(f"{type(model).__name__}._init_weights left {mod_name}.{n} uninitialised; "
+                                "start from model.path or pass an initialised model instance")
+            _copy_full_into(param, full)
+            done.add(id(param))
+    torch.set_rng_state(rng_state)
+
+
+class SafetensorsSource:
+    """Full tensors by parameter name from an HF directory (`model.safetensors` or sharded with an
+    index); opens each file lazily and reads one tensor at a time."""
+
+    def __init__(self, path: str, base_prefix: str):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+            self.files = {k: os.path.join(path, f) for k, f in weight_map.items()}
+        elif os.path.isfile(single):
+            with safe_open(single, "pt") as fh:
+                self.files = {k: single for k in fh.keys()}
+        else:
+            raise LoomError(f"model.path={path}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors weights are loaded: they cannot run code when read)")
+        self.prefix = base_prefix + "." if base_prefix else ""
+
+    def key_for(self, name: str) -> str | None:
+        if name in self.files:
+            return name
+        if self.prefix and name.startswith(self.prefix) and name[len(self.prefix):] in self.files:
+            return name[len(self.prefix):]
+        return None
+
+    def get(self, key: str) -> torch.Tensor:
+        with self._open(self.files[key], "pt") as fh:
+            return fh.get_tensor(key)
+
+
+def load_safetensors(model: nn.Module, path: str) -> None:
+    """Fill every parameter from the HF directory; a parameter with no tensor is an error."""
+    source = SafetensorsSource(path, getattr(model, "base_model_prefix", ""))
+    missing = []
+    for name, param in model.named_parameters():
+        key = source.key_for(name)
+        if key is None:
+            missing.append(name)
+            continue
+        _copy_full_into(param, source.get(key))
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise LoomError(f"model.path={path}: {len(missing)} parameters have no tensor in the checkpoint: {shown}")
+
+
+def load_from_instance(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Fill the parallelised copy of a user's model instance from that instance's full tensors."""
+    for name, param in model.named_parameters():
+        _copy_full_into(param, state[name])

@@ -1,0 +1,46 @@
+"""Learning-rate schedule and gradient-norm clipping that are correct on sharded gradients."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from loomtrain.config import OptimConfig
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    """Linear warmup to `lr`, then cosine or linear decay to `lr * min_lr_ratio` at `max_steps`.
+
+    `step` is the number of optimizer steps already taken, so the first step (step 0) runs at
+    lr/warmup rather than 0: a zero first step would waste a step and make step 1's loss identical
+    to step 2's.
+    """
+    warmup = cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant" or max_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        if cfg.schedule == "linear":
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients (a DTensor norm is reduced over its mesh), clipped in place
+    when `max_norm > 0`. Returns the norm before clipping as a plain tensor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total

@@ -1,0 +1,80 @@
+"""One optimizer step's forward/backward over this rank's micro-batches.
+
+The loss is the sum of token losses divided by the *global* count of valid tokens in the step
+(over all data-parallel ranks and micro-batches), never a mean of per-rank or per-micro-batch
+means. That is what makes every layout compute the same number: a mean of means would weight a
+short micro-batch like a long one, and would change with the data-parallel size.
+
+DDP and FSDP average gradients over the data-parallel ranks, so each rank back-propagates
+`loss_sum * dp / global_tokens`; the average of those is exactly `sum / global_tokens`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from loomtrain.parallel.compose import Parallelized
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over labels != -100 (labels are already shifted)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+@dataclass
+class StepResult:
+    loss: float  # global sum of token losses / global valid tokens
+    valid_tokens: int  # global count of labels != -100
+    exact_flops: float  # global sum of the ranks' exact training FLOPs (packed causal attention)
+    sample_ids: list[int]  # this rank's samples
+
+
+def _reduce(values: list[float], group, device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def forward_backward(par: Parallelized, micro_batches: list, *, dp_group, dp_size: int,
+                     device: torch.device, local_flops: float) -> StepResult:
+    """Run every micro-batch forward and backward; gradients end up reduced over data parallel.
+
+    `local_flops` (this rank's exact FLOPs) rides along with the token count in the one small
+    all-reduce the step needs anyway."""
+    local_tokens = sum(mb.num_tokens for mb in micro_batches)
+    global_tokens, global_flops = _reduce([float(local_tokens), float(local_flops)], dp_group, device)
+    if global_tokens == 0:
+        from loomtrain.errors import DataError
+
+        raise DataError("a training step has no token with a label (every label is -100); "
+                        "check data.seq_len and the documents")
+    scale = dp_size / global_tokens
+    call = par.wrapper if par.wrapper is not None else par.module
+    autocast = (torch.autocast(device.type, dtype=par.autocast_dtype) if par.autocast_dtype is not None
+                else contextlib.nullcontext())
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sample_ids: list[int] = []
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # DDP: all-reduce once per step, on the last micro-batch. FSDP reduce-scatters every
+        # micro-batch, so gradients stay sharded (ZeRO-2/3 memory) while accumulating.
+        sync = par.wrapper.no_sync() if (par.wrapper is not None and not last) else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                out = call(input_ids=mb.input_ids.to(device), position_ids=mb.position_ids.to(device),
+                           use_cache=False)
+            loss = token_loss_sum(out.logits, mb.labels.to(device))
+            (loss * scale).backward()
+        loss_sum += loss.detach().double()
+        sample_ids.extend(mb.sample_ids)
+        del out, loss
+    total = loss_sum.clone()
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
+    return StepResult(total.item() / global_tokens, int(global_tokens), global_flops, sample_ids)

@@ -1,0 +1,206 @@
+"""`Trainer`: one object that takes a config (and optionally a model) and trains it.
+
+    from loomtrain import Trainer, load_config
+    Trainer(load_config("examples/demo.yaml", ["train.max_steps=50"])).fit()
+
+Under torchrun (or `loomtrain run`) every rank builds the same Trainer; alone it runs in one
+process with no process group. Set-up order: process group -> mesh -> tokenizer/HF config ->
+meta model -> parallelise -> materialise (init or load, shard by shard) -> DDP (ZeRO-0/1) ->
+optimizer -> data -> metrics. The model code itself is never changed for parallelism.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from loomtrain.config import Config
+from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_materialize
+from loomtrain.parallel.data import build_optimizer
+from loomtrain.runtime import model as model_lib
+from loomtrain.runtime.data import DataLoader
+from loomtrain.runtime.flops import flop_model
+from loomtrain.runtime.mesh import DistEnv, ParallelDims, dp_coordinates, init_distributed
+from loomtrain.runtime.metrics import MetricsWriter, device_peak_flops, peak_memory_gb, step_record
+from loomtrain.runtime.optim import clip_grad_norm, lr_lambda
+from loomtrain.runtime.preflight import preflight
+from loomtrain.runtime.step import forward_backward
+from loomtrain.runtime.tokenizer import build_tokenizer
+
+
+@dataclass
+class FitResult:
+    """What `fit` returns on every rank (metrics are the same numbers everywhere)."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    steps: int = 0
+    output_dir: str = ""
+    summary: str = ""
+
+
+class Trainer:
+    """Trains an HF causal LM under the layout the config asks for.
+
+    `model` may be a `transformers` model instance (its weights are used; they must be the same on
+    every rank); otherwise `model.path` (HF directory, safetensors) or `model.architecture` +
+    `model.config` (random init) from the config.
+    """
+
+    def __init__(self, config: Config | None = None, model: nn.Module | None = None):
+        self.cfg = config or Config()
+        self._user_model = model
+        self.env: DistEnv | None = None
+        self.mesh = None
+        self.par: Parallelized | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        self.env = env = init_distributed(cfg.train.device)
+        if self._user_model is None:
+            preflight(cfg, env.world_size)
+        self.dims = ParallelDims.from_config(cfg.parallel, env.world_size)
+        self.mesh = self.dims.build_mesh(env.device.type)
+        self.dp_rank, self.dp_size = dp_coordinates(self.mesh)
+        self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None else None
+
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if self._user_model is not None:
+            self.hf_config = self._user_model.config
+        else:
+            self.hf_config = model_lib.build_hf_config(
+                cfg.model, vocab_size=self.tokenizer.vocab_size, seq_len=cfg.data.seq_len,
+                eos_id=self.tokenizer.eos_id)
+        self.par = self._build_model()
+        self.model = self.par.module
+        self.model.train()
+        self.optimizer = build_optimizer(
+            self.model, zero=cfg.parallel.zero, mesh=self.mesh, lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
+        self.loader = DataLoader(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                 seed=cfg.train.seed)
+        self.flops = flop_model(self.hf_config)
+        compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        self.peak_flops, self.peak_source = device_peak_flops(env.device, compute_dtype, cfg.train.peak_tflops)
+        self.step = 0
+        # Dropout (if the model has any) differs per data-parallel rank, as it would in one big batch.
+        torch.manual_seed(cfg.train.seed + 7919 * self.dp_rank)
+        return self
+
+    def _build_model(self) -> Parallelized:
+        cfg, env = self.cfg, self.env
+        meta = model_lib.build_meta_model(self.hf_config)
+        par = parallelize(meta, cfg, self.mesh)
+        if self._user_model is not None:
+            state = {n: p.detach().to(env.device) for n, p in self._user_model.named_parameters()}
+            if dist.is_initialized():  # the same weights everywhere, whatever each rank built
+                for tensor in state.values():
+                    dist.broadcast(tensor, src=0)
+            fill = lambda m: model_lib.load_from_instance(m, state)  # noqa: E731
+        elif cfg.model.path is not None:
+            fill = lambda m: model_lib.load_safetensors(m, cfg.model.path)  # noqa: E731
+        else:
+            fill = lambda m: model_lib.init_random(m, cfg.train.seed)  # noqa: E731
+        model_lib.materialize(par.module, env.device, fill)
+        return wrap_after_materialize(par, cfg, self.mesh)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self) -> dict:
+        """One optimizer step over the next global batch; returns its metrics record."""
+        cfg, env = self.cfg, self.env
+        start = time.perf_counter()
+        micro_batches = self.loader.next_step()
+        local_flops = self.flops.exact_step_flops([n for mb in micro_batches for row in mb.doc_lengths for n in row])
+        result = forward_backward(self.par, micro_batches, dp_group=self.dp_group, dp_size=self.dp_size,
+                                  device=env.device, local_flops=local_flops)
+        grad_norm = clip_grad_norm(list(self.model.parameters()), cfg.optim.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        tokens = cfg.data.global_batch_size * cfg.data.seq_len
+        record = step_record(
+            step=self.step, loss=result.loss, grad_norm=float(grad_norm), lr=lr, tokens=tokens,
+            step_time_s=elapsed, flops_palm=self.flops.palm_step_flops(tokens, cfg.data.seq_len),
+            flops_exact=result.exact_flops, world_size=env.world_size,
+            peak_flops_per_device=self.peak_flops, peak_mem_gb=peak_memory_gb(env.device),
+            valid_tokens=result.valid_tokens, samples_consumed=self.loader.samples_consumed)
+        if cfg.train.log_samples:
+            self._log_samples(result.sample_ids)
+        return record
+
+    def _log_samples(self, sample_ids: list[int]) -> None:
+        gathered = [sample_ids]
+        if self.dp_group is not None:
+            gathered = [None] * self.dp_size
+            dist.all_gather_object(gathered, sample_ids, group=self.dp_group)
+        if self.env.is_main:
+            path = os.path.join(self.cfg.train.output_dir, "samples.jsonl")
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": self.step, "samples": sorted(i for ids in gathered for i in ids)}) + "\n")
+
+    def fit(self) -> FitResult:
+        """Train to `train.max_steps`, log every step, print a summary; returns the curve."""
+        if self.env is None:
+            self.setup()
+        cfg, env = self.cfg, self.env
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
+        writer = None
+        if env.is_main:
+            writer = MetricsWriter(cfg.train.output_dir, tensorboard=cfg.train.tensorboard,
+                                   progress=cfg.train.progress, total_steps=cfg.train.max_steps,
+                                   start_step=self.step)
+            self._print_banner()
+        result = FitResult(output_dir=cfg.train.output_dir)
+        try:
+            while self.step < cfg.train.max_steps:
+                record = self.train_step()
+                result.losses.append(record["loss"])
+                result.grad_norms.append(record["grad_norm"])
+                if writer is not None and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps):
+                    writer.log(record)
+        finally:
+            if writer is not None:
+                writer.close()
+        result.steps = self.step
+        if writer is not None:
+            result.summary = writer.summary()
+            print(result.summary, flush=True)
+        return result
+
+    def _print_banner(self) -> None:
+        d, cfg = self.dims, self.cfg
+        n_params = self.flops.total_params
+        print(f"loomtrain: {self.hf_config.model_type} {n_params / 1e6:.2f}M params | world {self.env.world_size} "
+              f"(dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x cp {d.cp} x tp {d.tp} x pp {d.pp}), "
+              f"zero {cfg.parallel.zero} | {self.env.device.type} {cfg.model.dtype} | "
+              f"batch {cfg.data.global_batch_size} x {cfg.data.seq_len} tokens | "
+              f"peak {self.peak_flops / 1e12:.2f} TFLOP/s/device ({self.peak_source})", flush=True)
+
+    # ------------------------------------------------------------------ state
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded parameters by HF name on every rank's CPU (a collective under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if not self.par.uses_fsdp:
+            return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                       broadcast_from_rank0=False))
+        return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+                for n, t in sd.items()}
+
+    def close(self) -> None:
+        """Destroy the process group if this Trainer created it."""
+        if self.env is not None and self.env.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,92 @@
+"""Shared helpers for the multi-process parity tests: tiny model configs, launching torchrun,
+the single-process reference, and the comparison with the tolerances the issues ask for."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-4
+
+# A tiny Llama and friends; data is synthetic long-tailed documents packed into rows, so document
+# masks and per-document position ids are exercised by every parity test.
+TINY = {
+    "llama": ["model.architecture=llama", "model.config.hidden_size=64", "model.config.intermediate_size=128",
+              "model.config.num_hidden_layers=2", "model.config.num_attention_heads=4",
+              "model.config.num_key_value_heads=2"],
+    "mistral": ["model.architecture=mistral", "model.config.hidden_size=64", "model.config.intermediate_size=128",
+                "model.config.num_hidden_layers=2", "model.config.num_attention_heads=4",
+                "model.config.num_key_value_heads=2"],
+    "qwen2": ["model.architecture=qwen2", "model.config.hidden_size=64", "model.config.intermediate_size=128",
+              "model.config.num_hidden_layers=2", "model.config.num_attention_heads=4",
+              "model.config.num_key_value_heads=2"],
+    "gpt2": ["model.architecture=gpt2", "model.config.n_embd=64", "model.config.n_layer=2", "model.config.n_head=4",
+             "model.config.n_positions=64", "model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0",
+             "model.config.attn_pdrop=0.0"],
+}
+BASE = ["data.source=synthetic", "data.lengths=longtail", "data.seq_len=32", "data.global_batch_size=8",
+        "data.micro_batch_size=2", "train.max_steps=5", "train.progress=false", "train.tensorboard=false",
+        "train.peak_tflops=1.0", "optim.lr=0.003", "optim.warmup_steps=2"]
+
+
+def case(model: str = "llama", *extra: str) -> list[str]:
+    return TINY[model] + BASE + list(extra)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cases(nproc: int, cases: dict[str, list[str]], out_dir: str, timeout: int = 600) -> None:
+    """Run every case in one torchrun launch of `nproc` gloo ranks; raise with the log on failure."""
+    os.makedirs(out_dir, exist_ok=True)
+    cases_path = os.path.join(out_dir, "cases.json")
+    with open(cases_path, "w", encoding="utf-8") as fh:
+        json.dump(cases, fh)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+           os.path.join(ROOT, "tests", "parity_worker.py"), cases_path, out_dir]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+def load_result(out_dir: str, name: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    with open(os.path.join(out_dir, f"{name}.json"), encoding="utf-8") as fh:
+        losses = json.load(fh)["losses"]
+    return losses, load_file(os.path.join(out_dir, f"{name}.safetensors"))
+
+
+def reference(overrides: list[str], out_dir: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same config trained in this process, with no process group at all."""
+    from loomtrain.config import load_config
+    from loomtrain.runtime.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides + [f"train.output_dir={out_dir}"]))
+    result = trainer.fit()
+    return result.losses, trainer.full_state_dict()
+
+
+def assert_parity(got: tuple, ref: tuple, what: str) -> None:
+    """Losses equal to relative 1e-5 at every step; final parameters to 1e-4 absolute."""
+    losses, params = got
+    ref_losses, ref_params = ref
+    assert len(losses) == len(ref_losses), f"{what}: {len(losses)} steps vs {len(ref_losses)}"
+    for step, (a, b) in enumerate(zip(losses, ref_losses), start=1):
+        assert abs(a - b) <= LOSS_RTOL * abs(b), f"{what}: step {step} loss {a!r} vs reference {b!r}"
+    assert set(params) == set(ref_params), f"{what}: parameter names differ: {set(params) ^ set(ref_params)}"
+    for name, ref_t in ref_params.items():
+        diff = (params[name].float() - ref_t.float()).abs().max().item()
+        assert diff <= PARAM_ATOL, f"{what}: parameter {name} differs by {diff:.3g} (> {PARAM_ATOL})"
+    # Training must actually have moved the weights and the loss, or parity would prove nothing.
+    assert ref_losses[-1] < ref_losses[0], f"{what}: reference loss did not fall: {ref_losses}"
