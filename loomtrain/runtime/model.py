@@ -149,9 +149,22 @@ def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 def materialize(model: nn.Module, device: torch.device, fill: Callable[[nn.Module], None]) -> None:
     """Allocate the (possibly sharded) meta parameters on `device`, keep the real buffers, and let
-    `fill(model)` write the values."""
+    `fill(model)` write the values.
+
+    `to_empty` gives every module its own new tensor, which would silently untie shared
+    parameters (GPT-2's lm_head and wte); the ties are recorded first and restored after.
+    """
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, pname))
     model.to_empty(device=device)
+    for places in owners.values():
+        first_module, first_name = places[0]
+        for module, pname in places[1:]:
+            module._parameters[pname] = first_module._parameters[first_name]
     with torch.no_grad():
         for name, buf in model.named_buffers():
             if name in buffers:
@@ -159,30 +172,53 @@ def materialize(model: nn.Module, device: torch.device, fill: Callable[[nn.Modul
     fill(model)
 
 
+def _init_units(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[nn.Module]]]:
+    """(name, unit, modules to initialise children-first). A decoder block is one unit because
+    HF's `_init_weights` of a parent may re-initialise a child's weights (GPT-2 scales `c_proj`
+    from `GPT2Attention`); every other module with parameters of its own is a unit alone."""
+    blocks = {id(b) for b in find_blocks(model)}
+    inside: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        if id(module) in blocks:
+            subtree = list(module.modules())
+            inside.update(id(m) for m in subtree)
+            yield name, module, subtree[::-1]  # reversed pre-order: children before parents
+        elif any(True for _ in module.parameters(recurse=False)):
+            yield name, module, [module]
+
+
 def init_random(model: nn.Module, seed: int) -> None:
-    """Initialise every parameter with the model's own `_init_weights`, module by module, on
-    full-size temporaries, under a per-module seed; copy each rank's slice into place."""
+    """Initialise every parameter with the model's own `_init_weights` on full-size temporaries,
+    one unit (a decoder block, or a single module) at a time under a seed derived from its name,
+    and copy each rank's slice into place. Peak extra memory: one block, unsharded."""
     done: set[int] = set()
     rng_state = torch.get_rng_state()
-    for mod_name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in done]
-        if not own:
+    for unit_name, unit, order in _init_units(model):
+        slots = [(m, n, p) for m in order for n, p in m._parameters.items()
+                 if p is not None and id(p) not in done]
+        if not slots:
             continue
-        originals = {n: module._parameters[n] for n, _ in own}
-        temps = {n: nn.Parameter(torch.full(p.shape, float("nan"), dtype=torch.float32)) for n, p in own}
-        module._parameters.update(temps)
+        temps = {id(p): nn.Parameter(torch.full(p.shape, float("nan"), dtype=torch.float32)) for _, _, p in slots}
+        for m, n, p in slots:
+            m._parameters[n] = temps[id(p)]
         try:
-            torch.manual_seed(_module_seed(seed, mod_name))
-            model._init_weights(module)
+            torch.manual_seed(_module_seed(seed, unit_name))
+            for m in order:
+                model._init_weights(m)
         finally:
-            module._parameters.update(originals)
-        for n, param in originals.items():
-            full = temps[n].detach()
+            for m, n, p in slots:
+                m._parameters[n] = p
+        for m, n, p in slots:
+            if id(p) in done:
+                continue
+            full = temps[id(p)].detach()
             if torch.isnan(full).any():
-                raise LoomError(f"{type(model).__name__}._init_weights left {mod_name}.{n} uninitialised; "
-                                "start from model.path or pass an initialised model instance")
-            _copy_full_into(param, full)
-            done.add(id(param))
+                raise LoomError(f"{type(model).__name__}._init_weights left {unit_name} parameter {n} "
+                                "uninitialised; start from model.path or pass an initialised model instance")
+            _copy_full_into(p, full)
+            done.add(id(p))
     torch.set_rng_state(rng_state)
 
 

@@ -190,11 +190,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full, unsharded parameters by HF name on every rank's CPU (a collective under FSDP)."""
+        """Full, unsharded parameters by HF name (tied ones under each name) on every rank's CPU;
+        a collective under FSDP."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         if not self.par.uses_fsdp:
-            return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
+            return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters(remove_duplicate=False)}
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                        broadcast_from_rank0=False))
         return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()

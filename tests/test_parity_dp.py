@@ -1,0 +1,84 @@
+"""Data-parallel layouts against one process: ZeRO-0..3 at 2 and 4 ranks, HSDP 2x2, four model
+families, gradient accumulation, and the global sample stream across data-parallel sizes.
+
+Each torchrun launch runs several cases (tests/parity_worker.py); the reference is the same
+config trained in the pytest process with no process group.
+"""
+import json
+import os
+
+import pytest
+
+from harness import assert_parity, case, load_result, reference, run_cases
+
+ZERO = [0, 1, 2, 3]
+FAMILIES = ["mistral", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("parity_dp"))
+
+
+@pytest.fixture(scope="module")
+def refs(out):
+    return {m: reference(case(m, "train.log_samples=true"), os.path.join(out, f"ref_{m}"))
+            for m in ["llama"] + FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(out):
+    cases = {f"z{z}": case("llama", f"parallel.zero={z}", "train.log_samples=true") for z in ZERO}
+    cases.update({f"{m}_z3": case(m, "parallel.zero=3") for m in FAMILIES})
+    path = os.path.join(out, "two")
+    run_cases(2, cases, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def four_ranks(out):
+    cases = {f"z{z}": case("llama", f"parallel.zero={z}", "train.log_samples=true") for z in ZERO}
+    cases["hsdp2x2"] = case("llama", "parallel.zero=3", "parallel.dp_replicate=2", "parallel.dp_shard=2")
+    path = os.path.join(out, "four")
+    run_cases(4, cases, path)
+    return path
+
+
+@pytest.mark.parametrize("zero", ZERO)
+def test_zero_two_ranks(two_ranks, refs, zero):
+    assert_parity(load_result(two_ranks, f"z{zero}"), refs["llama"], f"ZeRO-{zero} on 2 ranks")
+
+
+@pytest.mark.parametrize("zero", ZERO)
+def test_zero_four_ranks(four_ranks, refs, zero):
+    assert_parity(load_result(four_ranks, f"z{zero}"), refs["llama"], f"ZeRO-{zero} on 4 ranks")
+
+
+def test_hsdp_2x2(four_ranks, refs):
+    assert_parity(load_result(four_ranks, "hsdp2x2"), refs["llama"], "HSDP 2x2")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_families_zero3_two_ranks(two_ranks, refs, family):
+    assert_parity(load_result(two_ranks, f"{family}_z3"), refs[family], f"{family} ZeRO-3 on 2 ranks")
+
+
+def _samples(path):
+    with open(os.path.join(path, "samples.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_same_global_samples_at_any_dp_size(out, refs, two_ranks, four_ranks):
+    """Every step reads the same global samples on 1, 2 and 4 data-parallel ranks."""
+    one = _samples(os.path.join(out, "ref_llama"))
+    assert [r["step"] for r in one] == [1, 2, 3, 4, 5]
+    assert len({i for r in one for i in r["samples"]}) == 5 * 8  # no sample read twice
+    for path in (os.path.join(two_ranks, "z3"), os.path.join(four_ranks, "z0")):
+        assert _samples(path) == one
+
+
+def test_gradient_accumulation_matches_one_large_batch(out):
+    """4 micro-batches of 2 sequences accumulate to exactly one batch of 8."""
+    accumulated = reference(case("llama", "data.micro_batch_size=2"), os.path.join(out, "acc4"))
+    one_batch = reference(case("llama", "data.micro_batch_size=8"), os.path.join(out, "acc1"))
+    assert_parity(accumulated, one_batch, "4 micro-batches vs 1 batch")
