@@ -86,15 +86,23 @@ def worker(a) -> None:
     batches = [trainer.loader.next_step() for _ in range(4)]
     trainer.loader.load_state_dict({"samples_consumed": 0})
     ours, plain = [], []
-    for _ in range(a.rounds):
-        round_times = []
+
+    def ours_round() -> list[float]:
+        times = []
         for _ in range(a.steps):
             start = time.perf_counter()
             trainer.train_step()
             dist.barrier()
-            round_times.append(time.perf_counter() - start)
-        ours += round_times[2:]
-        plain += _plain_loop(trainer, batches, a.steps)[2:]
+            times.append(time.perf_counter() - start)
+        return times
+
+    for r in range(a.rounds):  # alternate who goes first, so drift on the machine hits both
+        if r % 2 == 0:
+            ours += ours_round()[2:]
+            plain += _plain_loop(trainer, batches, a.steps)[2:]
+        else:
+            plain += _plain_loop(trainer, batches, a.steps)[2:]
+            ours += ours_round()[2:]
     if dist.get_rank() == 0:
         result = {"loomtrain_step_s": statistics.median(ours), "plain_fsdp2_step_s": statistics.median(plain),
                   "nproc": a.nproc, "zero": a.zero, "hidden": a.hidden, "layers": a.layers,
@@ -110,18 +118,19 @@ def worker(a) -> None:
 
 
 def main() -> None:
-    a = _args()
-    if "RANK" in os.environ:
-        worker(a)
+    if "RANK" in os.environ:  # a worker: the options travel in the environment, not through torchrun's parser
+        worker(_args(json.loads(os.environ["LOOMTRAIN_BENCH_ARGV"])))
         return
+    a = _args()
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc}", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--local-ranks-filter=0", os.path.abspath(__file__), *sys.argv[1:]]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--local-ranks-filter=0", os.path.abspath(__file__)]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               LOOMTRAIN_BENCH_ARGV=json.dumps(sys.argv[1:]))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
     sys.exit(subprocess.call(cmd, env=env))
 

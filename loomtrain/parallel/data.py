@@ -36,7 +36,9 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh: DeviceMesh, *, zer
     extra all-gather (torchtitan does the same).
     """
     dp_mesh = fsdp_mesh(mesh)
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # An fp32 policy on fp32 parameters is not free: FSDP2 would still cast every forward input.
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+          if param_dtype != torch.float32 else MixedPrecisionPolicy())
     reshard = zero == 3
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, mp_policy=mp,

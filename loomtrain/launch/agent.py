@@ -1,0 +1,275 @@
+"""Both sides of a launch: the torchrun elastic agent in the launcher, and the worker entry.
+
+Launcher side: `launch()` builds torchrun's own arguments with `torch.distributed.run.get_args_parser()`,
+turns them into a `LaunchConfig` with `config_from_args` and runs the agent with `elastic_launch`
+(exactly what `torch.distributed.run.run` does, minus its `--standalone` rewrite, which would bind
+rendezvous to `localhost`). A worker failure comes back as `ChildFailedError`; `condense_failure`
+turns it into one line.
+
+Worker side: `worker_main()` runs under `@record` with an error handler that also marks a `LoomError`
+in the error file (`extraInfo.loomtrain`), so the launcher can tell a user error (print its message)
+from a crash (print the exception and where the traceback is).
+
+This module imports torch; `cli.py` imports it only when it launches or runs as a worker.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+import uuid
+from typing import TYPE_CHECKING
+
+from torch.distributed.elastic.multiprocessing.errors import (
+    ChildFailedError,
+    ErrorHandler,
+    ProcessFailure,
+    record,
+)
+
+from loomtrain.errors import LoomError
+
+if TYPE_CHECKING:
+    from loomtrain.launch.cli import LaunchSpec
+
+# Set by the launcher for its workers: they leave the one-line error message to the launcher.
+LAUNCHER_ENV = "LOOMTRAIN_LAUNCHER"
+_NOT_AVAILABLE = "<N/A>"
+
+
+# --------------------------------------------------------------------------------------- worker
+class LoomErrorHandler(ErrorHandler):
+    """torchelastic's error file, plus `extraInfo.loomtrain` = {user_error, type, message}."""
+
+    def record_exception(self, e: BaseException) -> None:
+        path = self._get_error_file_path()
+        if not path:
+            return
+        extra = {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}
+        # `time`: sub-second, so that the root cause wins over the comm errors it set off on the
+        # other ranks within the same second (torch's own timestamp has whole seconds).
+        extra["loomtrain"] = {"user_error": isinstance(e, LoomError), "type": type(e).__name__,
+                              "message": str(e), "time": time.time()}
+        data = {"message": {"message": f"{type(e).__name__}: {e}", "extraInfo": extra}}
+        with open(path, "w") as fp:
+            json.dump(data, fp)
+
+
+_record = functools.partial(record, error_handler=LoomErrorHandler())
+
+
+def worker_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def worker_main(target, *args) -> int:
+    """Run `target(*args)` in a worker under `@record`; returns the process exit code.
+
+    A `LoomError` ends in exit code 1 without a traceback; rank 0 prints `loomtrain: error: <msg>`
+    unless our own launcher started it (the launcher prints the line then). Other exceptions
+    propagate (traceback on stderr, exit 1) after `@record` wrote them to the error file.
+    """
+    entry = _record(target)
+    try:
+        entry(*args)
+    except LoomError as exc:
+        if worker_rank() == 0 and not os.environ.get(LAUNCHER_ENV):
+            print(f"loomtrain: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def selfcheck(fail_rank: int | None = None, crash_rank: int | None = None) -> None:
+    """Worker body of `loomtrain _selfcheck`: gloo all_reduce of rank+1; rank 0 prints the sum."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if rank == fail_rank:
+            raise LoomError(f"selfcheck: injected user error on rank {rank}")
+        if rank == crash_rank:
+            raise RuntimeError(f"selfcheck: injected crash on rank {rank}")
+        t = torch.tensor([float(rank + 1)])
+        dist.all_reduce(t)
+        total, expected = int(t.item()), world * (world + 1) // 2
+        if total != expected:
+            raise RuntimeError(f"selfcheck: all_reduce gave {total}, expected {expected}")
+        if rank == 0:
+            print(f"selfcheck ok: world_size={world} sum={total} "
+                  f"master={os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+                  f"omp_threads={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------- launcher
+def one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def torchrun_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:
+    """The torchrun command line (without `torchrun`) that runs `python -m loomtrain.launch ARGS`."""
+    from loomtrain.launch.cli import parse_nnodes
+
+    min_nodes, max_nodes = parse_nnodes(spec.nnodes)
+    argv = ["--nnodes", spec.nnodes, "--nproc-per-node", str(spec.nproc_per_node),
+            "--max-restarts", str(spec.max_restarts)]
+    if max_nodes == 1 and not spec.rdzv_endpoint:
+        # Single node: c10d rendezvous and the workers' store on loopback only.
+        argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                 "--rdzv-id", spec.rdzv_id or uuid.uuid4().hex, "--local-addr", "127.0.0.1"]
+    elif spec.node_rank is not None and min_nodes == max_nodes:
+        # Fixed node count with explicit node ranks: torchrun's static rendezvous.
+        argv += ["--rdzv-backend", "static", "--rdzv-endpoint", spec.rdzv_endpoint,
+                 "--node-rank", str(spec.node_rank), "--rdzv-id", spec.rdzv_id or "loomtrain"]
+    else:
+        argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint,
+                 "--rdzv-id", spec.rdzv_id or "loomtrain"]
+    if spec.nproc_per_node > 1:
+        # Local rank 0 talks to the console; the others write <log_dir>/<run>/attempt_K/<rank>/.
+        argv += ["--redirects", ",".join(f"{r}:3" for r in range(1, spec.nproc_per_node))]
+    if spec.log_dir:
+        argv += ["--log-dir", spec.log_dir]
+    return argv + ["--module", "loomtrain.launch", *worker_args]
+
+
+def _quiet_torch_logs() -> None:
+    """The agent's own log lines (warnings, 'failed (exitcode ...)') would bury our one-line message."""
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
+        lg = logging.getLogger(name)
+        lg.addHandler(logging.NullHandler())
+        lg.propagate = False
+
+
+def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
+    """Run the workers through torch's elastic agent; returns the exit code for the launcher."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    if not spec.verbose and not os.environ.get("LOGLEVEL"):
+        _quiet_torch_logs()
+    # Workers must find this very package, even when it is not installed.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths and os.path.basename(root) not in ("site-packages", "dist-packages"):
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    os.environ[LAUNCHER_ENV] = "1"
+
+    args = get_args_parser().parse_args(torchrun_argv(spec, worker_args))
+    try:
+        config, cmd, cmd_args = config_from_args(args)
+    except ValueError as exc:
+        raise LoomError(f"invalid launch options: {exc}") from None
+    try:
+        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+    except ChildFailedError as err:
+        lines = condense_failure(err, config.logs_specs.root_log_dir, config.run_id)
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
+        return 1
+    except SignalException as exc:
+        name = getattr(exc.sigval, "name", str(exc.sigval))
+        print(f"loomtrain: {'interrupted' if name == 'SIGINT' else 'stopped by ' + name}",
+              file=sys.stderr, flush=True)
+        return 128 + int(exc.sigval)
+    except RendezvousError as exc:
+        print(f"loomtrain: error: rendezvous failed: {type(exc).__name__}: {one_line(str(exc))}",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+# Exceptions that are usually the echo of another rank's failure (its sockets closed under us).
+_COMM_ERROR_TYPES = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
+_COMM_ERROR_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer",
+                       "Broken pipe", "NCCL error", "ProcessGroupNCCL", "ProcessGroupGloo")
+
+
+def _failure_rank_key(rank: int, f: ProcessFailure) -> tuple:
+    if not isinstance(f.message, dict):
+        return (2, float(f.timestamp), rank)  # killed or exited without recording an exception
+    loom = (f.message.get("extraInfo") or {}).get("loomtrain") or {}
+    text = str(f.message.get("message", ""))
+    echo = loom.get("type") in _COMM_ERROR_TYPES or any(m in text for m in _COMM_ERROR_MARKERS)
+    return (1 if echo else 0, float(loom.get("time", f.timestamp)), rank)
+
+
+def pick_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
+    """The root cause among the failed ranks.
+
+    A recorded exception beats a bare exit or signal, and an ordinary exception beats a
+    communication error (usually another rank's failure seen through a closed socket: the rank
+    that failed first tears its process group down before its own exception gets recorded, so
+    the time of recording alone would blame the wrong rank). Then the earliest, then the lowest rank.
+    """
+    return min(failures.items(), key=lambda item: _failure_rank_key(*item))
+
+
+def _log_path(failure: ProcessFailure, root_log_dir: str | None, run_id: str | None) -> str | None:
+    if failure.error_file and failure.error_file != _NOT_AVAILABLE:
+        rank_dir = os.path.dirname(failure.error_file)
+    elif root_log_dir and run_id:
+        dirs = sorted(glob.glob(os.path.join(root_log_dir, f"{run_id}_*", "attempt_*",
+                                             str(failure.local_rank))), key=os.path.getmtime)
+        if not dirs:
+            return None
+        rank_dir = dirs[-1]
+    else:
+        return None
+    for name in ("stderr.log", "error.json"):
+        path = os.path.join(rank_dir, name)
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            return path
+    return None
+
+
+def condense_failure(err: ChildFailedError, root_log_dir: str | None = None,
+                     run_id: str | None = None) -> list[str]:
+    """`ChildFailedError` -> the lines the launcher prints: one for a LoomError; for a crash the
+    exception and where its full log is, after the traceback when that rank's output was not on
+    the console (local ranks other than 0 write to files only)."""
+    rank, failure = pick_failure(err.failures)
+    msg = failure.message
+    lines: list[str] = []
+    if isinstance(msg, dict):
+        info = msg.get("extraInfo") or {}
+        loom = info.get("loomtrain") or {}
+        if loom.get("user_error"):
+            return [f"loomtrain: error: rank {rank}: {one_line(loom.get('message', ''))}"]
+        what = one_line(msg.get("message") or "unknown error")
+        stack = info.get("py_callstack")
+        if failure.local_rank != 0 and isinstance(stack, str) and stack.strip():
+            lines += [f"[rank{rank}]: {line}" for line in stack.rstrip().splitlines()]
+    elif failure.exitcode < 0:
+        what = f"killed by signal {failure.signal_name()}"
+    else:
+        what = f"exited with code {failure.exitcode} without recording an exception"
+    lines.append(f"loomtrain: error: rank {rank} failed: {what}")
+    path = _log_path(failure, root_log_dir, run_id)
+    if path:
+        kind = "traceback" if path.endswith(".json") else "log"
+        lines.append(f"loomtrain: full {kind} of rank {rank}: {path}")
+    return lines
