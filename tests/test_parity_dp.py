@@ -30,6 +30,10 @@ def refs(out):
 def two_ranks(out):
     cases = {f"z{z}": case("llama", f"parallel.zero={z}", "train.log_samples=true") for z in ZERO}
     cases.update({f"{m}_z3": case(m, "parallel.zero=3") for m in FAMILIES})
+    cases["z3_ac_full"] = case("llama", "parallel.zero=3", "parallel.activation_checkpointing=full")
+    cases["z1_ac_every2"] = case("llama", "parallel.zero=1", "parallel.activation_checkpointing=every:2")
+    cases["z3_bf16"] = case("llama", "parallel.zero=3", "model.dtype=bfloat16")
+    cases["z0_bf16"] = case("llama", "parallel.zero=0", "model.dtype=bfloat16")
     path = os.path.join(out, "two")
     run_cases(2, cases, path)
     return path
@@ -61,6 +65,23 @@ def test_hsdp_2x2(four_ranks, refs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_families_zero3_two_ranks(two_ranks, refs, family):
     assert_parity(load_result(two_ranks, f"{family}_z3"), refs[family], f"{family} ZeRO-3 on 2 ranks")
+
+
+@pytest.mark.parametrize("name", ["z3_ac_full", "z1_ac_every2"])
+def test_activation_checkpointing_two_ranks(two_ranks, refs, name):
+    """Recomputing activations changes memory, never the numbers."""
+    assert_parity(load_result(two_ranks, name), refs["llama"], name)
+
+
+@pytest.mark.parametrize("name", ["z3_bf16", "z0_bf16"])
+def test_bf16_mixed_precision_two_ranks(two_ranks, refs, name):
+    """bf16 compute (FSDP MixedPrecisionPolicy with fp32 reduce, or autocast under DDP) follows
+    the fp32 curve to bf16 accuracy and keeps fp32 master weights."""
+    losses, params = load_result(two_ranks, name)
+    ref_losses, _ = refs["llama"]
+    assert all(abs(a - b) <= 2e-2 * abs(b) for a, b in zip(losses, ref_losses)), (losses, ref_losses)
+    assert all(t.dtype.is_floating_point and t.dtype == params["lm_head.weight"].dtype for t in params.values())
+    assert params["lm_head.weight"].dtype.itemsize == 4
 
 
 def _samples(path):

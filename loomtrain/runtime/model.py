@@ -42,30 +42,38 @@ def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id:
     from transformers import CONFIG_MAPPING, AutoConfig
 
     if mcfg.path is not None:
-        hf = AutoConfig.from_pretrained(mcfg.path, local_files_only=True)
-        overrides = dict(mcfg.config)
+        base = AutoConfig.from_pretrained(mcfg.path, local_files_only=True)
+        cls, overrides = type(base), dict(mcfg.config)
     else:
         arch = mcfg.architecture
         if arch not in CONFIG_MAPPING:
             close = difflib.get_close_matches(arch, list(CONFIG_MAPPING.keys()), n=3)
             raise ConfigError(f"model.architecture={arch!r} is not an HF model_type"
                               + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        hf = CONFIG_MAPPING[arch]()
-        overrides = {k: v for k, v in DEMO_GEOMETRY.items() if k not in mcfg.config and hasattr(hf, k)}
+        cls = CONFIG_MAPPING[arch]
+        base = cls()
+        overrides = {k: v for k, v in DEMO_GEOMETRY.items() if k not in mcfg.config and hasattr(base, k)}
         overrides.update(mcfg.config)
         overrides.setdefault("vocab_size", vocab_size)
-        if hasattr(hf, "max_position_embeddings"):
+        if hasattr(base, "max_position_embeddings"):
             overrides.setdefault("max_position_embeddings", max(seq_len, 128))
         if eos_id is not None:
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 overrides.setdefault(key, eos_id)
-    for key, value in overrides.items():
-        if not hasattr(hf, key):
-            known = [k for k in hf.to_dict() if not k.startswith("_")]
+    for key in overrides:
+        if not hasattr(base, key):
+            known = [k for k in base.to_dict() if not k.startswith("_")]
             close = difflib.get_close_matches(key, known, n=1)
-            raise ConfigError(f"model.config.{key}: not a field of {type(hf).__name__}"
+            raise ConfigError(f"model.config.{key}: not a field of {cls.__name__}"
                               + (f" (did you mean '{close[0]}'?)" if close else ""))
-        setattr(hf, key, value)
+    # Build the config class with the overrides rather than setting attributes afterwards: fields
+    # derived in __init__ (Llama's head_dim = hidden_size / num_attention_heads) must see them.
+    if mcfg.path is not None:
+        fields = base.to_dict()
+        fields.update(overrides)
+        hf = cls.from_dict(fields)
+    else:
+        hf = cls(**overrides)
     hf._attn_implementation = mcfg.attn_implementation
     if hf.vocab_size < vocab_size:
         raise ConfigError(f"model vocab_size={hf.vocab_size} is smaller than the tokenizer's {vocab_size}; "
