@@ -55,6 +55,7 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1
     tp: int = 1
+    sequence_parallel: bool = True  # with tp > 1: norms and residual stream sharded over the sequence
     pp: int = 1
     cp: int = 1
     zero: int = 3  # 0 = DDP, 1 = sharded optimizer state, 2/3 = FSDP2 without/with reshard after forward

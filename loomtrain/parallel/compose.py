@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from loomtrain.config import Config
 from loomtrain.parallel.activation import apply_activation_checkpointing
 from loomtrain.parallel.data import apply_ddp, apply_fsdp
+from loomtrain.parallel.tensor import apply_tp
 from loomtrain.runtime.model import find_blocks
 
 
@@ -40,6 +41,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Paral
     pcfg = cfg.parallel
     compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     blocks = find_blocks(model)
+    if mesh is not None and mesh["tp"].size() > 1:
+        apply_tp(model, blocks, mesh["tp"], sequence_parallel=pcfg.sequence_parallel)
     checkpointed = apply_activation_checkpointing(blocks, pcfg.activation_checkpointing)
     if pcfg.compile:
         for block in blocks:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
@@ -65,13 +66,15 @@ def build_optimizer(model: nn.Module, *, zero: int, mesh: DeviceMesh | None, lr:
 
     `fused=True` is the fastest AdamW on both CPU and CUDA here; it also works on DTensor shards.
     """
-    decay, no_decay = [], []
+    # Groups are also split by layout (plain tensors vs DTensors on one mesh): fused/foreach
+    # kernels cannot take a list that mixes them, which plain TP (replicated norms) produces.
+    by_key: dict[tuple, list] = {}
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+            layout = (param.device_mesh, param.placements) if isinstance(param, DTensor) else None
+            by_key.setdefault((param.ndim >= 2, str(layout)), []).append(param)
+    groups = [{"params": ps, "weight_decay": weight_decay if decays else 0.0}
+              for (decays, _), ps in sorted(by_key.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     kwargs = dict(lr=lr, betas=betas, eps=eps, fused=True)
     if zero == 1 and mesh is not None and mesh["dp"].size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer

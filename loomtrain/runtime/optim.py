@@ -35,12 +35,25 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Global L2 norm of all gradients (a DTensor norm is reduced over its mesh), clipped in place
     when `max_norm > 0`. Returns the norm before clipping as a plain tensor."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    # Norms are computed per group of gradients with the same layout (plain, or DTensor on one
+    # mesh with one set of placements): foreach kernels cannot mix them, and a DTensor norm is
+    # reduced over its own mesh. The groups' norms then combine as a root of summed squares.
+    groups: dict[tuple, list[torch.nn.Parameter]] = {}
+    for p in with_grad:
+        g = p.grad
+        key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else ("plain", g.device)
+        groups.setdefault(key, []).append(p)
+    squares = []
+    for members in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in members], norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.double() ** 2)
+    total = torch.stack(squares).sum().sqrt().float()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for members in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(members, max_norm, total, foreach=True)
     return total

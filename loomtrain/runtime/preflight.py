@@ -11,7 +11,6 @@ from loomtrain.errors import ConfigError
 
 # Parallelisms whose config keys exist (the CLI contract) but which this build does not run yet.
 _NOT_YET = {
-    "tp": "tensor parallelism",
     "pp": "pipeline parallelism",
     "cp": "context parallelism",
 }
@@ -51,6 +50,13 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
     hf_config = build_hf_config(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.data.seq_len,
                                 eos_id=tokenizer.eos_id)
     validate_model_layout(hf_config, degrees)
+    tp = degrees["tp"]
+    if tp > 1 and cfg.parallel.zero < 2 and dp > 1:
+        raise ConfigError(f"parallel.zero={cfg.parallel.zero} with parallel.tp={tp}: DDP cannot reduce "
+                          "tensor-parallel (DTensor) gradients; use parallel.zero=2 or 3")
+    if tp > 1 and cfg.parallel.sequence_parallel and cfg.data.seq_len % tp:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={tp}, which "
+                          "sequence parallelism needs; change seq_len or set parallel.sequence_parallel=false")
     for key, what in _NOT_YET.items():
         if degrees[key] > 1:
             raise ConfigError(f"parallel.{key}={degrees[key]}: {what} is not available in this build yet; "

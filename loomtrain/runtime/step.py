@@ -16,12 +16,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from loomtrain.parallel.compose import Parallelized
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over labels != -100 (labels are already shifted)."""
+    """Sum of next-token cross-entropies over labels != -100 (labels are already shifted).
+
+    Under tensor parallelism the logits are a DTensor sharded over the vocabulary; call this (and
+    the backward) inside `loss_parallel()` so the softmax is computed across shards without
+    gathering the full [tokens, vocab] logits on any rank."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                            reduction="sum")
 
@@ -69,9 +75,12 @@ def forward_backward(par: Parallelized, micro_batches: list, *, dp_group, dp_siz
             with autocast:
                 out = call(input_ids=mb.input_ids.to(device), position_ids=mb.position_ids.to(device),
                            use_cache=False)
-            loss = token_loss_sum(out.logits, mb.labels.to(device))
-            (loss * scale).backward()
-        loss_sum += loss.detach().double()
+            vocab_parallel = isinstance(out.logits, DTensor)
+            with loss_parallel() if vocab_parallel else contextlib.nullcontext():
+                loss = token_loss_sum(out.logits, mb.labels.to(device))
+                (loss * scale).backward()
+        value = loss.detach()
+        loss_sum += (value.full_tensor() if isinstance(value, DTensor) else value).double()
         sample_ids.extend(mb.sample_ids)
         del out, loss
     total = loss_sum.clone()

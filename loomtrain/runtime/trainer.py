@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from loomtrain.config import Config
 from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_materialize
@@ -195,10 +196,11 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         if not self.par.uses_fsdp:
-            return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters(remove_duplicate=False)}
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                       broadcast_from_rank0=False))
-        return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+            sd = dict(self.model.named_parameters(remove_duplicate=False))
+        else:
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                           broadcast_from_rank0=False))
+        return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
                 for n, t in sd.items()}
 
     def close(self) -> None:

@@ -1,0 +1,177 @@
+"""Tensor parallelism (Megatron-style) and sequence parallelism for HF decoder models.
+
+Driven by the model's own `base_model_tp_plan` (`"layers.*.self_attn.q_proj": "colwise"`, ...);
+models without one get a plan from their module names (q/k/v, gate/up colwise; o/down rowwise),
+and a module that cannot be classified is an error that names it. Parameters become DTensors on
+the "tp" mesh, so their names (and checkpoints) do not change.
+
+Where the activations live (sequence parallel on):
+
+    embed (vocab-parallel, all-reduce) -> full [b, S, d]   HF builds masks and rotary from it
+    block 0 input: sliced to this rank's [b, S/tp, d]       no communication
+    norm (on the sequence shard) -> all-gather -> q,k,v / gate,up (column shards, local heads)
+    -> o / down (row shards) -> reduce-scatter -> [b, S/tp, d] + residual
+    final norm -> all-gather -> lm_head (vocab shards) -> logits DTensor, loss_parallel
+
+The residual stream stays a plain local tensor, and the embedding output stays full length
+because HF computes the attention mask, `cache_position` and rotary tables from the embedding
+output's length; sharding it there would make those S/tp long. The price is one all-reduce
+instead of a reduce-scatter at the embedding, once per forward.
+
+Without sequence parallel, norms are replicated plain tensors and the residual stream is full
+length on every rank (row-parallel outputs are all-reduced).
+"""
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+from loomtrain.errors import ConfigError
+
+_COLWISE_NAMES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query", "key", "value", "fc1",
+                  "w1", "w3", "c_fc")
+_ROWWISE_NAMES = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "w2")
+
+
+def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> dict[str, str]:
+    """Per-block plan {relative module path: "colwise" | "rowwise"}, from the HF config's
+    `base_model_tp_plan` or derived from the linear layers' names."""
+    plan = getattr(model.config, "base_model_tp_plan", None) or {}
+    per_layer = {}
+    for pattern, style in plan.items():
+        match = re.match(r"^(?:[\w.]*\.)?layers\.\*\.(.+)$", pattern)
+        if match:
+            per_layer[match.group(1)] = style.replace("_rep", "")
+    if per_layer:
+        return per_layer
+    block = blocks[0]
+    for name, module in block.named_modules():
+        if not name:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        is_linear = isinstance(module, nn.Linear)
+        if type(module).__name__ == "Conv1D":
+            raise ConfigError(
+                f"parallel.tp: {type(model).__name__} uses a fused Conv1D ({name}) that tensor parallelism "
+                "cannot split yet; run this model with parallel.tp=1")
+        if not is_linear:
+            continue
+        if leaf in _COLWISE_NAMES:
+            per_layer[name] = "colwise"
+        elif leaf in _ROWWISE_NAMES:
+            per_layer[name] = "rowwise"
+        else:
+            raise ConfigError(f"parallel.tp: cannot tell whether {type(block).__name__}.{name} is column- or "
+                              f"row-parallel; the model has no base_model_tp_plan to say")
+    return per_layer
+
+
+def _find(model: nn.Module, kind: type, exclude: set[int]) -> tuple[str, nn.Module]:
+    for name, module in model.named_modules():
+        if isinstance(module, kind) and id(module) not in exclude:
+            return name, module
+    raise ConfigError(f"parallel.tp: {type(model).__name__} has no {kind.__name__} to parallelise")
+
+
+def _norm_children(block: nn.Module) -> list[str]:
+    return [n for n, m in block.named_children() if "norm" in type(m).__name__.lower() or n.endswith("norm")]
+
+
+def _input_prep(module_forward_kwarg: bool) -> PrepareModuleInput:
+    """All-gather the sequence shard before attention/MLP. HF calls attention with keyword
+    arguments and the MLP positionally, hence the two forms."""
+    if module_forward_kwarg:
+        return PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                  desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                                  use_local_output=True)
+    return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                              use_local_output=True)
+
+
+def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+    """Shard a (meta) HF causal LM over `tp_mesh` in place."""
+    per_layer = layer_plan(model, blocks)
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    tp = tp_mesh.size()
+    if kv_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} exceeds num_key_value_heads={kv_heads}; replicating KV heads "
+                          f"under TP is not supported yet, use parallel.tp <= {kv_heads}")
+    ties = _tied_parameters(model)
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    seq = Shard(1) if sequence_parallel else Replicate()
+    # Vocabulary-parallel embedding and head; the logits stay sharded over the vocabulary.
+    parallelize_module(embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
+                                                      use_local_output=False))
+    for i, block in enumerate(blocks):
+        plan: dict[str, object] = {}
+        attention_like = set()
+        for path, style in per_layer.items():
+            if style.startswith("colwise"):
+                plan[path] = ColwiseParallel()
+            elif style.startswith("rowwise"):
+                plan[path] = RowwiseParallel(output_layouts=seq)
+            else:
+                raise ConfigError(f"parallel.tp: unsupported TP style {style!r} for {path} in the model's plan")
+            if "." in path:
+                attention_like.add(path.rsplit(".", 1)[0])
+        if sequence_parallel:
+            for norm in _norm_children(block):
+                plan[norm] = SequenceParallel(use_local_output=True)
+            for parent in attention_like:
+                plan[parent] = _input_prep(module_forward_kwarg="attn" in parent)
+            if i == 0:
+                plan[""] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                              use_local_output=True)
+        _reject_unsharded_head_dims(block, tp)
+        block_input = plan.pop("", None)
+        parallelize_module(block, tp_mesh, plan)
+        if block_input is not None:  # block 0 slices the full-length input to its sequence shard
+            parallelize_module(block, tp_mesh, block_input)
+    if sequence_parallel:
+        final_norm = _final_norm(model, blocks)
+        if final_norm is not None:
+            parallelize_module(final_norm, tp_mesh, SequenceParallel(use_local_output=True))
+    _retie(ties)
+
+
+def _final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """The norm applied after the last block (`model.norm`, `transformer.ln_f`)."""
+    inside = {id(m) for m in blocks.modules()}
+    found = None
+    for name, module in model.named_modules():
+        if id(module) not in inside and ("norm" in type(module).__name__.lower() or name.endswith("ln_f")):
+            found = module
+    return found
+
+
+def _reject_unsharded_head_dims(block: nn.Module, tp: int) -> None:
+    """Attention modules reshape with `-1` heads, so local heads follow from the local width."""
+    for name, module in block.named_modules():
+        if hasattr(module, "num_heads") and isinstance(module.num_heads, int) and module.num_heads % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide {name}.num_heads={module.num_heads}")
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, pname))
+    return [places for places in owners.values() if len(places) > 1]
+
+
+def _retie(ties: list[list[tuple[nn.Module, str]]]) -> None:
+    """A tied embedding/head shares one vocabulary-sharded DTensor (both are sharded on dim 0)."""
+    for places in ties:
+        first_module, first_name = places[0]
+        for module, pname in places[1:]:
+            module._parameters[pname] = first_module._parameters[first_name]
