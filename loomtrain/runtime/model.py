@@ -52,14 +52,22 @@ def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id:
                               + (f" (did you mean {', '.join(close)}?)" if close else ""))
         cls = CONFIG_MAPPING[arch]
         base = cls()
-        overrides = {k: v for k, v in DEMO_GEOMETRY.items() if k not in mcfg.config and hasattr(base, k)}
-        overrides.update(mcfg.config)
-        overrides.setdefault("vocab_size", vocab_size)
+        defaults = {k: v for k, v in DEMO_GEOMETRY.items() if hasattr(base, k)}
+        defaults["vocab_size"] = vocab_size
         if hasattr(base, "max_position_embeddings"):
-            overrides.setdefault("max_position_embeddings", max(seq_len, 128))
+            defaults["max_position_embeddings"] = max(seq_len, 128)
         if eos_id is not None:
-            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                overrides.setdefault(key, eos_id)
+            # Not pad_token_id: HF makes it the embedding's padding_idx, which zeroes that row and
+            # freezes it; EOS is a real input token. Packed training never pads.
+            for key in ("bos_token_id", "eos_token_id"):
+                defaults[key] = eos_id
+            defaults["pad_token_id"] = None
+        # A user key may be another name of a default's key (GPT-2's n_embd is hidden_size,
+        # n_positions is max_position_embeddings): the default must then not override it.
+        aliases = getattr(base, "attribute_map", None) or {}
+        given = {aliases.get(k, k) for k in mcfg.config}
+        overrides = {k: v for k, v in defaults.items() if aliases.get(k, k) not in given}
+        overrides.update(mcfg.config)
     for key in overrides:
         if not hasattr(base, key):
             known = [k for k in base.to_dict() if not k.startswith("_")]
