@@ -32,6 +32,7 @@ class Parallelized:
     module: nn.Module  # the model with its own parameter names (FSDP-sharded or plain)
     wrapper: nn.Module | None  # DDP wrapper to call for forward (ZeRO-0/1), else None
     uses_fsdp: bool
+    tensor_parallel: bool  # logits come out vocabulary-sharded (DTensor): use loss_parallel
     autocast_dtype: torch.dtype | None  # compute dtype when mixed precision is done by autocast
     checkpointed_blocks: list[int]
 
@@ -52,7 +53,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Paral
     if uses_fsdp:
         apply_fsdp(model, blocks, mesh, zero=pcfg.zero, param_dtype=compute_dtype)
     mixed_by_autocast = not uses_fsdp and compute_dtype != torch.float32
-    return Parallelized(model, None, uses_fsdp, compute_dtype if mixed_by_autocast else None, checkpointed)
+    tp = mesh is not None and mesh["tp"].size() > 1
+    return Parallelized(model, None, uses_fsdp, tp, compute_dtype if mixed_by_autocast else None, checkpointed)
 
 
 def wrap_after_materialize(par: Parallelized, cfg: Config, mesh: DeviceMesh | None) -> Parallelized:

@@ -107,11 +107,21 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     seq = Shard(1) if sequence_parallel else Replicate()
-    # Vocabulary-parallel embedding and head; the logits stay sharded over the vocabulary.
-    parallelize_module(embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
-    parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
-                                                      use_local_output=False))
+    # Vocabulary-parallel embedding and head; the logits stay sharded over the vocabulary. A
+    # pipeline stage may own neither (they are nn.Identity there).
+    if isinstance(embed, nn.Embedding):
+        parallelize_module(embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    if isinstance(head, nn.Linear):
+        parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
+                                                          use_local_output=False))
+    elif sequence_parallel:
+        # A stage that ends before the head hands the next stage full-length hidden states, as
+        # HF rebuilds masks and rotary tables from the input length there.
+        model.set_output_embeddings(GatherSequence(tp_mesh))
+    owned = [i for i, block in enumerate(blocks) if any(True for _ in block.parameters())]
     for i, block in enumerate(blocks):
+        if i not in owned:
+            continue
         plan: dict[str, object] = {}
         attention_like = set()
         for path, style in per_layer.items():
@@ -128,7 +138,7 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
                 plan[norm] = SequenceParallel(use_local_output=True)
             for parent in attention_like:
                 plan[parent] = _input_prep(module_forward_kwarg="attn" in parent)
-            if i == 0:
+            if i == owned[0]:
                 plan[""] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
                                               use_local_output=True)
         _reject_unsharded_head_dims(block, tp)
@@ -141,6 +151,19 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
         if final_norm is not None:
             parallelize_module(final_norm, tp_mesh, SequenceParallel(use_local_output=True))
     _retie(ties)
+
+
+class GatherSequence(nn.Module):
+    """All-gather a [b, S/tp, d] sequence shard to [b, S, d] (backward: keep this rank's slice)."""
+
+    def __init__(self, tp_mesh: DeviceMesh):
+        super().__init__()
+        self.tp_mesh = tp_mesh
+
+    def forward(self, x):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(x, self.tp_mesh, [Shard(1)]).redistribute(self.tp_mesh, [Replicate()]).to_local()
 
 
 def _final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from loomtrain.config import OptimConfig
@@ -32,12 +33,11 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
     return factor
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (a DTensor norm is reduced over its mesh), clipped in place
-    when `max_norm > 0`. Returns the norm before clipping as a plain tensor."""
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
+    """Global L2 norm of all gradients (a DTensor norm is reduced over its mesh; pipeline stages'
+    squared norms are summed over `pp_group`), clipped in place when `max_norm > 0`.
+    Returns the norm before clipping as a plain tensor."""
     with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
-        return torch.zeros(())
     # Norms are computed per group of gradients with the same layout (plain, or DTensor on one
     # mesh with one set of placements): foreach kernels cannot mix them, and a DTensor norm is
     # reduced over its own mesh. The groups' norms then combine as a root of summed squares.
@@ -52,7 +52,11 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.double() ** 2)
-    total = torch.stack(squares).sum().sqrt().float()
+    device = with_grad[0].device if with_grad else torch.device("cpu")
+    total_sq = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64, device=device)
+    if pp_group is not None:
+        dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt().float()
     if max_norm > 0:
         for members in groups.values():
             torch.nn.utils.clip_grads_with_norm_(members, max_norm, total, foreach=True)

@@ -11,7 +11,6 @@ from loomtrain.errors import ConfigError
 
 # Parallelisms whose config keys exist (the CLI contract) but which this build does not run yet.
 _NOT_YET = {
-    "pp": "pipeline parallelism",
     "cp": "context parallelism",
 }
 
@@ -30,6 +29,30 @@ def validate_model_layout(hf_config, degrees: dict[str, int]) -> None:
         raise ConfigError(f"parallel.cp={cp} x tp={tp} does not divide num_attention_heads={heads}")
     if layers is not None and pp > layers:
         raise ConfigError(f"parallel.pp={pp} exceeds the model's num_hidden_layers={layers}")
+
+
+def _check_pipeline(cfg: Config, hf_config, pp: int, dp: int) -> None:
+    from loomtrain.parallel.pipeline import stages_per_rank
+
+    pcfg = cfg.parallel
+    if pcfg.zero < 2 and dp > 1:
+        raise ConfigError(f"parallel.zero={pcfg.zero} with parallel.pp={pp}: pipeline stages are sharded with "
+                          "FSDP2 across data parallel; use parallel.zero=2 or 3")
+    if getattr(hf_config, "tie_word_embeddings", False):
+        raise ConfigError(f"parallel.pp={pp}: {hf_config.model_type} ties its input and output embeddings, which "
+                          "would live on different pipeline stages; set model.config.tie_word_embeddings=false")
+    if pcfg.pp_schedule == "Interleaved1F1B" and pcfg.pp_virtual_stages < 2:
+        raise ConfigError("parallel.pp_schedule=Interleaved1F1B needs parallel.pp_virtual_stages >= 2")
+    stages = pp * stages_per_rank(pcfg.pp_schedule, pcfg.pp_virtual_stages)
+    layers = hf_config.num_hidden_layers
+    if stages > layers:
+        raise ConfigError(f"parallel.pp={pp} with schedule {pcfg.pp_schedule} makes {stages} stages but the model "
+                          f"has num_hidden_layers={layers}; lower parallel.pp or parallel.pp_virtual_stages")
+    n_micro = cfg.data.global_batch_size // (dp * cfg.data.micro_batch_size)
+    if n_micro < pp:
+        raise ConfigError(f"parallel.pp={pp} needs at least {pp} micro-batches per step, but "
+                          f"data.global_batch_size / (dp x data.micro_batch_size) = {n_micro}; "
+                          "lower data.micro_batch_size or raise data.global_batch_size")
 
 
 def preflight(cfg: Config, world_size: int) -> dict[str, int]:
@@ -54,6 +77,9 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
     if tp > 1 and cfg.parallel.zero < 2 and dp > 1:
         raise ConfigError(f"parallel.zero={cfg.parallel.zero} with parallel.tp={tp}: DDP cannot reduce "
                           "tensor-parallel (DTensor) gradients; use parallel.zero=2 or 3")
+    pp = degrees["pp"]
+    if pp > 1:
+        _check_pipeline(cfg, hf_config, pp, dp)
     if tp > 1 and cfg.parallel.sequence_parallel and cfg.data.seq_len % tp:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={tp}, which "
                           "sequence parallelism needs; change seq_len or set parallel.sequence_parallel=false")

@@ -87,3 +87,38 @@ def forward_backward(par: Parallelized, micro_batches: list, *, dp_group, dp_siz
     if dp_group is not None:
         dist.all_reduce(total, group=dp_group)
     return StepResult(total.item() / global_tokens, int(global_tokens), global_flops, sample_ids)
+
+
+def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, dp_group, dp_size: int,
+                              pp_group, device: torch.device, local_flops: float) -> StepResult:
+    """The same step through a pipeline schedule: the first stage gets token ids, the last the
+    labels, every stage the position ids; the last stage's losses are shared with all stages."""
+    local_tokens = sum(mb.num_tokens for mb in micro_batches)
+    global_tokens, global_flops = _reduce([float(local_tokens), float(local_flops)], dp_group, device)
+    if global_tokens == 0:
+        from loomtrain.errors import DataError
+
+        raise DataError("a training step has no token with a label (every label is -100); "
+                        "check data.seq_len and the documents")
+    pipe.scale = dp_size / global_tokens
+    input_ids = torch.cat([mb.input_ids for mb in micro_batches]).to(device)
+    labels = torch.cat([mb.labels for mb in micro_batches]).to(device)
+    position_ids = torch.cat([mb.position_ids for mb in micro_batches]).to(device)
+    losses: list[torch.Tensor] = []
+    args = (input_ids,) if pipe.has_first else ()
+    autocast = (torch.autocast(device.type, dtype=par.autocast_dtype) if par.autocast_dtype is not None
+                else contextlib.nullcontext())
+    vocab_parallel = par.tensor_parallel
+    with autocast, (loss_parallel() if vocab_parallel else contextlib.nullcontext()):
+        pipe.schedule.step(*args, target=labels if pipe.has_last else None,
+                           losses=losses if pipe.has_last else None, position_ids=position_ids)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for loss in losses:
+        value = loss.detach()
+        total += (value.full_tensor() if isinstance(value, DTensor) else value).double()
+    total /= pipe.scale
+    dist.all_reduce(total, group=pp_group)
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
+    sample_ids = [i for mb in micro_batches for i in mb.sample_ids]
+    return StepResult(total.item() / global_tokens, int(global_tokens), global_flops, sample_ids)

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from loomtrain.config import Config
 from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_materialize
+from loomtrain.parallel import pipeline
 from loomtrain.parallel.data import build_optimizer
 from loomtrain.runtime import model as model_lib
 from loomtrain.runtime.data import DataLoader
@@ -30,7 +31,7 @@ from loomtrain.runtime.mesh import DistEnv, ParallelDims, dp_coordinates, init_d
 from loomtrain.runtime.metrics import MetricsWriter, device_peak_flops, peak_memory_gb, step_record
 from loomtrain.runtime.optim import clip_grad_norm, lr_lambda
 from loomtrain.runtime.preflight import preflight
-from loomtrain.runtime.step import forward_backward
+from loomtrain.runtime.step import forward_backward, pipeline_forward_backward
 from loomtrain.runtime.tokenizer import build_tokenizer
 
 
@@ -78,16 +79,22 @@ class Trainer:
             self.hf_config = model_lib.build_hf_config(
                 cfg.model, vocab_size=self.tokenizer.vocab_size, seq_len=cfg.data.seq_len,
                 eos_id=self.tokenizer.eos_id)
-        self.par = self._build_model()
-        self.model = self.par.module
-        self.model.train()
+        self.flops = flop_model(self.hf_config)
+        self.pp_group = self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp > 1 else None
+        self.parts = self._build_parts()
+        self.par = self.parts[0]
+        self.model_parts = [part.module for part in self.parts]
+        self.model = self.model_parts[0]  # the whole model unless pipeline-parallel
+        for module in self.model_parts:
+            module.train()
         self.optimizer = build_optimizer(
-            self.model, zero=cfg.parallel.zero, mesh=self.mesh, lr=cfg.optim.lr,
+            self.model if len(self.model_parts) == 1 else nn.ModuleList(self.model_parts),
+            zero=cfg.parallel.zero, mesh=self.mesh, lr=cfg.optim.lr,
             weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
         self.loader = DataLoader(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                  seed=cfg.train.seed)
-        self.flops = flop_model(self.hf_config)
+        self.pipeline = self._build_pipeline() if self.pp_group is not None else None
         compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.peak_flops, self.peak_source = device_peak_flops(env.device, compute_dtype, cfg.train.peak_tflops)
         self.step = 0
@@ -95,9 +102,33 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 7919 * self.dp_rank)
         return self
 
-    def _build_model(self) -> Parallelized:
+    def _build_parts(self) -> list[Parallelized]:
+        """The whole model, or under pipeline parallelism this rank's stages (one per virtual stage)."""
+        if self.pp_group is None:
+            return [self._build_part(None)]
+        pcfg = self.cfg.parallel
+        per_rank = pipeline.stages_per_rank(pcfg.pp_schedule, pcfg.pp_virtual_stages)
+        self.n_stages = self.dims.pp * per_rank
+        block_cost, embed_cost, head_cost = pipeline.split_costs(self.hf_config, self.flops)
+        bounds = pipeline.balanced_split(block_cost, self.hf_config.num_hidden_layers, embed_cost, head_cost,
+                                         self.n_stages)
+        self.stage_ids = pipeline.stage_ids(pcfg.pp_schedule, self.mesh["pp"].get_local_rank(), self.dims.pp,
+                                            per_rank)
+        self.stage_bounds = [bounds[sid] for sid in self.stage_ids]
+        return [self._build_part((*bounds[sid], sid == 0, sid == self.n_stages - 1)) for sid in self.stage_ids]
+
+    def _build_pipeline(self) -> pipeline.Pipeline:
+        cfg = self.cfg
+        n_micro = cfg.data.global_batch_size // (self.dp_size * cfg.data.micro_batch_size)
+        return pipeline.Pipeline.build(self.model_parts, self.stage_ids, self.n_stages, self.pp_group,
+                                       self.env.device, cfg.parallel.pp_schedule, n_micro)
+
+    def _build_part(self, carve: tuple | None) -> Parallelized:
         cfg, env = self.cfg, self.env
         meta = model_lib.build_meta_model(self.hf_config)
+        if carve is not None:
+            start, end, first, last = carve
+            pipeline.carve_stage(meta, start, end, first=first, last=last)
         par = parallelize(meta, cfg, self.mesh)
         if self._user_model is not None:
             state = {n: p.detach().to(env.device) for n, p in self._user_model.named_parameters()}
@@ -119,9 +150,15 @@ class Trainer:
         start = time.perf_counter()
         micro_batches = self.loader.next_step()
         local_flops = self.flops.exact_step_flops([n for mb in micro_batches for row in mb.doc_lengths for n in row])
-        result = forward_backward(self.par, micro_batches, dp_group=self.dp_group, dp_size=self.dp_size,
-                                  device=env.device, local_flops=local_flops)
-        grad_norm = clip_grad_norm(list(self.model.parameters()), cfg.optim.grad_clip)
+        if self.pipeline is not None:
+            result = pipeline_forward_backward(self.pipeline, self.par, micro_batches, dp_group=self.dp_group,
+                                               dp_size=self.dp_size, pp_group=self.pp_group, device=env.device,
+                                               local_flops=local_flops)
+        else:
+            result = forward_backward(self.par, micro_batches, dp_group=self.dp_group, dp_size=self.dp_size,
+                                      device=env.device, local_flops=local_flops)
+        params = [p for module in self.model_parts for p in module.parameters()]
+        grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, pp_group=self.pp_group)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -195,13 +232,20 @@ class Trainer:
         a collective under FSDP."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        if not self.par.uses_fsdp:
-            sd = dict(self.model.named_parameters(remove_duplicate=False))
-        else:
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                           broadcast_from_rank0=False))
-        return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
-                for n, t in sd.items()}
+        sd: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            if not part.uses_fsdp:
+                part_sd = dict(part.module.named_parameters(remove_duplicate=False))
+            else:
+                part_sd = get_model_state_dict(part.module, options=StateDictOptions(full_state_dict=True,
+                                                                                     broadcast_from_rank0=False))
+            sd.update({n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+                       for n, t in part_sd.items()})
+        if self.pp_group is not None:  # every stage contributes the parameters it owns
+            gathered = [None] * self.dims.pp
+            dist.all_gather_object(gathered, sd, group=self.pp_group)
+            sd = {k: v for part_sd in gathered for k, v in part_sd.items()}
+        return sd
 
     def close(self) -> None:
         """Destroy the process group if this Trainer created it."""
