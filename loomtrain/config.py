@@ -96,14 +96,17 @@ class TrainConfig:
     peak_tflops: float | None = None
     # Write the global sample ids of each step to `samples.jsonl` (tests, data audits).
     log_samples: bool = False
+    # Record the pipeline schedule of the last step (pp > 1): pipeline_timeline.json (+ .png).
+    trace_pipeline: bool = False
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     dir: str | None = None  # default: {train.output_dir}/checkpoints
     every: int = 0  # save every N steps (0 = only at the end if dir is set)
-    resume: str = "none"  # none | auto | PATH
-    keep: int = 3
+    resume: str = "none"  # none | auto | PATH (a step_N directory, or a directory of them)
+    keep: int = 3  # committed checkpoints kept (the newest ones)
+    verify: str = "size"  # on load: size (file sizes against the manifest) | checksum (also sha256)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ _CHOICES = {
     "parallel.sequence_scheduler": ("static", "hetero"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
+    "checkpoint.verify": ("size", "checksum"),
 }
 
 

@@ -467,3 +467,32 @@ def test_cli_errors_are_one_line(cli_errors, name, needles):
         assert needle in lines[0], lines[0]
     if name != "tp3":
         assert str(tmp) in lines[0], lines[0]
+
+
+# --- tensor / pipeline parallel configurations that must be refused up front ---------------------
+
+@pytest.mark.parametrize("overrides, world, needles", [
+    (["model.architecture=gpt2", "model.config.n_embd=64", "model.config.n_head=4", "model.config.n_layer=2",
+      "parallel.tp=2"], 2, ["Conv1D", "c_attn", "parallel.tp=1"]),
+    (["model.architecture=gpt2", "model.config.n_embd=64", "model.config.n_head=4", "model.config.n_layer=2",
+      "parallel.pp=2"], 2, ["tie_word_embeddings=false"]),
+    (["model.config.num_hidden_layers=2", "parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",
+      "parallel.pp_virtual_stages=2"], 2, ["4 stages", "num_hidden_layers=2"]),
+    (["parallel.tp=2", "parallel.zero=1"], 4, ["parallel.zero=1", "zero=2 or 3"]),
+    (["parallel.pp=2", "parallel.zero=0"], 4, ["parallel.zero=0", "zero=2 or 3"]),
+    (["parallel.pp=2", "data.global_batch_size=4", "data.micro_batch_size=4"], 2, ["at least 2 micro-batches"]),
+    (["parallel.tp=2", "model.config.num_key_value_heads=1"], 2, ["num_key_value_heads=1", "parallel.tp=2"]),
+    (["parallel.tp=2", "data.seq_len=33"], 2, ["data.seq_len=33", "parallel.tp=2"]),
+])
+def test_parallel_layout_errors(overrides, world, needles):
+    from loomtrain.config import load_config
+    from loomtrain.errors import ConfigError
+    from loomtrain.runtime.preflight import preflight
+
+    cfg = load_config(None, ["data.source=synthetic"] + overrides)
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, world)
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)

@@ -161,13 +161,13 @@ class Timeline:
             def timed(*args, _original=original, _kind=kind, **kwargs):
                 if not self.enabled:
                     return _original(*args, **kwargs)
-                t0 = time.perf_counter()
+                t0 = time.time()
                 try:
                     return _original(*args, **kwargs)
                 finally:
-                    self.events.append({"kind": _kind, "stage": stage.stage_index,
-                                        "mb": args[0] if args else kwargs.get("fwd_chunk_id", kwargs.get("bwd_chunk_id")),
-                                        "t0": t0, "t1": time.perf_counter()})
+                    chunk = args[0] if args else next(iter(kwargs.values()), None)
+                    self.events.append({"kind": _kind, "stage": stage.stage_index, "mb": chunk,
+                                        "t0": t0, "t1": time.time()})
 
             setattr(stage, attr, timed)
 

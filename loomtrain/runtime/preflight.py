@@ -23,8 +23,10 @@ def validate_model_layout(hf_config, degrees: dict[str, int]) -> None:
     tp, pp, cp = degrees["tp"], degrees["pp"], degrees["cp"]
     if heads is not None and heads % tp:
         raise ConfigError(f"parallel.tp={tp} does not divide the model's num_attention_heads={heads}")
-    if kv_heads is not None and kv_heads % tp and tp % kv_heads:
-        raise ConfigError(f"parallel.tp={tp} and num_key_value_heads={kv_heads}: one must divide the other")
+    if kv_heads is not None and kv_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide num_key_value_heads={kv_heads}; replicating KV "
+                          f"heads under tensor parallelism is not supported yet, use parallel.tp <= {kv_heads} "
+                          "that divides it")
     if heads is not None and cp > 1 and heads % (tp * cp):
         raise ConfigError(f"parallel.cp={cp} x tp={tp} does not divide num_attention_heads={heads}")
     if layers is not None and pp > layers:
@@ -77,6 +79,12 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
     if tp > 1 and cfg.parallel.zero < 2 and dp > 1:
         raise ConfigError(f"parallel.zero={cfg.parallel.zero} with parallel.tp={tp}: DDP cannot reduce "
                           "tensor-parallel (DTensor) gradients; use parallel.zero=2 or 3")
+    if tp > 1:  # the TP plan must classify every linear layer; a meta model costs no memory
+        from loomtrain.parallel.tensor import layer_plan
+        from loomtrain.runtime.model import build_meta_model, find_blocks
+
+        meta = build_meta_model(hf_config)
+        layer_plan(meta, find_blocks(meta))
     pp = degrees["pp"]
     if pp > 1:
         _check_pipeline(cfg, hf_config, pp, dp)
@@ -89,7 +97,7 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
                               f"set parallel.{key}=1")
     if cfg.parallel.sequence_scheduler != "static":
         raise ConfigError("parallel.sequence_scheduler=hetero is not available in this build yet; use static")
-    if cfg.checkpoint.every > 0 or cfg.checkpoint.resume != "none" or cfg.checkpoint.dir is not None:
-        raise ConfigError("checkpointing (checkpoint.*) is not available in this build yet; "
-                          "leave checkpoint.every=0, checkpoint.dir unset and checkpoint.resume=none")
+    from loomtrain.checkpoint.resume import check_config as check_checkpoint_config
+
+    check_checkpoint_config(cfg)
     return degrees

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from loomtrain.config import Config
+from loomtrain.errors import LoomError
 from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_materialize
 from loomtrain.parallel import pipeline
 from loomtrain.parallel.data import build_optimizer
@@ -100,6 +101,7 @@ class Trainer:
         self.step = 0
         # Dropout (if the model has any) differs per data-parallel rank, as it would in one big batch.
         torch.manual_seed(cfg.train.seed + 7919 * self.dp_rank)
+        self.checkpointer = self._setup_checkpointing()
         return self
 
     def _build_parts(self) -> list[Parallelized]:
@@ -148,6 +150,9 @@ class Trainer:
         """One optimizer step over the next global batch; returns its metrics record."""
         cfg, env = self.cfg, self.env
         start = time.perf_counter()
+        if self.pipeline is not None and cfg.train.trace_pipeline:
+            self.pipeline.timeline.enabled = True
+            self.pipeline.timeline.events.clear()  # keep only the latest step
         micro_batches = self.loader.next_step()
         local_flops = self.flops.exact_step_flops([n for mb in micro_batches for row in mb.doc_lengths for n in row])
         if self.pipeline is not None:
@@ -160,6 +165,7 @@ class Trainer:
         params = [p for module in self.model_parts for p in module.parameters()]
         grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, pp_group=self.pp_group)
         lr = self.scheduler.get_last_lr()[0]
+        self._checkpoint_before_optimizer_step()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -202,20 +208,49 @@ class Trainer:
             self._print_banner()
         result = FitResult(output_dir=cfg.train.output_dir)
         try:
+            self._checkpoint_begin_fit()
             while self.step < cfg.train.max_steps:
                 record = self.train_step()
                 result.losses.append(record["loss"])
                 result.grad_norms.append(record["grad_norm"])
                 if writer is not None and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps):
                     writer.log(record)
+                if self._checkpoint_after_step():
+                    break
+        except BaseException as exc:
+            self._checkpoint_end_fit(exc)
+            raise
+        else:
+            self._checkpoint_end_fit(None)
         finally:
             if writer is not None:
                 writer.close()
         result.steps = self.step
+        if self.pipeline is not None and cfg.train.trace_pipeline:
+            self._write_timeline()
         if writer is not None:
-            result.summary = writer.summary()
+            ckpt = getattr(self, "checkpointer", None)
+            result.summary = writer.summary(checkpoint_dir=ckpt.root if ckpt is not None and ckpt.saving else None)
             print(result.summary, flush=True)
         return result
+
+    def _write_timeline(self) -> None:
+        """Gather the last step's pipeline events from every stage; rank 0 writes and draws them."""
+        from loomtrain.runtime import timeline
+
+        rows = [None] * self.dims.pp
+        dist.all_gather_object(rows, self.pipeline.timeline.events, group=self.pp_group)
+        if self.env.is_main:
+            cfg = self.cfg
+            path = os.path.join(cfg.train.output_dir, "pipeline_timeline.json")
+            n_micro = cfg.data.global_batch_size // (self.dp_size * cfg.data.micro_batch_size)
+            record = timeline.write_timeline(path, rows, n_micro, cfg.parallel.pp_schedule)
+            try:
+                timeline.draw_timeline(path, path.replace(".json", ".png"))
+            except LoomError as exc:
+                print(f"loomtrain: {exc}", flush=True)
+            print(f"loomtrain: pipeline bubble {100 * record['bubble_measured']:.1f}% measured, "
+                  f"{100 * record['bubble_theory']:.1f}% theory; timeline in {path}", flush=True)
 
     def _print_banner(self) -> None:
         d, cfg = self.dims, self.cfg
@@ -225,6 +260,33 @@ class Trainer:
               f"zero {cfg.parallel.zero} | {self.env.device.type} {cfg.model.dtype} | "
               f"batch {cfg.data.global_batch_size} x {cfg.data.seq_len} tokens | "
               f"peak {self.peak_flops / 1e12:.2f} TFLOP/s/device ({self.peak_source})", flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    # The only places the training loop meets checkpointing (loomtrain.checkpoint.manager):
+    # resume at the end of setup, a save request after each optimizer step, the wait for the
+    # snapshot copy right before the next optimizer step, the last commit when fit ends.
+    def _setup_checkpointing(self):
+        from loomtrain.checkpoint.manager import Checkpointer
+
+        return Checkpointer(self).setup()
+
+    def _checkpoint_before_optimizer_step(self) -> None:
+        if getattr(self, "checkpointer", None) is not None:
+            self.checkpointer.before_optimizer_step()
+
+    def _checkpoint_begin_fit(self) -> None:
+        if getattr(self, "checkpointer", None) is not None:
+            self.checkpointer.begin_fit()
+
+    def _checkpoint_after_step(self) -> bool:
+        """Request a save when one is due; True when a stop (SIGTERM / Ctrl-C) was agreed."""
+        if getattr(self, "checkpointer", None) is None:
+            return False
+        return self.checkpointer.after_step()
+
+    def _checkpoint_end_fit(self, exc: BaseException | None) -> None:
+        if getattr(self, "checkpointer", None) is not None:
+            self.checkpointer.end_fit(exc)
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self) -> dict[str, torch.Tensor]:
