@@ -22,6 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from loomtrain.config import Config
 from loomtrain.parallel.activation import apply_activation_checkpointing
+from loomtrain.parallel.context import apply_cp
 from loomtrain.parallel.data import apply_ddp, apply_fsdp
 from loomtrain.parallel.tensor import apply_tp
 from loomtrain.runtime.model import find_blocks
@@ -35,6 +36,9 @@ class Parallelized:
     tensor_parallel: bool  # logits come out vocabulary-sharded (DTensor): use loss_parallel
     autocast_dtype: torch.dtype | None  # compute dtype when mixed precision is done by autocast
     checkpointed_blocks: list[int]
+    cp: int = 1  # context-parallel degree: each rank holds a slice of every sequence
+    cp_rank: int = 0
+    cp_impl: str = "ulysses"
 
 
 def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Parallelized:
@@ -44,6 +48,9 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Paral
     blocks = find_blocks(model)
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tp(model, blocks, mesh["tp"], sequence_parallel=pcfg.sequence_parallel)
+    cp = 1 if mesh is None else mesh["cp"].size()
+    if cp > 1:
+        apply_cp(model, mesh["cp"], pcfg.cp_impl)
     checkpointed = apply_activation_checkpointing(blocks, pcfg.activation_checkpointing)
     if pcfg.compile:
         for block in blocks:
@@ -54,11 +61,12 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Paral
         apply_fsdp(model, blocks, mesh, zero=pcfg.zero, param_dtype=compute_dtype)
     mixed_by_autocast = not uses_fsdp and compute_dtype != torch.float32
     tp = mesh is not None and mesh["tp"].size() > 1
-    return Parallelized(model, None, uses_fsdp, tp, compute_dtype if mixed_by_autocast else None, checkpointed)
+    return Parallelized(model, None, uses_fsdp, tp, compute_dtype if mixed_by_autocast else None, checkpointed,
+                        cp=cp, cp_rank=mesh["cp"].get_local_rank() if cp > 1 else 0, cp_impl=pcfg.cp_impl)
 
 
 def wrap_after_materialize(par: Parallelized, cfg: Config, mesh: DeviceMesh | None) -> Parallelized:
     """DDP for ZeRO-0/1 once parameters hold real values."""
-    if mesh is not None and not par.uses_fsdp and mesh["dp"].size() > 1:
+    if mesh is not None and not par.uses_fsdp and mesh["dp_cp"].size() > 1:
         par.wrapper = apply_ddp(par.module, mesh)
     return par

@@ -49,12 +49,13 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh: DeviceMesh, *, zer
 
 
 def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Replicate over all data-parallel ranks (ZeRO-0/1). Returns the DDP wrapper; the caller keeps
-    the inner module for names and state."""
+    """Replicate over all data- and context-parallel ranks (ZeRO-0/1): context ranks hold the same
+    weights and see different tokens, so their gradients are averaged like data parallel ones.
+    Returns the DDP wrapper; the caller keeps the inner module for names and state."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device = next(model.parameters()).device
-    return DDP(model, process_group=mesh["dp"].get_group(),
+    return DDP(model, process_group=mesh["dp_cp"].get_group(),
                device_ids=[device] if device.type == "cuda" else None,
                broadcast_buffers=False, gradient_as_bucket_view=True)
 
@@ -76,11 +77,11 @@ def build_optimizer(model: nn.Module, *, zero: int, mesh: DeviceMesh | None, lr:
     groups = [{"params": ps, "weight_decay": weight_decay if decays else 0.0}
               for (decays, _), ps in sorted(by_key.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     kwargs = dict(lr=lr, betas=betas, eps=eps, fused=True)
-    if zero == 1 and mesh is not None and mesh["dp"].size() > 1:
+    if zero == 1 and mesh is not None and mesh["dp_cp"].size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         zro = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                      process_group=mesh["dp"].get_group(),
+                                      process_group=mesh["dp_cp"].get_group(),
                                       weight_decay=groups[0]["weight_decay"], **kwargs)
         for group in groups[1:]:
             zro.add_param_group(group)

@@ -9,10 +9,6 @@ from __future__ import annotations
 from loomtrain.config import Config, resolve_degrees
 from loomtrain.errors import ConfigError
 
-# Parallelisms whose config keys exist (the CLI contract) but which this build does not run yet.
-_NOT_YET = {
-    "cp": "context parallelism",
-}
 
 
 def validate_model_layout(hf_config, degrees: dict[str, int]) -> None:
@@ -85,16 +81,18 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
 
         meta = build_meta_model(hf_config)
         layer_plan(meta, find_blocks(meta))
+    cp = degrees["cp"]
+    chunks = 2 * cp if cfg.parallel.cp_impl == "ring" else cp
+    if cp > 1 and cfg.data.seq_len % (chunks * (tp if cfg.parallel.sequence_parallel else 1)):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be divisible by {chunks} for "
+                          f"parallel.cp={cp} with cp_impl={cfg.parallel.cp_impl}"
+                          + (f" (times tp={tp} for sequence parallel)" if tp > 1 else ""))
     pp = degrees["pp"]
     if pp > 1:
         _check_pipeline(cfg, hf_config, pp, dp)
     if tp > 1 and cfg.parallel.sequence_parallel and cfg.data.seq_len % tp:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={tp}, which "
                           "sequence parallelism needs; change seq_len or set parallel.sequence_parallel=false")
-    for key, what in _NOT_YET.items():
-        if degrees[key] > 1:
-            raise ConfigError(f"parallel.{key}={degrees[key]}: {what} is not available in this build yet; "
-                              f"set parallel.{key}=1")
     if cfg.parallel.sequence_scheduler != "static":
         raise ConfigError("parallel.sequence_scheduler=hetero is not available in this build yet; use static")
     from loomtrain.checkpoint.resume import check_config as check_checkpoint_config

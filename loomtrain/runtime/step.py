@@ -40,6 +40,18 @@ class StepResult:
     sample_ids: list[int]  # this rank's samples
 
 
+def _slices(mb, par: Parallelized, device: torch.device):
+    """(input_ids, labels, position_ids) of this rank's part of a micro-batch: the whole rows, or
+    under context parallelism its slice of every row (global position ids kept)."""
+    tensors = (mb.input_ids, mb.labels, mb.position_ids)
+    if par.cp > 1:
+        from loomtrain.parallel.context import sequence_indices
+
+        idx = sequence_indices(mb.input_ids.shape[1], par.cp, par.cp_rank, par.cp_impl)
+        tensors = tuple(t[:, idx] for t in tensors)
+    return tuple(t.to(device) for t in tensors)
+
+
 def _reduce(values: list[float], group, device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if group is not None:
@@ -52,8 +64,10 @@ def forward_backward(par: Parallelized, micro_batches: list, *, dp_group, dp_siz
     """Run every micro-batch forward and backward; gradients end up reduced over data parallel.
 
     `local_flops` (this rank's exact FLOPs) rides along with the token count in the one small
-    all-reduce the step needs anyway."""
-    local_tokens = sum(mb.num_tokens for mb in micro_batches)
+    all-reduce the step needs anyway. `dp_group`/`dp_size` span every rank that sees different
+    tokens: data- and context-parallel ranks."""
+    batches = [_slices(mb, par, device) for mb in micro_batches]
+    local_tokens = sum(int((labels != -100).sum()) for _, labels, _ in batches)
     global_tokens, global_flops = _reduce([float(local_tokens), float(local_flops)], dp_group, device)
     if global_tokens == 0:
         from loomtrain.errors import DataError
@@ -66,18 +80,17 @@ def forward_backward(par: Parallelized, micro_batches: list, *, dp_group, dp_siz
                 else contextlib.nullcontext())
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     sample_ids: list[int] = []
-    for i, mb in enumerate(micro_batches):
+    for i, (mb, (input_ids, labels, position_ids)) in enumerate(zip(micro_batches, batches)):
         last = i == len(micro_batches) - 1
         # DDP: all-reduce once per step, on the last micro-batch. FSDP reduce-scatters every
         # micro-batch, so gradients stay sharded (ZeRO-2/3 memory) while accumulating.
         sync = par.wrapper.no_sync() if (par.wrapper is not None and not last) else contextlib.nullcontext()
         with sync:
             with autocast:
-                out = call(input_ids=mb.input_ids.to(device), position_ids=mb.position_ids.to(device),
-                           use_cache=False)
+                out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False)
             vocab_parallel = isinstance(out.logits, DTensor)
             with loss_parallel() if vocab_parallel else contextlib.nullcontext():
-                loss = token_loss_sum(out.logits, mb.labels.to(device))
+                loss = token_loss_sum(out.logits, labels)
                 (loss * scale).backward()
         value = loss.detach()
         loss_sum += (value.full_tensor() if isinstance(value, DTensor) else value).double()
@@ -93,7 +106,9 @@ def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, d
                               pp_group, device: torch.device, local_flops: float) -> StepResult:
     """The same step through a pipeline schedule: the first stage gets token ids, the last the
     labels, every stage the position ids; the last stage's losses are shared with all stages."""
-    local_tokens = sum(mb.num_tokens for mb in micro_batches)
+    batches = [_slices(mb, par, device) for mb in micro_batches]
+    input_ids, labels, position_ids = (torch.cat(parts) for parts in zip(*batches))
+    local_tokens = int((labels != -100).sum())
     global_tokens, global_flops = _reduce([float(local_tokens), float(local_flops)], dp_group, device)
     if global_tokens == 0:
         from loomtrain.errors import DataError
@@ -101,9 +116,6 @@ def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, d
         raise DataError("a training step has no token with a label (every label is -100); "
                         "check data.seq_len and the documents")
     pipe.scale = dp_size / global_tokens
-    input_ids = torch.cat([mb.input_ids for mb in micro_batches]).to(device)
-    labels = torch.cat([mb.labels for mb in micro_batches]).to(device)
-    position_ids = torch.cat([mb.position_ids for mb in micro_batches]).to(device)
     losses: list[torch.Tensor] = []
     args = (input_ids,) if pipe.has_first else ()
     autocast = (torch.autocast(device.type, dtype=par.autocast_dtype) if par.autocast_dtype is not None

@@ -72,6 +72,10 @@ class Trainer:
         self.mesh = self.dims.build_mesh(env.device.type)
         self.dp_rank, self.dp_size = dp_coordinates(self.mesh)
         self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None else None
+        # Ranks that see different tokens (data x context parallel): the loss and its gradient
+        # are reduced over them.
+        self.token_group = self.mesh["dp_cp"].get_group() if self.mesh is not None else None
+        self.token_ranks = self.dp_size * self.dims.cp
 
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         if self._user_model is not None:
@@ -154,14 +158,15 @@ class Trainer:
             self.pipeline.timeline.enabled = True
             self.pipeline.timeline.events.clear()  # keep only the latest step
         micro_batches = self.loader.next_step()
-        local_flops = self.flops.exact_step_flops([n for mb in micro_batches for row in mb.doc_lengths for n in row])
+        local_flops = self.flops.exact_step_flops(
+            [n for mb in micro_batches for row in mb.doc_lengths for n in row]) / self.dims.cp
         if self.pipeline is not None:
-            result = pipeline_forward_backward(self.pipeline, self.par, micro_batches, dp_group=self.dp_group,
-                                               dp_size=self.dp_size, pp_group=self.pp_group, device=env.device,
+            result = pipeline_forward_backward(self.pipeline, self.par, micro_batches, dp_group=self.token_group,
+                                               dp_size=self.token_ranks, pp_group=self.pp_group, device=env.device,
                                                local_flops=local_flops)
         else:
-            result = forward_backward(self.par, micro_batches, dp_group=self.dp_group, dp_size=self.dp_size,
-                                      device=env.device, local_flops=local_flops)
+            result = forward_backward(self.par, micro_batches, dp_group=self.token_group,
+                                      dp_size=self.token_ranks, device=env.device, local_flops=local_flops)
         params = [p for module in self.model_parts for p in module.parameters()]
         grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, pp_group=self.pp_group)
         lr = self.scheduler.get_last_lr()[0]
