@@ -62,7 +62,10 @@ class ParallelConfig:
     pp_schedule: str = "1F1B"
     pp_virtual_stages: int = 1
     cp_impl: str = "ulysses"
-    sequence_scheduler: str = "static"
+    sequence_scheduler: str = "static"  # static (packed rows) | hetero (per-step SP groups)
+    # hetero: tokens one rank holds in a micro-step (longer sequences get a multi-rank group);
+    # 0 = data.seq_len
+    hetero_tokens_per_rank: int = 0
     activation_checkpointing: str = "none"  # none | full | every:N (checkpoint every N-th block)
     compile: bool = False
 

@@ -51,6 +51,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Paral
     cp = 1 if mesh is None else mesh["cp"].size()
     if cp > 1:
         apply_cp(model, mesh["cp"], pcfg.cp_impl)
+    elif pcfg.sequence_scheduler == "hetero":  # groups are chosen per micro-step by the executor
+        apply_cp(model, None, "ulysses")
     checkpointed = apply_activation_checkpointing(blocks, pcfg.activation_checkpointing)
     if pcfg.compile:
         for block in blocks:

@@ -75,16 +75,22 @@ def _repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
 
 def ulysses_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: float | None = None, **kwargs):
-    """HF attention-interface function: [b, H, s, d] in, ([b, s, H, d], None) out."""
-    group = getattr(module, _GROUP_ATTR)
-    cp = dist.get_world_size(group)
+    """HF attention-interface function: [b, H, s, d] in, ([b, s, H, d], None) out.
+
+    A module whose group is None (a degree-1 group of the heterogeneous scheduler) attends
+    locally, with the same document mask."""
+    group = getattr(module, _GROUP_ATTR, None)
+    cp = 1 if group is None else dist.get_world_size(group)
     position_ids = kwargs["position_ids"]
     h_q, h_kv = query.shape[1], key.shape[1]
-    if h_kv % cp:  # too few KV heads to scatter: repeat them up to the query heads
-        key, value = _repeat_kv(key, h_q // h_kv), _repeat_kv(value, h_q // h_kv)
-    q, k, v = (_seq_to_heads(t, group, cp) for t in (query, key, value))
-    positions = _gather_rows(position_ids, group)  # [cp, b, s], contiguous slices in rank order
-    full_positions = positions.permute(1, 0, 2).reshape(position_ids.shape[0], -1)
+    if cp == 1:
+        q, k, v, full_positions = query, key, value, position_ids
+    else:
+        if h_kv % cp:  # too few KV heads to scatter: repeat them up to the query heads
+            key, value = _repeat_kv(key, h_q // h_kv), _repeat_kv(value, h_q // h_kv)
+        q, k, v = (_seq_to_heads(t, group, cp) for t in (query, key, value))
+        positions = _gather_rows(position_ids, group)  # [cp, b, s], contiguous slices in rank order
+        full_positions = positions.permute(1, 0, 2).reshape(position_ids.shape[0], -1)
     docs = doc_ids(full_positions)
     total = full_positions.shape[1]
     causal = torch.ones(total, total, dtype=torch.bool, device=q.device).tril()
@@ -92,7 +98,16 @@ def ulysses_attention(module: nn.Module, query, key, value, attention_mask, drop
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling,
                                          dropout_p=dropout if module.training else 0.0,
                                          enable_gqa=q.shape[1] != k.shape[1])
-    return _heads_to_seq(out, group, cp).transpose(1, 2).contiguous(), None
+    if cp > 1:
+        out = _heads_to_seq(out, group, cp)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def set_group(model: nn.Module, group) -> None:
+    """Point every attention module at `group` (None: attend locally)."""
+    for module in model.modules():
+        if hasattr(module, _GROUP_ATTR):
+            setattr(module, _GROUP_ATTR, group)
 
 
 def ring_attention_interface(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -124,9 +139,10 @@ def register_attention() -> None:
 
 
 def apply_cp(model: nn.Module, cp_mesh, impl: str) -> None:
-    """Route the model's attention through Ulysses or ring attention over `cp_mesh`."""
+    """Route the model's attention through Ulysses or ring attention over `cp_mesh` (None: the
+    heterogeneous scheduler sets a group per micro-step)."""
     register_attention()
-    group = cp_mesh.get_group()
+    group = cp_mesh.get_group() if cp_mesh is not None else None
     for module in model.modules():
         if type(module).__name__.endswith("Attention"):
             setattr(module, _GROUP_ATTR, group)

@@ -151,6 +151,13 @@ class TextCorpus:
                 f"data.source {cfg.source} has {self.num_tokens} tokens, fewer than data.seq_len+1 = "
                 f"{self.seq_len + 1}; add data or lower data.seq_len")
 
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document i (ending with its EOS), cut to S+1: one sequence, unpacked."""
+        i %= self.num_documents
+        start = int(self.doc_starts[i])
+        end = int(self.doc_starts[i + 1]) if i + 1 < self.num_documents else self.num_tokens
+        return self.stream[start:min(end, start + self.seq_len + 1)]
+
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens (S+1) of row i and the row-relative document starts within [1, S]."""
         S = self.seq_len
@@ -210,18 +217,29 @@ class SyntheticCorpus:
         lens[-1] -= int(ends[n - 1]) - total
         return lens
 
-    def row(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        S, V = self.seq_len, self.vocab_size
-        rng = np.random.default_rng([self.seed, g])
-        lens = self._doc_lengths(rng, S + 1)
+    def document(self, g: int) -> np.ndarray:
+        """Sequence g on its own (heterogeneous scheduling): one document of a drawn length,
+        at least 2 and at most S+1 tokens (S inputs with their next-token labels)."""
+        rng = np.random.default_rng([self.seed, g, 1])
+        total = int(self._doc_lengths(rng, self.seq_len + 1)[0]) if self.lengths_mode != "fixed" else self.seq_len + 1
+        return self._walk(rng, np.array([max(2, total)], dtype=np.int64), max(2, total))
+
+    def _walk(self, rng: np.random.Generator, lens: np.ndarray, total: int) -> np.ndarray:
+        V = self.vocab_size
         starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
         first = rng.integers(0, V, size=lens.size)
-        step = self.deltas[rng.choice(self.deltas.size, size=S + 1, p=self.probs)]
+        step = self.deltas[rng.choice(self.deltas.size, size=total, p=self.probs)]
         step[starts] = 0
         walk = np.cumsum(step)
         state = np.repeat(first - walk[starts], lens) + walk
-        tokens = self.perm[state % V]
-        return tokens, starts[1:]
+        return self.perm[state % V]
+
+    def row(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        S = self.seq_len
+        rng = np.random.default_rng([self.seed, g])
+        lens = self._doc_lengths(rng, S + 1)
+        starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+        return self._walk(rng, lens, S + 1), starts[1:]
 
 
 class DataLoader:
@@ -295,6 +313,15 @@ class DataLoader:
         out = [self.samples(ids[i:i + mb]) for i in range(0, len(ids), mb)]
         self._pos += self.cfg.global_batch_size
         return out
+
+    def next_sequences(self) -> tuple[list[int], list[np.ndarray]]:
+        """The whole global batch of the next step as separate documents (ids, token arrays):
+        the heterogeneous scheduler plans over every sequence's length on every rank, so each
+        rank reads them all (token ids only; cheap next to the step)."""
+        ids = list(range(self._pos, self._pos + self.cfg.global_batch_size))
+        docs = [self.corpus.document(g) for g in ids]
+        self._pos += self.cfg.global_batch_size
+        return ids, docs
 
     @property
     def samples_consumed(self) -> int:

@@ -93,8 +93,18 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
     if tp > 1 and cfg.parallel.sequence_parallel and cfg.data.seq_len % tp:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={tp}, which "
                           "sequence parallelism needs; change seq_len or set parallel.sequence_parallel=false")
-    if cfg.parallel.sequence_scheduler != "static":
-        raise ConfigError("parallel.sequence_scheduler=hetero is not available in this build yet; use static")
+    if cfg.parallel.sequence_scheduler == "hetero":
+        pool = dp * cp
+        if tp > 1 or pp > 1 or cp > 1:
+            raise ConfigError("parallel.sequence_scheduler=hetero plans its own sequence-parallel groups over the "
+                              "data-parallel ranks; set parallel.tp=1, parallel.pp=1 and parallel.cp=1")
+        if pool & (pool - 1):
+            raise ConfigError(f"parallel.sequence_scheduler=hetero needs a power-of-two number of data-parallel "
+                              f"ranks, got {pool}")
+        heads = getattr(hf_config, "num_attention_heads", 1)
+        if heads % pool:
+            raise ConfigError(f"parallel.sequence_scheduler=hetero may form a group of all {pool} ranks, which "
+                              f"must divide num_attention_heads={heads}")
     from loomtrain.checkpoint.resume import check_config as check_checkpoint_config
 
     check_checkpoint_config(cfg)

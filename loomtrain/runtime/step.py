@@ -38,6 +38,7 @@ class StepResult:
     valid_tokens: int  # global count of labels != -100
     exact_flops: float  # global sum of the ranks' exact training FLOPs (packed causal attention)
     sample_ids: list[int]  # this rank's samples
+    tokens: int | None = None  # input tokens processed in the step, over all ranks
 
 
 def _slices(mb, par: Parallelized, device: torch.device):

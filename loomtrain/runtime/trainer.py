@@ -100,6 +100,13 @@ class Trainer:
         self.loader = DataLoader(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                  seed=cfg.train.seed)
         self.pipeline = self._build_pipeline() if self.pp_group is not None else None
+        self.hetero = None
+        if cfg.parallel.sequence_scheduler == "hetero":
+            from loomtrain.parallel.hetero.costmodel import CostModel
+            from loomtrain.parallel.hetero.executor import HeteroExecutor
+
+            self.hetero = HeteroExecutor(self.model, self.mesh, env.device)
+            self.hetero_cost = CostModel.from_config(self.hf_config)
         compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.peak_flops, self.peak_source = device_peak_flops(env.device, compute_dtype, cfg.train.peak_tflops)
         self.step = 0
@@ -157,16 +164,10 @@ class Trainer:
         if self.pipeline is not None and cfg.train.trace_pipeline:
             self.pipeline.timeline.enabled = True
             self.pipeline.timeline.events.clear()  # keep only the latest step
-        micro_batches = self.loader.next_step()
-        local_flops = self.flops.exact_step_flops(
-            [n for mb in micro_batches for row in mb.doc_lengths for n in row]) / self.dims.cp
-        if self.pipeline is not None:
-            result = pipeline_forward_backward(self.pipeline, self.par, micro_batches, dp_group=self.token_group,
-                                               dp_size=self.token_ranks, pp_group=self.pp_group, device=env.device,
-                                               local_flops=local_flops)
+        if self.hetero is not None:
+            result = self._hetero_forward_backward()
         else:
-            result = forward_backward(self.par, micro_batches, dp_group=self.token_group,
-                                      dp_size=self.token_ranks, device=env.device, local_flops=local_flops)
+            result = self._packed_forward_backward()
         params = [p for module in self.model_parts for p in module.parameters()]
         grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, pp_group=self.pp_group)
         lr = self.scheduler.get_last_lr()[0]
@@ -178,7 +179,7 @@ class Trainer:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         self.step += 1
-        tokens = cfg.data.global_batch_size * cfg.data.seq_len
+        tokens = result.tokens if result.tokens is not None else cfg.data.global_batch_size * cfg.data.seq_len
         record = step_record(
             step=self.step, loss=result.loss, grad_norm=float(grad_norm), lr=lr, tokens=tokens,
             step_time_s=elapsed, flops_palm=self.flops.palm_step_flops(tokens, cfg.data.seq_len),
@@ -188,6 +189,39 @@ class Trainer:
         if cfg.train.log_samples:
             self._log_samples(result.sample_ids)
         return record
+
+    def _packed_forward_backward(self):
+        """Fixed-length packed rows, split over data parallel (and pipeline stages)."""
+        micro_batches = self.loader.next_step()
+        local_flops = self.flops.exact_step_flops(
+            [n for mb in micro_batches for row in mb.doc_lengths for n in row]) / self.dims.cp
+        if self.pipeline is not None:
+            return pipeline_forward_backward(self.pipeline, self.par, micro_batches, dp_group=self.token_group,
+                                             dp_size=self.token_ranks, pp_group=self.pp_group,
+                                             device=self.env.device, local_flops=local_flops)
+        return forward_backward(self.par, micro_batches, dp_group=self.token_group,
+                                dp_size=self.token_ranks, device=self.env.device, local_flops=local_flops)
+
+    def _hetero_forward_backward(self):
+        """Whole documents of varied length, planned into per-micro-step sequence-parallel groups."""
+        from loomtrain.parallel.hetero.planner import plan_batch
+        from loomtrain.runtime.step import StepResult, token_loss_sum
+
+        sample_ids, docs = self.loader.next_sequences()
+        lengths = [int(doc.size) - 1 for doc in docs]
+        capacity = self.cfg.parallel.hetero_tokens_per_rank or self.cfg.data.seq_len
+        self.last_plan = plan_batch(lengths, self.hetero.n, capacity, self.hetero_cost)
+        module = self.par.wrapper if self.par.wrapper is not None else self.model
+
+        def call(input_ids, position_ids):
+            return module(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+        loss_sum, global_tokens = self.hetero.run(self.last_plan, docs, call, token_loss_sum, ddp=self.par.wrapper)
+        if self.token_group is not None:
+            dist.all_reduce(loss_sum, group=self.token_group)
+        ids = sample_ids if self.env.is_main else []  # every rank read the whole batch
+        return StepResult(loss_sum.item() / global_tokens, global_tokens, self.flops.exact_step_flops(lengths),
+                          ids, tokens=sum(lengths))
 
     def _log_samples(self, sample_ids: list[int]) -> None:
         gathered = [sample_ids]
