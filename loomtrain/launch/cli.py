@@ -28,6 +28,7 @@ from loomtrain.errors import LoomError
 COMMANDS = {
     "run": "train: validate CONFIG.yaml, then start the workers (or train, inside a worker)",
     "report": "summarize RUN_DIR/metrics.jsonl (steps, loss, tokens/s, MFU, memory); --plot draws it",
+    "plan": "predict step times of static, best single-degree and heterogeneous sequence parallelism",
 }
 _WORKER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE")
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)+=")
@@ -95,6 +96,11 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--plot", action="store_true", help="also draw the curves to a PNG")
         p.add_argument("--png", default=None, metavar="PATH",
                        help="where --plot writes (default RUN_DIR/metrics.png)")
+    elif command == "plan":  # options and body live in launch/plan.py
+        from loomtrain.launch.plan import add_arguments
+
+        p = _Parser(prog="loomtrain plan", description=COMMANDS["plan"])
+        add_arguments(p)
     elif command == "_selfcheck":  # hidden: a 2-line torchrun smoke test, used by tests
         p = _Parser(prog="loomtrain _selfcheck")
         p.add_argument("--fail-rank", type=int, default=None, help="this rank raises a LoomError")
@@ -343,12 +349,19 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:  # body in launch/plan.py (numpy, no torch)
+    from loomtrain.launch.plan import cmd_plan as plan
+
+    return plan(ns)
+
+
 # -------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         ns = parse_args(argv)
-        handler = {"run": cmd_run, "report": cmd_report, "_selfcheck": cmd_selfcheck}[ns.command]
+        handler = {"run": cmd_run, "report": cmd_report, "_selfcheck": cmd_selfcheck,
+                   "plan": cmd_plan}[ns.command]
         return handler(ns)
     except LoomError as exc:
         msg = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from loomtrain.config import Config
 from loomtrain.parallel.activation import apply_activation_checkpointing
 from loomtrain.parallel.context import apply_cp
 from loomtrain.parallel.data import apply_ddp, apply_fsdp
 from loomtrain.parallel.tensor import apply_tp
+from loomtrain.runtime.mesh import Mesh
 from loomtrain.runtime.model import find_blocks
 
 
@@ -41,7 +41,7 @@ class Parallelized:
     cp_impl: str = "ulysses"
 
 
-def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Parallelized:
+def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelized:
     """Apply the config's parallelisms to a model whose parameters are still on the meta device."""
     pcfg = cfg.parallel
     compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
@@ -67,7 +67,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> Paral
                         cp=cp, cp_rank=mesh["cp"].get_local_rank() if cp > 1 else 0, cp_impl=pcfg.cp_impl)
 
 
-def wrap_after_materialize(par: Parallelized, cfg: Config, mesh: DeviceMesh | None) -> Parallelized:
+def wrap_after_materialize(par: Parallelized, cfg: Config, mesh: Mesh | None) -> Parallelized:
     """DDP for ZeRO-0/1 once parameters hold real values."""
     if mesh is not None and not par.uses_fsdp and mesh["dp_cp"].size() > 1:
         par.wrapper = apply_ddp(par.module, mesh)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 ULYSSES = "loomtrain_ulysses"
 RING = "loomtrain_ring"
@@ -56,7 +56,7 @@ def _seq_to_heads(x: torch.Tensor, group, cp: int) -> torch.Tensor:
     """[b, H, s, d] sequence-sharded -> [b, H/cp, cp*s, d] head-sharded (one all-to-all)."""
     b, h, s, d = x.shape
     send = x.reshape(b, cp, h // cp, s, d).permute(1, 0, 2, 3, 4).contiguous()
-    recv = all_to_all_single(torch.empty_like(send), send, group=group)
+    recv = all_to_all_single_autograd(send, None, None, group)
     return recv.permute(1, 2, 0, 3, 4).reshape(b, h // cp, cp * s, d)
 
 
@@ -65,7 +65,7 @@ def _heads_to_seq(x: torch.Tensor, group, cp: int) -> torch.Tensor:
     b, hc, total, d = x.shape
     s = total // cp
     send = x.reshape(b, hc, cp, s, d).permute(2, 0, 1, 3, 4).contiguous()
-    recv = all_to_all_single(torch.empty_like(send), send, group=group)
+    recv = all_to_all_single_autograd(send, None, None, group)
     return recv.permute(1, 0, 2, 3, 4).reshape(b, cp * hc, s, d)
 
 

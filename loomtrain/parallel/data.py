@@ -16,18 +16,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from loomtrain.runtime.mesh import Mesh
 
 
-def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+def fsdp_mesh(mesh: Mesh) -> DeviceMesh:
     """The mesh FSDP shards over: 1-D over dp_shard x cp, or 2-D (HSDP) when dp_replicate > 1."""
     if mesh["dp_replicate"].size() > 1:
         return mesh["dp_replicate", "dp_shard_cp"]
     return mesh["dp_shard_cp"]
 
 
-def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh: DeviceMesh, *, zero: int,
+def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh: Mesh, *, zero: int,
                param_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Shard each decoder block, then the root (embeddings, final norm, head).
 
@@ -48,19 +50,25 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh: DeviceMesh, *, zer
     return model
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def apply_ddp(model: nn.Module, mesh: Mesh) -> nn.Module:
     """Replicate over all data- and context-parallel ranks (ZeRO-0/1): context ranks hold the same
     weights and see different tokens, so their gradients are averaged like data parallel ones.
     Returns the DDP wrapper; the caller keeps the inner module for names and state."""
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device = next(model.parameters()).device
+    # Buffers (rotary tables) are computed identically everywhere: no per-forward sync. Newer
+    # torch renames the switch; older (the GPU image's 2.11) only has broadcast_buffers.
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})
     return DDP(model, process_group=mesh["dp_cp"].get_group(),
                device_ids=[device] if device.type == "cuda" else None,
-               broadcast_buffers=False, gradient_as_bucket_view=True)
+               gradient_as_bucket_view=True, **no_sync)
 
 
-def build_optimizer(model: nn.Module, *, zero: int, mesh: DeviceMesh | None, lr: float,
+def build_optimizer(model: nn.Module, *, zero: int, mesh: Mesh | None, lr: float,
                     weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
     """AdamW over two groups: matrices decay, vectors (norm weights, biases) do not (as Megatron
     and nanoGPT do). ZeRO-1 shards its state with `ZeroRedundancyOptimizer`.

@@ -97,21 +97,41 @@ class ParallelDims:
         """Ranks a parameter is sharded over: dp_shard, and cp (context ranks hold the same weights)."""
         return self.dp_shard * self.cp
 
-    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+    def build_mesh(self, device_type: str) -> "Mesh | None":
         """The world as a mesh with every dimension named, plus flattened views:
         "dp" (dp_replicate x dp_shard: data split), "dp_shard_cp" (the FSDP shard group) and
         "dp_cp" (gradient reduction group). None when running as a single process."""
         if not dist.is_initialized():
             return None
         sizes = [getattr(self, name) for name in _ORDER]
-        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=_ORDER)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        return mesh
+        root = init_device_mesh(device_type, sizes, mesh_dim_names=_ORDER)
+        flat = {"dp": root["dp_replicate", "dp_shard"]._flatten("dp"),
+                "dp_shard_cp": root["dp_shard", "cp"]._flatten("dp_shard_cp"),
+                "dp_cp": root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")}
+        return Mesh(root, flat)
 
 
-def dp_coordinates(mesh: DeviceMesh | None) -> tuple[int, int]:
+class Mesh:
+    """The named world mesh. Flattened dimensions are kept here rather than sliced out of the
+    root mesh again, which torch deprecates; everything else is the root's own slicing."""
+
+    def __init__(self, root: DeviceMesh, flat: dict[str, DeviceMesh]):
+        self.root = root
+        self.flat = flat
+
+    def __getitem__(self, names):
+        if isinstance(names, str) and names in self.flat:
+            return self.flat[names]
+        if names == ("dp_replicate", "dp_shard_cp") and self.root["cp"].size() == 1:
+            return self.root["dp_replicate", "dp_shard"]  # the same ranks, without a flattened slice
+        return self.root[names]
+
+    @property
+    def device_type(self) -> str:
+        return self.root.device_type
+
+
+def dp_coordinates(mesh: "Mesh | None") -> tuple[int, int]:
     """(rank, size) of this process among the data-parallel ranks: which slice of the batch it reads."""
     if mesh is None:
         return 0, 1

@@ -107,6 +107,19 @@ class Trainer:
 
             self.hetero = HeteroExecutor(self.model, self.mesh, env.device)
             self.hetero_cost = CostModel.from_config(self.hf_config)
+            if cfg.parallel.hetero_calibrate:
+                from loomtrain.runtime.step import token_loss_sum
+
+                module = self.par.wrapper if self.par.wrapper is not None else self.model
+                self.hetero_cost, samples = self.hetero.calibrate(
+                    lambda ids, pos: module(input_ids=ids, position_ids=pos, use_cache=False).logits,
+                    token_loss_sum, cfg.data.seq_len, self.hetero_cost, vocab=self.tokenizer.vocab_size)
+            if env.is_main:
+                print("loomtrain: heterogeneous scheduler cost model"
+                      + (" (calibrated on this hardware)" if cfg.parallel.hetero_calibrate else "")
+                      + ":\n" + self.hetero_cost.describe(
+                          lengths=sorted({max(1, cfg.data.seq_len // k) for k in (16, 4, 1)}),
+                          degrees=sorted({1, 2, self.hetero.n})), flush=True)
         compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.peak_flops, self.peak_source = device_peak_flops(env.device, compute_dtype, cfg.train.peak_tflops)
         self.step = 0
@@ -185,7 +198,8 @@ class Trainer:
             step_time_s=elapsed, flops_palm=self.flops.palm_step_flops(tokens, cfg.data.seq_len),
             flops_exact=result.exact_flops, world_size=env.world_size,
             peak_flops_per_device=self.peak_flops, peak_mem_gb=peak_memory_gb(env.device),
-            valid_tokens=result.valid_tokens, samples_consumed=self.loader.samples_consumed)
+            valid_tokens=result.valid_tokens, samples_consumed=self.loader.samples_consumed,
+            **(self._plan_summary() if self.hetero is not None else {}))
         if cfg.train.log_samples:
             self._log_samples(result.sample_ids)
         return record
@@ -222,6 +236,12 @@ class Trainer:
         ids = sample_ids if self.env.is_main else []  # every rank read the whole batch
         return StepResult(loss_sum.item() / global_tokens, global_tokens, self.flops.exact_step_flops(lengths),
                           ids, tokens=sum(lengths))
+
+    def _plan_summary(self) -> dict:
+        plan = self.last_plan
+        degrees = sorted({g.degree for step in plan.steps for g in step.groups if g.seqs})
+        return {"plan": plan.strategy, "plan_degrees": degrees, "plan_microsteps": len(plan.steps),
+                "plan_predicted_s": plan.time}
 
     def _log_samples(self, sample_ids: list[int]) -> None:
         gathered = [sample_ids]

@@ -1,0 +1,132 @@
+"""Heterogeneous sequence-parallel scheduling against static SP, trained for real on CPU ranks.
+
+    python benchmarks/hetero_vs_static.py [--nproc 2] [--context 512] [--capacity 256] [--batch 24] [--steps 4]
+
+Relaunches itself under torchrun (one thread per rank, so an idle rank cannot lend its core to
+a busy one and hide the imbalance). The same model trains on the same long-tailed batches of
+whole documents (lengths drawn from ../shared/data/lengths-wikipedia.txt, clipped to the
+context length) under two plans per step, alternating:
+- static: every sequence on groups of the one degree the context length needs (Ulysses with
+  degree context / capacity), as a fixed SP degree sized for the longest sequence would;
+- hetero: loomtrain's planner (mixed group degrees per micro-step, portfolio with homogeneous).
+Reported: median step time of each and their ratio, and each rank's idle share of the step
+(1 - its time in micro-steps / the slowest rank's). DDP (ZeRO-0) under `no_sync` is used so
+that ranks wait for each other only inside their own groups, never between micro-steps: a rank
+that finishes early shows up as idle time at the end of the step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENGTHS = os.path.join(os.path.dirname(ROOT), "shared", "data", "lengths-wikipedia.txt")
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--capacity", type=int, default=256)
+    p.add_argument("--batch", type=int, default=24, help="sequences per step")
+    p.add_argument("--steps", type=int, default=4, help="steps per plan kind (after one warm-up each)")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--lengths", default=LENGTHS)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def worker(a) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from loomtrain.config import load_config
+    from loomtrain.parallel.hetero.executor import MicroStepTiming
+    from loomtrain.parallel.hetero.planner import plan_batch, plan_homogeneous
+    from loomtrain.runtime.step import token_loss_sum
+    from loomtrain.runtime.trainer import Trainer
+
+    dist.init_process_group("gloo")
+    lengths_src = f"file:{a.lengths}" if os.path.isfile(a.lengths) else "longtail"
+    trainer = Trainer(load_config(None, [
+        "model.architecture=llama", f"model.config.hidden_size={a.hidden}", f"model.config.intermediate_size={2 * a.hidden}",
+        f"model.config.num_hidden_layers={a.layers}", "model.config.num_attention_heads=4",
+        "model.config.num_key_value_heads=4", "data.source=synthetic", f"data.lengths={lengths_src}",
+        f"data.seq_len={a.context}", f"data.global_batch_size={a.batch}", "data.micro_batch_size=1",
+        "parallel.zero=0", "parallel.sequence_scheduler=hetero", f"parallel.hetero_tokens_per_rank={a.capacity}",
+        "train.progress=false", "train.tensorboard=false", "train.peak_tflops=1", "train.max_steps=1000",
+        "train.output_dir=/tmp/loomtrain-bench-hetero"])).setup()
+    ex = trainer.hetero
+    module = trainer.par.wrapper
+    static_degree = 1
+    while static_degree * a.capacity < a.context:
+        static_degree *= 2
+
+    def call(input_ids, position_ids):
+        return module(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    results = {"static": [], "hetero": []}
+    idle = {"static": [], "hetero": []}
+    for step in range(a.steps + 1):
+        _, docs = trainer.loader.next_sequences()
+        lengths = [int(d.size) - 1 for d in docs]
+        plans = {"static": plan_homogeneous(lengths, ex.n, a.capacity, static_degree, trainer.hetero_cost),
+                 "hetero": plan_batch(lengths, ex.n, a.capacity, trainer.hetero_cost)}
+        for kind in (("static", "hetero") if step % 2 == 0 else ("hetero", "static")):
+            timing = MicroStepTiming()
+            dist.barrier()
+            start = time.perf_counter()
+            with module.no_sync():  # no gradient all-reduce: waiting shows up as idle time below
+                ex.run(plans[kind], docs, call, token_loss_sum, timing=timing)
+            busy = torch.tensor([sum(timing.seconds)])
+            dist.barrier()
+            elapsed = time.perf_counter() - start
+            trainer.optimizer.zero_grad(set_to_none=True)
+            everyone = [torch.zeros(1) for _ in range(ex.n)]
+            dist.all_gather(everyone, busy)
+            slowest = max(float(t) for t in everyone)
+            if step > 0:
+                results[kind].append(elapsed)
+                idle[kind].append([1 - float(t) / slowest for t in everyone])
+    if dist.get_rank() == 0:
+        med = {k: statistics.median(v) for k, v in results.items()}
+        per_rank_idle = {k: [statistics.mean(s[r] for s in v) for r in range(ex.n)] for k, v in idle.items()}
+        out = {"ranks": ex.n, "context": a.context, "capacity": a.capacity, "batch": a.batch,
+               "static_degree": static_degree, "step_s": med, "speedup": med["static"] / med["hetero"],
+               "idle_share_per_rank": per_rank_idle, "lengths": lengths_src}
+        print(json.dumps(out))
+        print(f"{ex.n} ranks, context {a.context}, {a.capacity} tokens/rank, {a.batch} sequences/step")
+        for k in ("static", "hetero"):
+            idle_txt = " ".join(f"{100 * x:.0f}%" for x in per_rank_idle[k])
+            print(f"{k:<7} {med[k] * 1e3:8.0f} ms/step   idle per rank: {idle_txt}")
+        print(f"hetero speedup over static SP (degree {static_degree}): {out['speedup']:.2f}x")
+        if a.json:
+            with open(a.json, "w", encoding="utf-8") as fh:
+                json.dump(out, fh, indent=1)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    if "RANK" in os.environ:  # options travel in the environment, past torchrun's own parser
+        worker(_args(json.loads(os.environ["LOOMTRAIN_BENCH_ARGV"])))
+        return
+    a = _args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc}", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--local-ranks-filter=0", os.path.abspath(__file__)]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               LOOMTRAIN_BENCH_ARGV=json.dumps(sys.argv[1:]), OMP_NUM_THREADS="1")
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+if __name__ == "__main__":
+    main()
