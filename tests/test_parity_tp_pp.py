@@ -14,6 +14,7 @@ L4 = {"llama": ["model.config.num_hidden_layers=4"], "mistral": ["model.config.n
       "qwen2": ["model.config.num_hidden_layers=4"],
       "gpt2": ["model.config.n_layer=4", "model.config.tie_word_embeddings=false"]}
 SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble"]
+KV1 = ["model.config.num_key_value_heads=1"]  # multi-query attention: fewer KV heads than tp
 
 
 def c4(model, *extra):
@@ -27,7 +28,9 @@ def out(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def refs(out):
-    return {m: reference(c4(m), os.path.join(out, f"ref_{m}")) for m in L4}
+    refs = {m: reference(c4(m), os.path.join(out, f"ref_{m}")) for m in L4}
+    refs["llama_kv1"] = reference(c4("llama", *KV1), os.path.join(out, "ref_llama_kv1"))
+    return refs
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,7 @@ def two_ranks(out):
         cases[f"{family}_tp2"] = c4(family, "parallel.tp=2")
         cases[f"{family}_pp2"] = c4(family, "parallel.pp=2")
     cases["gpt2_pp2"] = c4("gpt2", "parallel.pp=2")
+    cases["tp2_kv1"] = c4("llama", *KV1, "parallel.tp=2")
     path = os.path.join(out, "two")
     run_cases(2, cases, path)
     return path
@@ -58,6 +62,10 @@ def four_ranks(out):
 @pytest.mark.parametrize("name", ["tp2", "tp2_sp"])
 def test_tensor_parallel(two_ranks, refs, name):
     assert_parity(load_result(two_ranks, name), refs["llama"], name)
+
+
+def test_tensor_parallel_replicates_too_few_kv_heads(two_ranks, refs):
+    assert_parity(load_result(two_ranks, "tp2_kv1"), refs["llama_kv1"], "tp2 with 1 KV head")
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

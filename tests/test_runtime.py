@@ -481,7 +481,8 @@ def test_cli_errors_are_one_line(cli_errors, name, needles):
     (["parallel.tp=2", "parallel.zero=1"], 4, ["parallel.zero=1", "zero=2 or 3"]),
     (["parallel.pp=2", "parallel.zero=0"], 4, ["parallel.zero=0", "zero=2 or 3"]),
     (["parallel.pp=2", "data.global_batch_size=4", "data.micro_batch_size=4"], 2, ["at least 2 micro-batches"]),
-    (["parallel.tp=2", "model.config.num_key_value_heads=1"], 2, ["num_key_value_heads=1", "parallel.tp=2"]),
+    (["parallel.tp=2", "model.config.hidden_size=192", "model.config.num_attention_heads=6",
+      "model.config.num_key_value_heads=3"], 2, ["num_key_value_heads=3", "parallel.tp=2"]),
     (["parallel.tp=2", "data.seq_len=33"], 2, ["data.seq_len=33", "parallel.tp=2"]),
 ])
 def test_parallel_layout_errors(overrides, world, needles):

@@ -27,9 +27,10 @@ import re
 
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from loomtrain.errors import ConfigError
 
@@ -100,9 +101,9 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     tp = tp_mesh.size()
-    if kv_heads % tp:
-        raise ConfigError(f"parallel.tp={tp} exceeds num_key_value_heads={kv_heads}; replicating KV heads "
-                          f"under TP is not supported yet, use parallel.tp <= {kv_heads}")
+    replicate_kv = kv_heads % tp != 0
+    if replicate_kv and tp % kv_heads:
+        raise ConfigError(f"parallel.tp={tp} and num_key_value_heads={kv_heads}: one must divide the other")
     ties = _tied_parameters(model)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -125,7 +126,11 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
         plan: dict[str, object] = {}
         attention_like = set()
         for path, style in per_layer.items():
-            if style.startswith("colwise"):
+            leaf = path.rsplit(".", 1)[-1]
+            if replicate_kv and style.startswith("colwise") and leaf in ("k_proj", "v_proj", "key", "value"):
+                plan[path] = ReplicatedKV(kv_heads, cfg.num_attention_heads, tp)
+                block.get_submodule(path.rsplit(".", 1)[0]).num_key_value_groups = heads // tp
+            elif style.startswith("colwise"):
                 plan[path] = ColwiseParallel()
             elif style.startswith("rowwise"):
                 plan[path] = RowwiseParallel(output_layouts=seq)
@@ -151,6 +156,40 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
         if final_norm is not None:
             parallelize_module(final_norm, tp_mesh, SequenceParallel(use_local_output=True))
     _retie(ties)
+
+
+class ReplicatedKV(ParallelStyle):
+    """K/V projection when there are fewer KV heads than TP ranks (GQA/MQA): the weights stay whole
+    on every rank (Replicate), and each rank keeps the one KV head its query heads attend to.
+
+    Rank j holds query heads [j*H/tp, (j+1)*H/tp), which all read KV head j*kv/tp. Each rank's
+    gradient reaches only its own head's rows, so the output is handed back with Partial grad
+    placements: DTensor sums the ranks' contributions into the replicated weight's gradient.
+    """
+
+    def __init__(self, kv_heads: int, heads: int, tp: int):
+        super().__init__()
+        self.kv_heads, self.heads, self.tp = kv_heads, heads, tp
+
+    def _partition(self, name, module, mesh):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+
+    @staticmethod
+    def _input(module, inputs, mesh):
+        x = inputs[0]
+        return (x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Replicate()], run_check=False),
+                *inputs[1:])
+
+    def _output(self, module, output, mesh):
+        local = output.to_local(grad_placements=[Partial()])
+        width = local.shape[-1] // self.kv_heads
+        head = mesh.get_local_rank() * self.kv_heads // self.tp
+        return local[..., head * width:(head + 1) * width]
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition, self._input,
+                                 lambda mod, out, mesh: self._output(mod, out, mesh))
 
 
 class GatherSequence(nn.Module):

@@ -19,10 +19,9 @@ def validate_model_layout(hf_config, degrees: dict[str, int]) -> None:
     tp, pp, cp = degrees["tp"], degrees["pp"], degrees["cp"]
     if heads is not None and heads % tp:
         raise ConfigError(f"parallel.tp={tp} does not divide the model's num_attention_heads={heads}")
-    if kv_heads is not None and kv_heads % tp:
-        raise ConfigError(f"parallel.tp={tp} does not divide num_key_value_heads={kv_heads}; replicating KV "
-                          f"heads under tensor parallelism is not supported yet, use parallel.tp <= {kv_heads} "
-                          "that divides it")
+    if kv_heads is not None and kv_heads % tp and tp % kv_heads:
+        raise ConfigError(f"parallel.tp={tp} and num_key_value_heads={kv_heads}: one must divide the other "
+                          "(fewer KV heads than tp are replicated, which needs tp to be a multiple of them)")
     if heads is not None and cp > 1 and heads % (tp * cp):
         raise ConfigError(f"parallel.cp={cp} x tp={tp} does not divide num_attention_heads={heads}")
     if layers is not None and pp > layers:
