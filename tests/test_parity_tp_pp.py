@@ -39,10 +39,9 @@ def two_ranks(out):
              "tp2_sp": c4("llama", "parallel.tp=2", "parallel.sequence_parallel=true")}
     cases.update({f"pp2_{s}": c4("llama", "parallel.pp=2", f"parallel.pp_schedule={s}",
                                  "parallel.pp_virtual_stages=2") for s in SCHEDULES})
-    for family in ("mistral", "qwen2"):
+    for family in ("mistral", "qwen2", "gpt2"):
         cases[f"{family}_tp2"] = c4(family, "parallel.tp=2")
         cases[f"{family}_pp2"] = c4(family, "parallel.pp=2")
-    cases["gpt2_pp2"] = c4("gpt2", "parallel.pp=2")
     cases["tp2_kv1"] = c4("llama", *KV1, "parallel.tp=2")
     path = os.path.join(out, "two")
     run_cases(2, cases, path)
@@ -73,7 +72,7 @@ def test_pipeline_schedules(two_ranks, refs, schedule):
     assert_parity(load_result(two_ranks, f"pp2_{schedule}"), refs["llama"], f"pp2 {schedule}")
 
 
-@pytest.mark.parametrize("name", ["mistral_tp2", "qwen2_tp2", "mistral_pp2", "qwen2_pp2", "gpt2_pp2"])
+@pytest.mark.parametrize("name", [f"{m}_{p}" for m in ("mistral", "qwen2", "gpt2") for p in ("tp2", "pp2")])
 def test_families(two_ranks, refs, name):
     assert_parity(load_result(two_ranks, name), refs[name.split("_")[0]], name)
 

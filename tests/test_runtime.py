@@ -472,8 +472,8 @@ def test_cli_errors_are_one_line(cli_errors, name, needles):
 # --- tensor / pipeline parallel configurations that must be refused up front ---------------------
 
 @pytest.mark.parametrize("overrides, world, needles", [
-    (["model.architecture=gpt2", "model.config.n_embd=64", "model.config.n_head=4", "model.config.n_layer=2",
-      "parallel.tp=2"], 2, ["Conv1D", "c_attn", "parallel.tp=1"]),
+    (["model.architecture=falcon", "model.config.hidden_size=64", "model.config.num_attention_heads=4",
+      "model.config.num_hidden_layers=2", "parallel.tp=2"], 2, ["query_key_value", "fused QKV", "parallel.tp=1"]),
     (["model.architecture=gpt2", "model.config.n_embd=64", "model.config.n_head=4", "model.config.n_layer=2",
       "parallel.pp=2"], 2, ["tie_word_embeddings=false"]),
     (["model.config.num_hidden_layers=2", "parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",

@@ -27,16 +27,18 @@ import re
 
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
-from torch.distributed.tensor.parallel.style import ParallelStyle
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
 from loomtrain.errors import ConfigError
+from loomtrain.parallel.tensor_styles import (Conv1DColwise, Conv1DRowwise, GatherHiddenStates, GatherSequence,
+                                              ReplicatedFusedQKV, ReplicatedKV, SliceHiddenStates)
 
 _COLWISE_NAMES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query", "key", "value", "fc1",
                   "w1", "w3", "c_fc")
-_ROWWISE_NAMES = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "w2")
+_ROWWISE_NAMES = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "w2", "c_proj")
+# Fused [q | k | v] projections whose thirds are laid out one after another (GPT-2's Conv1D).
+_FUSED_QKV = {"gpt2": "c_attn"}
 
 
 def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> dict[str, str]:
@@ -51,18 +53,19 @@ def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> dict[str, str]:
     if per_layer:
         return per_layer
     block = blocks[0]
+    fused = _FUSED_QKV.get(model.config.model_type)
     for name, module in block.named_modules():
         if not name:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        is_linear = isinstance(module, nn.Linear)
-        if type(module).__name__ == "Conv1D":
-            raise ConfigError(
-                f"parallel.tp: {type(model).__name__} uses a fused Conv1D ({name}) that tensor parallelism "
-                "cannot split yet; run this model with parallel.tp=1")
-        if not is_linear:
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
             continue
-        if leaf in _COLWISE_NAMES:
+        if leaf == fused:
+            per_layer[name] = "fused_qkv"
+        elif leaf in ("c_attn", "qkv_proj", "query_key_value", "Wqkv"):
+            raise ConfigError(f"parallel.tp: {type(block).__name__}.{name} is a fused QKV projection whose layout "
+                              f"loomtrain does not know for {model.config.model_type}; run it with parallel.tp=1")
+        elif leaf in _COLWISE_NAMES:
             per_layer[name] = "colwise"
         elif leaf in _ROWWISE_NAMES:
             per_layer[name] = "rowwise"
@@ -70,6 +73,10 @@ def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> dict[str, str]:
             raise ConfigError(f"parallel.tp: cannot tell whether {type(block).__name__}.{name} is column- or "
                               f"row-parallel; the model has no base_model_tp_plan to say")
     return per_layer
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
 
 
 def _find(model: nn.Module, kind: type, exclude: set[int]) -> tuple[str, nn.Module]:
@@ -81,17 +88,6 @@ def _find(model: nn.Module, kind: type, exclude: set[int]) -> tuple[str, nn.Modu
 
 def _norm_children(block: nn.Module) -> list[str]:
     return [n for n, m in block.named_children() if "norm" in type(m).__name__.lower() or n.endswith("norm")]
-
-
-def _input_prep(module_forward_kwarg: bool) -> PrepareModuleInput:
-    """All-gather the sequence shard before attention/MLP. HF calls attention with keyword
-    arguments and the MLP positionally, hence the two forms."""
-    if module_forward_kwarg:
-        return PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
-                                  desired_input_kwarg_layouts={"hidden_states": Replicate()},
-                                  use_local_output=True)
-    return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                              use_local_output=True)
 
 
 def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
@@ -112,8 +108,8 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
     # pipeline stage may own neither (they are nn.Identity there).
     if isinstance(embed, nn.Embedding):
         parallelize_module(embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
-    if isinstance(head, nn.Linear):
-        parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
+    if isinstance(head, nn.Linear):  # its input is full length again (see the final norm below)
+        parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1),
                                                           use_local_output=False))
     elif sequence_parallel:
         # A stage that ends before the head hands the next stage full-length hidden states, as
@@ -127,13 +123,18 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
         attention_like = set()
         for path, style in per_layer.items():
             leaf = path.rsplit(".", 1)[-1]
-            if replicate_kv and style.startswith("colwise") and leaf in ("k_proj", "v_proj", "key", "value"):
-                plan[path] = ReplicatedKV(kv_heads, cfg.num_attention_heads, tp)
-                block.get_submodule(path.rsplit(".", 1)[0]).num_key_value_groups = heads // tp
+            parent = block.get_submodule(path.rsplit(".", 1)[0]) if "." in path else block
+            conv1d = _is_conv1d(block.get_submodule(path))
+            if style == "fused_qkv":
+                plan[path] = ReplicatedFusedQKV(tp)
+                parent.split_size = parent.split_size // tp  # [q | k | v] of this rank's heads
+            elif replicate_kv and style.startswith("colwise") and leaf in ("k_proj", "v_proj", "key", "value"):
+                plan[path] = ReplicatedKV(kv_heads, tp)
+                parent.num_key_value_groups = heads // tp
             elif style.startswith("colwise"):
-                plan[path] = ColwiseParallel()
+                plan[path] = Conv1DColwise() if conv1d else ColwiseParallel()
             elif style.startswith("rowwise"):
-                plan[path] = RowwiseParallel(output_layouts=seq)
+                plan[path] = Conv1DRowwise(seq) if conv1d else RowwiseParallel(output_layouts=seq)
             else:
                 raise ConfigError(f"parallel.tp: unsupported TP style {style!r} for {path} in the model's plan")
             if "." in path:
@@ -142,67 +143,23 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
             for norm in _norm_children(block):
                 plan[norm] = SequenceParallel(use_local_output=True)
             for parent in attention_like:
-                plan[parent] = _input_prep(module_forward_kwarg="attn" in parent)
+                plan[parent] = GatherHiddenStates()
             if i == owned[0]:
-                plan[""] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                              use_local_output=True)
+                plan[""] = SliceHiddenStates()
         _reject_unsharded_head_dims(block, tp)
         block_input = plan.pop("", None)
         parallelize_module(block, tp_mesh, plan)
         if block_input is not None:  # block 0 slices the full-length input to its sequence shard
             parallelize_module(block, tp_mesh, block_input)
     if sequence_parallel:
+        # The final norm runs on the sequence shard and gathers its output to full length: HF code
+        # after the last block may assume it (GPT-2 reshapes with the full sequence length).
         final_norm = _final_norm(model, blocks)
         if final_norm is not None:
             parallelize_module(final_norm, tp_mesh, SequenceParallel(use_local_output=True))
+            gather = GatherSequence(tp_mesh)
+            final_norm.register_forward_hook(lambda module, inputs, output: gather(output))
     _retie(ties)
-
-
-class ReplicatedKV(ParallelStyle):
-    """K/V projection when there are fewer KV heads than TP ranks (GQA/MQA): the weights stay whole
-    on every rank (Replicate), and each rank keeps the one KV head its query heads attend to.
-
-    Rank j holds query heads [j*H/tp, (j+1)*H/tp), which all read KV head j*kv/tp. Each rank's
-    gradient reaches only its own head's rows, so the output is handed back with Partial grad
-    placements: DTensor sums the ranks' contributions into the replicated weight's gradient.
-    """
-
-    def __init__(self, kv_heads: int, heads: int, tp: int):
-        super().__init__()
-        self.kv_heads, self.heads, self.tp = kv_heads, heads, tp
-
-    def _partition(self, name, module, mesh):
-        for pname, param in list(module.named_parameters(recurse=False)):
-            module.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
-
-    @staticmethod
-    def _input(module, inputs, mesh):
-        x = inputs[0]
-        return (x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Replicate()], run_check=False),
-                *inputs[1:])
-
-    def _output(self, module, output, mesh):
-        local = output.to_local(grad_placements=[Partial()])
-        width = local.shape[-1] // self.kv_heads
-        head = mesh.get_local_rank() * self.kv_heads // self.tp
-        return local[..., head * width:(head + 1) * width]
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(module, device_mesh, self._partition, self._input,
-                                 lambda mod, out, mesh: self._output(mod, out, mesh))
-
-
-class GatherSequence(nn.Module):
-    """All-gather a [b, S/tp, d] sequence shard to [b, S, d] (backward: keep this rank's slice)."""
-
-    def __init__(self, tp_mesh: DeviceMesh):
-        super().__init__()
-        self.tp_mesh = tp_mesh
-
-    def forward(self, x):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(x, self.tp_mesh, [Shard(1)]).redistribute(self.tp_mesh, [Replicate()]).to_local()
 
 
 def _final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
