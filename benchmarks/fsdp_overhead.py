@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _launch import main_or_worker  # noqa: E402
+
 
 
 def _args(argv=None):
@@ -118,21 +119,7 @@ def worker(a) -> None:
 
 
 def main() -> None:
-    if "RANK" in os.environ:  # a worker: the options travel in the environment, not through torchrun's parser
-        worker(_args(json.loads(os.environ["LOOMTRAIN_BENCH_ARGV"])))
-        return
-    a = _args()
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc}", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--local-ranks-filter=0", os.path.abspath(__file__)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               LOOMTRAIN_BENCH_ARGV=json.dumps(sys.argv[1:]))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
-    sys.exit(subprocess.call(cmd, env=env))
+    main_or_worker(__file__, _args, worker, lambda a: a.nproc, threads=None)
 
 
 if __name__ == "__main__":

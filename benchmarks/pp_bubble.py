@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _launch import main_or_worker  # noqa: E402
+
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 
 
@@ -82,18 +82,7 @@ def worker(a) -> None:
 
 
 def main() -> None:
-    if "RANK" in os.environ:  # options travel in the environment, past torchrun's own parser
-        worker(_args(json.loads(os.environ["LOOMTRAIN_BENCH_ARGV"])))
-        return
-    a = _args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.pp}", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--local-ranks-filter=0", os.path.abspath(__file__)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               LOOMTRAIN_BENCH_ARGV=json.dumps(sys.argv[1:]), OMP_NUM_THREADS="1")
-    sys.exit(subprocess.call(cmd, env=env))
+    main_or_worker(__file__, _args, worker, lambda a: a.pp, threads=1)
 
 
 if __name__ == "__main__":
