@@ -66,6 +66,9 @@ class ParallelConfig:
     # hetero: tokens one rank holds in a micro-step (longer sequences get a multi-rank group);
     # 0 = data.seq_len
     hetero_tokens_per_rank: int = 0
+    # hetero: cost-model coefficients: a mapping of CostModel fields, or a JSON file / JSON text
+    # (as `loomtrain plan --coeffs`)
+    hetero_cost_model: str | Mapping[str, Any] | None = None
     # hetero: fit the planner's cost model to this hardware at start-up (a few timed passes)
     hetero_calibrate: bool = False
     activation_checkpointing: str = "none"  # none | full | every:N (checkpoint every N-th block)

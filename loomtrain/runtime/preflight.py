@@ -100,6 +100,12 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
         if pool & (pool - 1):
             raise ConfigError(f"parallel.sequence_scheduler=hetero needs a power-of-two number of data-parallel "
                               f"ranks, got {pool}")
+        coeffs = cfg.parallel.hetero_cost_model
+        if coeffs:  # the same parse the trainer does, so a bad coefficient fails before launch
+            from loomtrain.parallel.hetero.costmodel import CostModel
+
+            base = CostModel.from_config(hf_config)
+            CostModel.from_json(coeffs, base=base) if isinstance(coeffs, str) else CostModel.from_dict(coeffs, base=base)
         heads = getattr(hf_config, "num_attention_heads", 1)
         if heads % pool:
             raise ConfigError(f"parallel.sequence_scheduler=hetero may form a group of all {pool} ranks, which "

@@ -107,6 +107,11 @@ class Trainer:
 
             self.hetero = HeteroExecutor(self.model, self.mesh, env.device)
             self.hetero_cost = CostModel.from_config(self.hf_config)
+            coeffs = cfg.parallel.hetero_cost_model
+            if isinstance(coeffs, str):
+                self.hetero_cost = CostModel.from_json(coeffs, base=self.hetero_cost)
+            elif coeffs:
+                self.hetero_cost = CostModel.from_dict(coeffs, base=self.hetero_cost)
             if cfg.parallel.hetero_calibrate:
                 from loomtrain.runtime.step import token_loss_sum
 
