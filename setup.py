@@ -18,7 +18,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "matplotlib"],
+        "test": ["pytest", "hypothesis", "matplotlib", "deepspeed"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["loomtrain = loomtrain.launch.cli:main"]},

@@ -3,6 +3,7 @@
     loomtrain run [CONFIG.yaml|-] [section.key=value ...] [--nproc-per-node N] [--nnodes N|MIN:MAX]
                   [--node-rank R] [--rdzv-endpoint HOST:PORT] [--rdzv-id ID] [--max-restarts K]
     loomtrain report RUN_DIR [--plot]
+    loomtrain ckpt inspect|verify|export-hf|import-deepspeed ...   (see launch/ckpt.py)
 
 `run` validates the config (`load_config` + `preflight`) and then starts the workers through torch's
 elastic agent (see `agent.py`); each worker runs `python -m loomtrain.launch run CONFIG [overrides]`,
@@ -29,6 +30,7 @@ COMMANDS = {
     "run": "train: validate CONFIG.yaml, then start the workers (or train, inside a worker)",
     "report": "summarize RUN_DIR/metrics.jsonl (steps, loss, tokens/s, MFU, memory); --plot draws it",
     "plan": "predict step times of static, best single-degree and heterogeneous sequence parallelism",
+    "ckpt": "checkpoint tools: inspect, verify, export-hf, import-deepspeed",
 }
 _WORKER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE")
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)+=")
@@ -101,6 +103,10 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
 
         p = _Parser(prog="loomtrain plan", description=COMMANDS["plan"])
         add_arguments(p)
+    elif command == "ckpt":  # actions, options and bodies live in launch/ckpt.py
+        from loomtrain.launch.ckpt import make_parser
+
+        p = make_parser(_Parser)
     elif command == "_selfcheck":  # hidden: a 2-line torchrun smoke test, used by tests
         p = _Parser(prog="loomtrain _selfcheck")
         p.add_argument("--fail-rank", type=int, default=None, help="this rank raises a LoomError")
@@ -349,6 +355,12 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt(ns: argparse.Namespace) -> int:  # body in launch/ckpt.py
+    from loomtrain.launch.ckpt import cmd_ckpt as ckpt
+
+    return ckpt(ns)
+
+
 def cmd_plan(ns: argparse.Namespace) -> int:  # body in launch/plan.py (numpy, no torch)
     from loomtrain.launch.plan import cmd_plan as plan
 
@@ -361,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns = parse_args(argv)
         handler = {"run": cmd_run, "report": cmd_report, "_selfcheck": cmd_selfcheck,
-                   "plan": cmd_plan}[ns.command]
+                   "plan": cmd_plan, "ckpt": cmd_ckpt}[ns.command]
         return handler(ns)
     except LoomError as exc:
         msg = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())

@@ -1,0 +1,453 @@
+"""`Checkpointer`: what the Trainer calls at its four checkpoint points.
+
+    setup()                 end of Trainer.setup: own gloo group, clean-up of interrupted saves,
+                            resume (verify -> fall back -> load into the current layout)
+    after_step()            after every optimizer step: request a save every `checkpoint.every`
+                            steps; agree on a stop request (SIGTERM / Ctrl-C)
+    before_optimizer_step() right before optimizer.step(): wait for the in-flight copy
+    end_fit(exc)            commit the last state before the process exits: at the end, after
+                            SIGTERM/Ctrl-C, and after an exception when every rank agrees that
+                            the state is consistent (never half-way through an optimizer step)
+
+Resume loads whatever layout wrote the checkpoint into whatever layout the config asks for now:
+parameters and optimizer state by name through DCP (which reshards), the data position as a
+global sample count, the LR schedule, RNG (per rank when the layout is unchanged) and the step.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from loomtrain.checkpoint import commit as commit_lib
+from loomtrain.checkpoint import format as fmt
+from loomtrain.checkpoint import resume as resume_lib
+from loomtrain.checkpoint import state as st
+from loomtrain.checkpoint.engine import CheckpointEngine
+from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
+
+# How long a rank that raised waits for the others to agree on a final checkpoint; if they do not
+# all arrive (they are stuck in a collective, or dead) it gives up and exits without saving.
+EXIT_AGREEMENT_TIMEOUT_S = 30.0
+_GROUP_TIMEOUT_S = 1800.0
+
+
+class CheckpointWarning(UserWarning):
+    pass
+
+
+class Checkpointer:
+    def __init__(self, trainer):
+        self.t = trainer
+        cfg = trainer.cfg
+        self.cfg = cfg
+        self.root = os.path.abspath(resume_lib.checkpoint_root(cfg))
+        self.saving = resume_lib.saving_enabled(cfg)
+        self.enabled = self.saving or cfg.checkpoint.resume != "none"
+        self.every = cfg.checkpoint.every
+        self.group = None
+        self.engine: CheckpointEngine | None = None
+        self.resumed_from: str | None = None
+        self.last_saved_step = -1  # step of the last checkpoint requested (or loaded)
+        self._consistent_step = 0  # the last step whose optimizer update completed
+        self._updating = False
+        self._loader_state = None
+        self._stop_signal: int | None = None
+        self._old_handlers: dict = {}
+        self._engine_failed = False
+        self._abort = False
+        self._lock_fh = None
+
+    # ------------------------------------------------------------------------------ setup
+    @property
+    def _model(self):
+        """The model, or this rank's pipeline stages."""
+        parts = getattr(self.t, "model_parts", None)
+        return list(parts) if parts else self.t.model
+
+    @property
+    def is_main(self) -> bool:
+        return self.t.env.is_main
+
+    def _say(self, msg: str) -> None:
+        if self.is_main:
+            print(f"loomtrain: {msg}", flush=True)
+
+    def setup(self) -> "Checkpointer":
+        if not self.enabled:
+            return self
+        try:
+            self._setup()
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def _setup(self) -> None:
+        t = self.t
+        if dist.is_initialized():
+            self.group = dist.new_group(backend="gloo", timeout=_timedelta(_GROUP_TIMEOUT_S))
+        self.run_id = self._bcast(uuid.uuid4().hex[:12] if self.is_main else None)
+        if self.saving:
+            self._on_main_then_everywhere(self._take_directory)
+        self._resume()
+        self._consistent_step = t.step
+        self._loader_state = t.loader.state_dict()
+        if self.saving:
+            self.engine = CheckpointEngine(self.root, group=self.group, run_id=self.run_id,
+                                           keep=self.cfg.checkpoint.keep, device=t.env.device)
+
+    def _take_directory(self) -> None:
+        """Rank 0: lock the checkpoint directory, remove what interrupted saves left, and refuse
+        to start from scratch over another run's checkpoints."""
+        os.makedirs(self.root, exist_ok=True)
+        self._lock_fh = commit_lib.lock_root(self.root)
+        removed = commit_lib.cleanup_leftovers(self.root)
+        if removed:
+            print(f"loomtrain: checkpoint: removed leftovers of interrupted saves: {', '.join(sorted(removed))}",
+                  flush=True)
+        resume_lib.check_config(self.cfg)
+
+    def _on_main_then_everywhere(self, fn) -> None:
+        """Run `fn` on rank 0; if it raises, raise the same error on every rank."""
+        err = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 -- re-raised on every rank below
+                err = exc
+        err = self._bcast(err)
+        if err is not None:
+            raise err
+
+    def _release_lock(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()  # releases the directory lock
+            self._lock_fh = None
+
+    # ----------------------------------------------------------------------------- resume
+    def _resume(self) -> None:
+        err, plan = None, None
+        if self.is_main:
+            try:
+                plan = resume_lib.resume_candidates(self.cfg)
+            except Exception as exc:  # noqa: BLE001
+                err = exc
+        err, plan = self._bcast((err, plan))
+        if err is not None:
+            raise err
+        candidates, explicit = plan
+        if not candidates:
+            if self.cfg.checkpoint.resume == "auto":
+                self._say(f"checkpoint: nothing to resume in {self.root}; starting at step 0")
+            return
+        problems = []
+        for step, path in candidates:
+            problem = self._verify(path)
+            if problem is None:
+                self._load(path)
+                return
+            if explicit:
+                raise CorruptCheckpointError(f"corrupt checkpoint {path}: {problem}")
+            problems.append(f"{os.path.basename(path)}: {problem}")
+            if self.is_main:
+                warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to the previous one",
+                              CheckpointWarning, stacklevel=2)
+                print(f"loomtrain: warning: checkpoint {path} is damaged ({problem}); "
+                      "falling back to the previous one", file=sys.stderr, flush=True)
+        raise CorruptCheckpointError(f"no usable checkpoint in {os.path.dirname(candidates[0][1])}: "
+                                     + "; ".join(problems))
+
+    def _verify(self, path: str) -> str | None:
+        """Distributed check of a checkpoint's files against its manifest (each rank checks a share);
+        returns the first problem found, the same on every rank."""
+        problem = None
+        try:
+            manifest = fmt.read_manifest(path)
+            fmt.read_meta(path)
+            names = sorted(manifest["files"])
+            rank, world = (dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group else (0, 1)
+            problem = fmt.verify_files(path, manifest, names[rank::world],
+                                       checksum=self.cfg.checkpoint.verify == "checksum")
+        except CheckpointError as exc:
+            problem = str(exc).split(": ", 1)[-1] if str(exc).startswith("corrupt checkpoint") else str(exc)
+        if self.group is None:
+            return problem
+        found: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(found, problem, group=self.group)
+        return next((p for p in found if p is not None), None)
+
+    def _load(self, path: str) -> None:
+        t = self.t
+        start = time.perf_counter()
+        meta = fmt.read_meta(path)
+        md = fmt.load_dcp_metadata(path).state_dict_metadata
+        st.init_optimizer_state(t.optimizer)
+        targets = st.model_entries(self._model) + st.optim_entries(self._model, t.optimizer)
+        self._check_match(path, md, targets)
+        import torch.distributed.checkpoint as dcp
+
+        try:
+            dcp.load(dict(targets), storage_reader=fmt.safe_reader(path), process_group=self.group,
+                     no_dist=self.group is None)
+        except Exception as exc:  # noqa: BLE001 -- one line naming the checkpoint
+            raise CorruptCheckpointError(f"corrupt checkpoint {path}: reading its tensors failed "
+                                         f"({type(exc).__name__}: {_first_line(exc)})") from exc
+        t.loader.load_state_dict(meta["data"])
+        st.restore_scheduler(t.scheduler, t.optimizer, meta.get("scheduler") or {})
+        self._restore_rng(meta)
+        t.step = int(meta["step"])
+        self.last_saved_step = t.step
+        self.resumed_from = path
+        layout = meta.get("layout", {})
+        self._say(f"checkpoint: resumed from {path} (step {t.step}, {layout.get('world_size', '?')} ranks, "
+                  f"zero {layout.get('zero', '?')}) in {time.perf_counter() - start:.1f} s")
+
+    def _check_match(self, path: str, md: dict, targets: list) -> None:
+        """Every tensor the job needs must be in the checkpoint with the same global shape, and the
+        checkpoint must not hold model parameters the model does not have."""
+        mine = {k: list(v.shape) for k, v in targets}
+        if self.group is not None:
+            every: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(every, mine, group=self.group)
+            for other in every:
+                mine.update(other)
+        have = {k: list(getattr(v, "size", [])) for k, v in md.items() if hasattr(v, "size")}
+        model_keys = {k for k in mine if k.startswith(fmt.MODEL_PREFIX)}
+        missing = sorted(k for k in mine if k not in have)
+        unexpected = sorted(k for k in have if k.startswith(fmt.MODEL_PREFIX) and k not in model_keys)
+        wrong = sorted(k for k in mine if k in have and have[k] != mine[k])
+        if not (missing or unexpected or wrong):
+            return
+
+        def name(key: str) -> str:
+            if key.startswith(fmt.MODEL_PREFIX):
+                return key[len(fmt.MODEL_PREFIX):]
+            return "optimizer state " + key[len(fmt.OPTIM_PREFIX):]
+
+        def names(keys) -> str:
+            shown = [name(k) for k in keys[:5]]
+            return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append("missing from the checkpoint: " + names(missing))
+        if unexpected:
+            parts.append("parameters the model does not have: " + names(unexpected))
+        if wrong:
+            parts.append("shapes differ: " + ", ".join(f"{name(k)} (checkpoint {have[k]}, model {mine[k]})"
+                                                       for k in wrong[:5])
+                         + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
+
+    def _restore_rng(self, meta: dict) -> None:
+        t = self.t
+        per_rank = (meta.get("rng") or {}).get("per_rank") or []
+        layout = meta.get("layout") or {}
+        same_layout = (layout.get("world_size") == t.env.world_size and layout.get("degrees") == _degrees(t)
+                       and len(per_rank) == t.env.world_size)
+        if same_layout:
+            st.restore_rng(per_rank[t.env.rank], t.env.device)
+        else:  # another layout: per-rank streams cannot carry over; derive them from seed, rank and step
+            torch.manual_seed(self.cfg.train.seed + 7919 * t.dp_rank + 104729 * int(meta["step"]))
+
+    # ----------------------------------------------------------------------------- saving
+    def _meta(self, step: int) -> dict:
+        t = self.t
+        return {
+            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "step": int(step),
+            "created_unix": time.time(),
+            "data": dict(self._loader_state),
+            "scheduler": st.scheduler_state(t.scheduler),
+            "optim": {"class": type(st.local_optimizer(t.optimizer)).__name__, "zero": self.cfg.parallel.zero,
+                      "param_groups": st.optimizer_groups(self._model, t.optimizer)},
+            "rng": {"rank": t.env.rank, "dp_rank": t.dp_rank, **st.capture_rng(t.env.device)},
+            "config": self.cfg.to_dict(),
+            "layout": {"world_size": t.env.world_size, "degrees": _degrees(t), "dp_size": t.dp_size,
+                       "zero": self.cfg.parallel.zero, "device": t.env.device.type},
+            "versions": st.versions(),
+        }
+
+    def save(self) -> float:
+        """Request a checkpoint of the current (consistent) state; returns seconds blocked."""
+        t = self.t
+        entries = st.model_entries(self._model) + st.optim_entries(self._model, t.optimizer)
+        try:
+            blocked = self.engine.request(t.step, entries, self._meta(t.step))
+        except BaseException:
+            self._engine_failed = True
+            raise
+        self.last_saved_step = t.step
+        return blocked
+
+    def before_optimizer_step(self) -> None:
+        if self.engine is not None:
+            self.engine.wait_snapshot()
+        self._updating = True
+
+    def after_step(self) -> bool:
+        """After a completed optimizer step; returns True when the run must stop (a signal)."""
+        if not self.enabled:
+            return False
+        t = self.t
+        self._updating = False
+        self._consistent_step = t.step
+        self._loader_state = t.loader.state_dict()
+        stop = self._stop_agreed()
+        if self.engine is not None and self.every > 0 and t.step % self.every == 0 and t.step != self.last_saved_step:
+            self.save()
+        return stop
+
+    # ---------------------------------------------------------------------------- signals
+    def begin_fit(self) -> None:
+        if not self.saving or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except (ValueError, OSError):
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C / SIGTERM: stop at once, save nothing more
+            self._abort = True
+            self._restore_handlers()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self._stop_signal = signum
+        if self.is_main:
+            print(f"\nloomtrain: {signal.Signals(signum).name}: stopping after this step and committing a "
+                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def _restore_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._old_handlers = {}
+
+    def _stop_agreed(self) -> bool:
+        if not self._old_handlers:
+            return False
+        if self.t.env.world_size == 1 or not dist.is_initialized():
+            return self._stop_signal is not None
+        flag = torch.tensor([0 if self._stop_signal is None else self._stop_signal], device=self.t.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        value = int(flag.item())
+        if value and self._stop_signal is None:
+            self._stop_signal = value
+        return value != 0
+
+    # ------------------------------------------------------------------------------- exit
+    def end_fit(self, exc: BaseException | None = None) -> None:
+        """Commit the last consistent state and stop the engine. Raises the checkpoint's error
+        (normal end), or lets `exc` be re-raised by the caller."""
+        try:
+            if exc is None:
+                self._final_commit()
+            elif self.engine is not None:
+                self._commit_after_error(exc)
+        finally:
+            self._restore_handlers()
+            if self.engine is not None:
+                self.engine.close()
+            self._release_lock()
+        if exc is None and self._stop_signal is not None:
+            name = signal.Signals(self._stop_signal).name
+            self._say(f"stopped by {name} after step {self.t.step}"
+                      + (f"; checkpoint {self.engine.last_committed} committed" if self.engine and
+                         self.engine.last_committed else ""))
+            if self._stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + self._stop_signal)
+
+    def _final_commit(self) -> None:
+        if self.engine is None:
+            return
+        if self.t.step > max(self.last_saved_step, 0):
+            self.save()
+        self.engine.wait()
+
+    def _commit_after_error(self, exc: BaseException) -> None:
+        if self._abort:
+            return
+        try:
+            self.engine.wait(timeout=600)
+        except CheckpointError:
+            self._engine_failed = True
+        if self._engine_failed or isinstance(exc, CheckpointError):
+            return
+        consistent = not self._updating and self.t.step == self._consistent_step
+        step = self._consistent_step
+        if not self._agree_on_exit(consistent, step):
+            self._say(f"checkpoint: not saving after {type(exc).__name__}: not every rank is at a consistent "
+                      "step; the last committed checkpoint stays the newest")
+            return
+        if step <= max(self.last_saved_step, 0):
+            return
+        try:
+            self.save()
+            record = self.engine.wait(timeout=600)
+            self._say(f"checkpoint: committed {record.path} after {type(exc).__name__}")
+        except Exception as err:  # noqa: BLE001 -- the original exception is what the user must see
+            self._say(f"checkpoint: could not commit after {type(exc).__name__}: {err}")
+
+    def _agree_on_exit(self, consistent: bool, step: int) -> bool:
+        """Every rank reports (consistent, step) through the job's store; True only if all of them
+        arrive within the timeout, consistent and at the same step (no collective that could hang)."""
+        if self.group is None:
+            return consistent
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001
+            return False
+        world, rank = dist.get_world_size(), dist.get_rank()
+        prefix = f"loomtrain/checkpoint/{self.run_id}/exit"
+        store.set(f"{prefix}/{rank}", f"{int(consistent)}:{step}")
+        store.add(f"{prefix}/count", 1)
+        deadline = time.monotonic() + EXIT_AGREEMENT_TIMEOUT_S
+        while store.add(f"{prefix}/count", 0) < world:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        values = [store.get(f"{prefix}/{r}").decode() for r in range(world)]
+        return all(v == f"1:{step}" for v in values)
+
+    # ------------------------------------------------------------------------------ utils
+    def _bcast(self, obj):
+        if self.group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
+    def stats(self) -> dict:
+        """Per-checkpoint stall and timings of this run (rank-local)."""
+        recs = self.engine.records if self.engine is not None else []
+        return {"checkpoints": len(recs), "stall_s": [r.stall_s for r in recs],
+                "records": [dict(vars(r)) for r in recs]}
+
+
+def _degrees(t) -> dict:
+    d = t.dims
+    return {"dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "cp": d.cp, "tp": d.tp, "pp": d.pp}
+
+
+def _timedelta(seconds: float):
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""

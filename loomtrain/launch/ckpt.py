@@ -1,0 +1,296 @@
+"""`loomtrain ckpt ACTION ...`: look into, check and convert checkpoints (no training job needed).
+
+    loomtrain ckpt inspect PATH [--json] [--top N]
+    loomtrain ckpt verify PATH [--checksum] [--all]
+    loomtrain ckpt export-hf PATH OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB] [--overwrite]
+    loomtrain ckpt import-deepspeed DS_DIR OUT_DIR --config CONFIG.yaml [--tag TAG] [section.key=value ...]
+
+PATH is a committed checkpoint (`step_NNNNNNNN`) or a checkpoint directory (its newest committed
+one). Errors (a missing path, not a checkpoint, an unreadable one) are one `loomtrain: error:` line
+with exit code 2; `verify` reports a damaged checkpoint as one line and exit code 1, so scripts can
+tell "damaged" from "wrong command". `inspect` and `verify` read JSON only (plus DCP's index through
+the allow-list unpickler), so they are instant and never import transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+
+ACTIONS = {
+    "inspect": "step, layout, data position, config, files and largest tensors of a checkpoint",
+    "verify": "check a checkpoint's files against its manifest (sizes; --checksum: also sha256)",
+    "export-hf": "write a checkpoint's model as an HF directory (config.json + safetensors)",
+    "import-deepspeed": "convert a DeepSpeed checkpoint (ZeRO-1/2/3, universal) into a loomtrain checkpoint",
+}
+
+
+def make_parser(parser_cls):
+    """The `ckpt` parser: `parse_intermixed_args(argv)` dispatches on the action word, then parses
+    that action's own options (each action is a plain parser, so options and overrides may come
+    in any order)."""
+    top = parser_cls(prog="loomtrain ckpt", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     usage="loomtrain ckpt ACTION [options]",
+                     description="checkpoint tools:\n" + "\n".join(f"  {a:<17} {h}" for a, h in ACTIONS.items()),
+                     epilog="Run 'loomtrain ckpt ACTION --help' for the options of one action.")
+
+    def parse(argv):
+        argv = list(argv or [])
+        if not argv or argv[0] in ("-h", "--help"):
+            top.print_help(None if argv else sys.stderr)
+            raise SystemExit(0 if argv else 2)
+        if argv[0] not in ACTIONS:
+            top.error(f"unknown action '{argv[0]}' (actions: {', '.join(ACTIONS)})")
+        p = _action_parser(parser_cls, argv[0])
+        ns = p.parse_intermixed_args(argv[1:])
+        ns.action = argv[0]
+        return ns
+
+    top.parse_intermixed_args = parse
+    return top
+
+
+def _action_parser(parser_cls, action: str):
+    p = parser_cls(prog=f"loomtrain ckpt {action}", description=ACTIONS[action])
+    if action == "inspect":
+        p.add_argument("path", metavar="PATH", help="a step_NNNNNNNN directory, or a checkpoint directory")
+        p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+        p.add_argument("--top", type=int, default=8, metavar="N", help="list the N largest tensors (default 8)")
+    elif action == "verify":
+        p.add_argument("path", metavar="PATH", help="a step_NNNNNNNN directory, or a checkpoint directory")
+        p.add_argument("--checksum", action="store_true", help="also compare sha256 (reads every byte)")
+        p.add_argument("--all", action="store_true", help="for a checkpoint directory: every committed "
+                                                          "checkpoint, not only the newest")
+    elif action == "export-hf":
+        p.add_argument("path", metavar="PATH", help="a step_NNNNNNNN directory, or a checkpoint directory")
+        p.add_argument("out_dir", metavar="OUT_DIR", help="the HF model directory to write")
+        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                       help="dtype of the written weights (default float32, the master weights as stored)")
+        p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                       help="split the weights into files of at most SIZE, with an index (default 5GB)")
+        p.add_argument("--overwrite", action="store_true", help="replace an HF model already in OUT_DIR")
+    elif action == "import-deepspeed":
+        p.add_argument("ds_path", metavar="DS_DIR", help="a DeepSpeed save_checkpoint directory (its 'latest' "
+                                                         "tag), a tag directory, or a universal checkpoint")
+        p.add_argument("out_dir", metavar="OUT_DIR", help="the loomtrain checkpoint directory to write "
+                                                          "(resume with checkpoint.resume=OUT_DIR)")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+        p.add_argument("--config", required=True, metavar="CONFIG.yaml",
+                       help="the loomtrain config of the run that will resume (its model must match)")
+        p.add_argument("--tag", default=None, help="the DeepSpeed tag to import (default: its 'latest')")
+    return p
+
+
+# ------------------------------------------------------------------------------------ helpers
+def human(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+             "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "complex64": 8}
+
+
+def _nbytes(entry: dict) -> int:
+    n = 1
+    for d in entry.get("shape") or []:
+        n *= int(d)
+    return n * _ITEMSIZE.get(str(entry.get("dtype")), 4)
+
+
+def _config_summary(cfg: dict) -> dict:
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    par, optim, train = cfg.get("parallel") or {}, cfg.get("optim") or {}, cfg.get("train") or {}
+    return {"model": model.get("path") or model.get("architecture"), "model_config": model.get("config") or {},
+            "dtype": model.get("dtype"), "data_source": data.get("source"), "tokenizer": data.get("tokenizer"),
+            "seq_len": data.get("seq_len"), "global_batch_size": data.get("global_batch_size"),
+            "parallel": {k: par.get(k) for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp", "zero")},
+            "lr": optim.get("lr"), "max_steps": train.get("max_steps"), "seed": train.get("seed")}
+
+
+def inspect(path: str, top: int = 8) -> dict:
+    """Everything `ckpt inspect` shows, as a JSON-able dict."""
+    from loomtrain.checkpoint import format as fmt
+    from loomtrain.checkpoint import offline
+
+    ckpt = offline.resolve(path)
+    manifest, meta = fmt.read_manifest(ckpt), fmt.read_meta(ckpt)
+    index = offline.tensor_index(ckpt, meta)
+    sizes = {k: _nbytes(v) for k, v in index.items()}
+    files = {name: entry["size"] for name, entry in sorted(manifest["files"].items())}
+    model = [k for k in index if k.startswith(fmt.MODEL_PREFIX)]
+    optim = [k for k in index if k.startswith(fmt.OPTIM_PREFIX)]
+    largest = sorted(index, key=lambda k: (-sizes[k], k))[:max(0, top)]
+    return {
+        "path": ckpt, "step": meta["step"], "format_version": meta.get("format_version"),
+        "created_unix": meta.get("created_unix"), "layout": meta.get("layout") or {}, "data": meta.get("data") or {},
+        "config": _config_summary(meta.get("config") or {}), "versions": meta.get("versions") or {},
+        "imported_from": meta.get("imported_from"),
+        "files": files, "files_bytes": sum(files.values()),
+        "tensors": {"count": len(index), "bytes": sum(sizes.values()), "model_count": len(model),
+                    "model_bytes": sum(sizes[k] for k in model), "optim_count": len(optim),
+                    "optim_bytes": sum(sizes[k] for k in optim)},
+        "largest": [{"key": k, "shape": index[k]["shape"], "dtype": index[k].get("dtype"), "bytes": sizes[k]}
+                    for k in largest],
+    }
+
+
+def _layout_line(layout: dict) -> str:
+    deg = layout.get("degrees") or {}
+    shape = " x ".join(f"{k} {deg[k]}" for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp") if k in deg)
+    n = layout.get("world_size", "?")
+    return (f"{n} rank{'s' if n != 1 else ''}" + (f" ({shape})" if shape else "")
+            + f", zero {layout.get('zero', '?')}" + (f", {layout['device']}" if layout.get("device") else ""))
+
+
+def _print_inspect(info: dict) -> None:
+    rows = [("checkpoint", info["path"]), ("step", str(info["step"])), ("written by", _layout_line(info["layout"]))]
+    src = info.get("imported_from")
+    if src:
+        rows.append(("imported", f"from {src.get('format')} {src.get('kind')} ZeRO-{src.get('zero_stage')} "
+                                 f"({src.get('dp_world_size')} ranks, version {src.get('ds_version')}): "
+                                 f"{src.get('path')}"))
+    data = info["data"]
+    rows.append(("data", f"{data.get('samples_consumed', '?')} samples / {data.get('tokens_consumed', '?')} tokens "
+                         f"consumed" + (f", epoch {data['epoch']}" if data.get("epoch") is not None else "")
+                 + (f" ({data['source']})" if data.get("source") else "")))
+    c = info["config"]
+    geometry = ", ".join(f"{k}={v}" for k, v in sorted(c["model_config"].items()))
+    rows.append(("model", f"{c['model']} {c['dtype']}" + (f" ({geometry})" if geometry else "")))
+    rows.append(("training", f"seq_len {c['seq_len']}, global batch {c['global_batch_size']}, lr {c['lr']}, "
+                             f"max_steps {c['max_steps']}, seed {c['seed']}, data {c['data_source']}"))
+    if info.get("created_unix"):
+        when = datetime.datetime.fromtimestamp(info["created_unix"], datetime.timezone.utc)
+        rows.append(("created", when.strftime("%Y-%m-%d %H:%M:%S UTC")))
+    if info["versions"]:
+        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)))
+    t = info["tensors"]
+    rows.append(("tensors", f"{t['count']} tensors, {human(t['bytes'])} (model {t['model_count']}: "
+                            f"{human(t['model_bytes'])}; optimizer {t['optim_count']}: {human(t['optim_bytes'])})"))
+    rows.append(("files", f"{len(info['files'])} files, {human(info['files_bytes'])} (+ manifest.json)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    name_w = max((len(n) for n in info["files"]), default=0)
+    for name, size in info["files"].items():
+        print(f"  {name:<{name_w}}  {human(size):>10}")
+    if info["largest"]:
+        print("largest tensors")
+        key_w = max(len(e["key"]) for e in info["largest"])
+        for e in info["largest"]:
+            print(f"  {e['key']:<{key_w}}  {str(e['shape']):<14} {e['dtype']:<9} {human(e['bytes']):>10}")
+
+
+def verify(ckpt: str, checksum: bool = False) -> str | None:
+    """The first problem of committed checkpoint `ckpt` as one line, or None: manifest, file sizes
+    (and sha256), meta.json, DCP's index, and that every byte range the index names is inside a
+    file the manifest covers."""
+    from loomtrain.checkpoint import format as fmt
+    from loomtrain.checkpoint.format import CheckpointError
+
+    def short(exc: Exception) -> str:
+        text = str(exc)
+        return text.split(": ", 1)[1] if text.startswith("corrupt checkpoint") and ": " in text else text
+
+    try:
+        manifest = fmt.read_manifest(ckpt)
+    except CheckpointError as exc:
+        return short(exc)
+    problem = fmt.verify_files(ckpt, manifest, sorted(manifest["files"]), checksum=checksum)
+    if problem:
+        return problem
+    try:
+        meta = fmt.read_meta(ckpt)
+        md = fmt.load_dcp_metadata(ckpt)
+    except CheckpointError as exc:
+        return short(exc)
+    if meta["step"] != manifest.get("step"):
+        return f"meta.json says step {meta['step']}, manifest.json step {manifest.get('step')}"
+    dir_step = fmt.parse_step_dir(os.path.basename(ckpt))
+    if dir_step is not None and dir_step != meta["step"]:
+        return f"the directory is named for step {dir_step} but holds step {meta['step']}"
+    files = manifest["files"]
+    for item in (getattr(md, "storage_data", None) or {}).values():
+        name = str(getattr(item, "relative_path", ""))
+        if name not in files:
+            return f"{fmt.DCP_METADATA_FILE} refers to {name or '?'}, which the manifest does not cover"
+        end = int(getattr(item, "offset", 0)) + int(getattr(item, "length", 0))
+        if end > files[name]["size"]:
+            return f"{fmt.DCP_METADATA_FILE} reads {name} up to byte {end}, past its {files[name]['size']} bytes"
+    return None
+
+
+# ----------------------------------------------------------------------------------- commands
+def cmd_ckpt(ns: argparse.Namespace) -> int:
+    return {"inspect": _cmd_inspect, "verify": _cmd_verify, "export-hf": _cmd_export,
+            "import-deepspeed": _cmd_import}[ns.action](ns)
+
+
+def _cmd_inspect(ns) -> int:
+    info = inspect(ns.path, top=ns.top)
+    if ns.json:
+        print(json.dumps(info, indent=1))
+    else:
+        _print_inspect(info)
+    return 0
+
+
+def _cmd_verify(ns) -> int:
+    from loomtrain.checkpoint import format as fmt
+    from loomtrain.checkpoint import offline
+
+    newest = offline.resolve(ns.path)
+    targets = [newest]
+    if ns.all and not os.path.samefile(newest, os.path.abspath(ns.path)):
+        targets = [p for _, p in fmt.list_committed(os.path.abspath(ns.path))]
+    failed = 0
+    for ckpt in targets:
+        problem = verify(ckpt, checksum=ns.checksum)
+        if problem is None:
+            n = len(fmt.read_manifest(ckpt)["files"])
+            print(f"ok {ckpt} ({n} files, {'sizes and sha256' if ns.checksum else 'sizes'} match the manifest)")
+        else:
+            failed += 1
+            print(f"FAILED {ckpt}: {problem}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+def _cmd_export(ns) -> int:
+    from loomtrain.checkpoint.hf import export_hf, parse_size
+
+    s = export_hf(ns.path, ns.out_dir, dtype=ns.dtype, max_shard_bytes=parse_size(ns.max_shard_size),
+                  overwrite=ns.overwrite)
+    print(f"exported step {s['step']} of {s['checkpoint']} to {s['out_dir']}: {s['model']}, {s['tensors']} tensors, "
+          f"{human(s['bytes'])} {s['dtype']} in {', '.join(s['files'])}"
+          + (f"; tied {', '.join(s['tied'])} written once" if s["tied"] else "")
+          + ("; tokenizer copied" if s["tokenizer"] else ""))
+    return 0
+
+
+def _cmd_import(ns) -> int:
+    from loomtrain.checkpoint.deepspeed import import_deepspeed
+    from loomtrain.config import load_config
+
+    cfg = load_config(None if ns.config == "-" else ns.config, ns.overrides)
+    s = import_deepspeed(ns.ds_path, ns.out_dir, cfg, tag=ns.tag)
+    src = s["source"]
+    print(f"imported DeepSpeed {src['kind']} ZeRO-{src['zero_stage']} checkpoint ({src['dp_world_size']} ranks, "
+          f"step {s['step']}, deepspeed {src['ds_version']}) into {s['checkpoint']}: {s['model_tensors']} model "
+          f"tensors, optimizer state {s['optimizer_state']}; resume with checkpoint.resume={ns.out_dir}")
+    return 0
+
+
+def main(argv: list[str]) -> int:  # for tests: the same as `loomtrain ckpt ...`
+    from loomtrain.launch.cli import main as cli_main
+
+    return cli_main(["ckpt", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,357 @@
+"""Checkpoints in one process: the format on disk, atomic commit, pruning and clean-up, the
+lazy snapshot, damage detection with fallback, clear errors, and the exit paths (end of run,
+exception, SIGTERM). Multi-process resume across layouts: test_checkpoint_resume.py; SIGKILL at
+random points: test_checkpoint_crash.py."""
+import json
+import os
+import pickle
+import signal
+
+import pytest
+import torch
+
+from harness import case
+from loomtrain.checkpoint import format as fmt
+from loomtrain.checkpoint.engine import assign_owners
+from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
+from loomtrain.checkpoint.manager import CheckpointWarning
+from loomtrain.config import load_config
+from loomtrain.errors import ConfigError, LoomError
+from loomtrain.runtime.trainer import Trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def _cfg(out, *extra, steps=6):
+    return load_config(None, case("llama", f"train.max_steps={steps}", f"train.output_dir={out}", *extra))
+
+
+def _fit(out, *extra, steps=6):
+    trainer = Trainer(_cfg(out, *extra, steps=steps))
+    return trainer, trainer.fit()
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """6 steps, a checkpoint every 2 (keep 3): step_2, step_4, step_6; and its continuous curve."""
+    out = str(tmp_path_factory.mktemp("ckpt_base") / "run")
+    trainer, result = _fit(out, "checkpoint.every=2")
+    return out, trainer, result
+
+
+def _root(out):
+    return os.path.join(out, "checkpoints")
+
+
+def test_format_on_disk(base):
+    out, trainer, result = base
+    root = _root(out)
+    assert sorted(os.listdir(root)) == [".lock", "latest", "step_00000002", "step_00000004", "step_00000006"]
+    assert fmt.read_latest(root) == "step_00000006"
+    ckpt = os.path.join(root, "step_00000006")
+    man = fmt.read_manifest(ckpt)
+    assert man["format"] == fmt.FORMAT_NAME and man["format_version"] == fmt.FORMAT_VERSION and man["step"] == 6
+    on_disk = sorted(n for n in os.listdir(ckpt) if n != fmt.MANIFEST_FILE)
+    assert sorted(man["files"]) == on_disk and ".metadata" in on_disk and "meta.json" in on_disk
+    assert fmt.verify_files(ckpt, man, on_disk, checksum=True) is None
+    meta = fmt.read_meta(ckpt)
+    for key in ("step", "data", "scheduler", "optim", "rng", "config", "layout", "versions", "tensors"):
+        assert key in meta, key
+    assert meta["data"]["samples_consumed"] == 6 * 8
+    assert meta["config"]["train"]["max_steps"] == 6 and meta["layout"]["world_size"] == 1
+    assert len(meta["rng"]["per_rank"]) == 1 and len(meta["rng"]["per_rank"][0]["torch"]) > 100
+    # Tensors are keyed by the model's own names: model.<HF name>, optim.state.<HF name>.<field>.
+    params = trainer.full_state_dict()
+    keys = set(meta["tensors"])
+    assert {f"model.{n}" for n in params} <= keys
+    assert {f"optim.state.{n}.{f}" for n in params for f in ("step", "exp_avg", "exp_avg_sq")} <= keys
+    saved = fmt.read_tensors(ckpt, "model.")
+    for name, value in params.items():
+        assert torch.equal(saved[f"model.{name}"], value), name
+    exp_avg = fmt.read_tensors(ckpt, "optim.state.lm_head.weight.exp_avg")
+    assert exp_avg["optim.state.lm_head.weight.exp_avg"].abs().sum() > 0
+    assert torch.serialization.get_crc32_options()  # the writer's CRC switch is restored after each save
+
+
+def test_resume_same_layout_is_bitwise_and_continues_metrics(base, tmp_path):
+    out, _, result = base
+    res_out = str(tmp_path / "resumed")
+    trainer, resumed = _fit(res_out, f"checkpoint.resume={_root(out)}/step_00000002")
+    assert resumed.losses == result.losses[2:]  # bitwise
+    assert [r["step"] for r in _metrics(res_out)] == [3, 4, 5, 6]
+    assert trainer.checkpointer.resumed_from.endswith("step_00000002")
+    # A directory of checkpoints as the path: its newest committed one.
+    trainer, resumed = _fit(str(tmp_path / "again"), f"checkpoint.resume={_root(out)}", steps=6)
+    assert resumed.losses == [] and trainer.step == 6
+
+
+def test_keep_prunes_and_buffers_are_reused(tmp_path):
+    out = str(tmp_path / "run")
+    trainer = Trainer(_cfg(out, "checkpoint.every=1", "checkpoint.keep=2", steps=5)).setup()
+    engine = trainer.checkpointer.engine
+    bufs = []
+    orig = engine._stage
+
+    def stage(job):  # record the host buffers of every save
+        sd = orig(job)
+        bufs.append({k: s.buf.data_ptr() for k, s in engine._slots.items()})
+        return sd
+
+    engine._stage = stage
+    trainer.fit()
+    assert sorted(os.listdir(_root(out))) == [".lock", "latest", "step_00000004", "step_00000005"]
+    assert len(bufs) == 5 and all(b == bufs[0] for b in bufs), "host buffers must be allocated once and reused"
+    assert [r.step for r in engine.records] == [1, 2, 3, 4, 5] and all(r.path for r in engine.records)
+
+
+def test_leftovers_removed_and_incomplete_ignored(base, tmp_path):
+    out, _, result = base
+    root = str(tmp_path / "ckpts")
+    os.makedirs(root)
+    import shutil
+
+    shutil.copytree(os.path.join(_root(out), "step_00000004"), os.path.join(root, "step_00000004"))
+    for leftover in ("step_00000006.tmp-abc", "step_00000002.deleting-abc"):
+        os.makedirs(os.path.join(root, leftover))
+        open(os.path.join(root, leftover, "__0_0.distcp"), "wb").close()
+    open(os.path.join(root, "latest.tmp-abc"), "w").close()
+    # A step directory without manifest (e.g. copied half-way) is never taken for a checkpoint.
+    shutil.copytree(os.path.join(_root(out), "step_00000006"), os.path.join(root, "step_00000005"))
+    os.remove(os.path.join(root, "step_00000005", fmt.MANIFEST_FILE))
+    trainer, resumed = _fit(str(tmp_path / "run"), f"checkpoint.dir={root}", "checkpoint.resume=auto")
+    assert trainer.checkpointer.resumed_from.endswith("step_00000004")
+    assert resumed.losses == result.losses[4:]
+    assert sorted(os.listdir(root)) == [".lock", "latest", "step_00000004", "step_00000005", "step_00000006"]
+    assert [s for s, _ in fmt.list_committed(root)] == [6, 4]
+
+
+@pytest.mark.parametrize("damage,verify", [("truncate", "size"), ("bitflip", "checksum")])
+def test_damaged_newest_falls_back_with_warning(base, tmp_path, damage, verify):
+    out, _, result = base
+    import shutil
+
+    root = str(tmp_path / "ckpts")
+    shutil.copytree(_root(out), root)
+    shard = os.path.join(root, "step_00000006", "__0_0.distcp")
+    if damage == "truncate":
+        with open(shard, "r+b") as fh:
+            fh.truncate(os.path.getsize(shard) // 2)
+    else:
+        with open(shard, "r+b") as fh:
+            fh.seek(os.path.getsize(shard) // 2)
+            byte = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte[0] ^ 0x10]))
+    with pytest.warns(CheckpointWarning, match=r"step_00000006 is damaged \(__0_0\.distcp: "
+                      + ("size" if damage == "truncate" else "sha256")):
+        trainer, resumed = _fit(str(tmp_path / "run"), f"checkpoint.dir={root}", "checkpoint.resume=auto",
+                                f"checkpoint.verify={verify}")
+    assert trainer.checkpointer.resumed_from.endswith("step_00000004")
+    assert resumed.losses == result.losses[4:]  # and it went on from there, bitwise
+    fresh = os.path.join(root, "step_00000006")  # the damaged one was replaced by this run's own
+    man = fmt.read_manifest(fresh)
+    assert fmt.verify_files(fresh, man, sorted(man["files"]), checksum=True) is None
+    # The explicit path of a damaged checkpoint is an error, not a fallback.
+    if damage == "truncate":
+        shutil.copyfile(os.path.join(_root(out), "step_00000006", "__0_0.distcp"), shard)
+        with open(shard, "r+b") as fh:
+            fh.truncate(10)
+        with pytest.raises(CorruptCheckpointError, match=r"corrupt checkpoint .*step_00000006: __0_0\.distcp: size 10"):
+            Trainer(_cfg(str(tmp_path / "x"), f"checkpoint.resume={root}/step_00000006")).setup()
+
+
+def test_bitflip_is_not_caught_by_size_only(base, tmp_path):
+    """Documented trade-off: verify=size checks sizes only; checksum is the option for bit rot."""
+    out, _, _ = base
+    ckpt = os.path.join(_root(out), "step_00000002")
+    man = fmt.read_manifest(ckpt)
+    assert fmt.verify_files(ckpt, man, sorted(man["files"]), checksum=False) is None
+
+
+def test_model_mismatch_names_parameters(base, tmp_path):
+    out, _, _ = base
+    ckpt = f"checkpoint.resume={_root(out)}/step_00000002"
+    with pytest.raises(CheckpointError, match=r"does not match the model: shapes differ: .*mlp\.(down|gate|up)_proj"):
+        Trainer(_cfg(str(tmp_path / "a"), ckpt, "model.config.intermediate_size=96")).setup()
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: model\.layers\.2\."):
+        Trainer(_cfg(str(tmp_path / "b"), ckpt, "model.config.num_hidden_layers=3")).setup()
+    with pytest.raises(CheckpointError, match=r"parameters the model does not have: model\.layers\.1\."):
+        Trainer(_cfg(str(tmp_path / "c"), ckpt, "model.config.num_hidden_layers=1")).setup()
+
+
+def test_missing_paths_and_refusals(base, tmp_path):
+    out, _, _ = base
+    with pytest.raises(ConfigError, match="checkpoint.resume: no checkpoint at"):
+        _cfg(str(tmp_path), f"checkpoint.resume={tmp_path}/nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no committed checkpoint at"):
+        Trainer(_cfg(str(tmp_path / "a"), f"checkpoint.resume={empty}")).setup()
+    with pytest.raises(ConfigError, match="already holds checkpoints .* checkpoint.resume=auto"):
+        Trainer(_cfg(str(tmp_path / "b"), f"checkpoint.dir={_root(out)}")).setup()
+    with pytest.raises(ConfigError, match="checkpoint.verify"):
+        _cfg(str(tmp_path), "checkpoint.verify=md5")
+    from loomtrain.runtime.preflight import preflight
+
+    preflight(_cfg(str(tmp_path / "c"), "checkpoint.every=2", "checkpoint.resume=auto"), 1)  # accepted now
+
+
+def test_metadata_is_never_unpickled_beyond_dcp_classes(base, tmp_path):
+    import shutil
+
+    out, _, _ = base
+    ckpt = str(tmp_path / "step_00000002")
+    shutil.copytree(os.path.join(_root(out), "step_00000002"), ckpt)
+    assert fmt.load_dcp_metadata(ckpt).state_dict_metadata  # DCP's own metadata passes
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    with open(os.path.join(ckpt, ".metadata"), "wb") as fh:
+        pickle.dump(Evil(), fh)
+    with pytest.raises(CorruptCheckpointError, match="refusing to unpickle"):
+        fmt.load_dcp_metadata(ckpt)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_snapshot_holds_pre_step_values(tmp_path):
+    """Save after step 3; the copy to host is held back until step 4 has reached its optimizer
+    step (which changes every parameter), so the optimizer must wait for it: the checkpoint holds
+    the step-3 values although the live tensors change right after the request."""
+    import threading
+    import time
+
+    ref = Trainer(_cfg(str(tmp_path / "ref"), steps=4)).setup()
+    for _ in range(3):
+        ref.train_step()
+    after3 = ref.full_state_dict()
+    out = str(tmp_path / "run")
+    trainer = Trainer(_cfg(out, "checkpoint.every=3", steps=4)).setup()
+    ckpt, engine = trainer.checkpointer, trainer.checkpointer.engine
+    reached = threading.Event()
+    stage, before = engine._stage, ckpt.before_optimizer_step
+
+    def held_stage(job):  # background thread: copy only once the main thread is at the optimizer
+        assert reached.wait(timeout=120)
+        time.sleep(0.2)
+        return stage(job)
+
+    def at_optimizer_step():
+        if trainer.step == 3:
+            reached.set()
+        before()
+
+    engine._stage, ckpt.before_optimizer_step = held_stage, at_optimizer_step
+    trainer.fit()
+    rec = engine.records[0]
+    assert rec.step == 3 and rec.optimizer_wait_s >= 0.2, rec  # the optimizer step really waited
+    saved = fmt.read_tensors(os.path.join(_root(out), "step_00000003"), "model.")
+    after4 = trainer.full_state_dict()
+    for name, value in after3.items():
+        assert torch.equal(saved[f"model.{name}"], value), name
+        assert not torch.equal(after4[name], value), f"{name} did not change in step 4: the test proves nothing"
+
+
+def test_exception_commits_last_consistent_step(base, tmp_path):
+    out, _, result = base
+    run = str(tmp_path / "run")
+    trainer = Trainer(_cfg(run, f"checkpoint.dir={tmp_path}/ck")).setup()  # saves only at the end
+    real = trainer.loader.next_step
+
+    def failing():
+        if trainer.step == 4:
+            raise RuntimeError("injected data failure")
+        return real()
+
+    trainer.loader.next_step = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        trainer.fit()
+    assert [s for s, _ in fmt.list_committed(f"{tmp_path}/ck")] == [4]
+    trainer, resumed = _fit(run, f"checkpoint.dir={tmp_path}/ck", "checkpoint.resume=auto")
+    assert resumed.losses == result.losses[4:]
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_exception_inside_optimizer_step_saves_nothing(tmp_path):
+    trainer = Trainer(_cfg(str(tmp_path / "run"), f"checkpoint.dir={tmp_path}/ck")).setup()
+    real = trainer.optimizer.step
+
+    def failing(*a, **k):
+        if trainer.step == 2:
+            raise RuntimeError("injected optimizer failure")
+        return real(*a, **k)
+
+    trainer.optimizer.step = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        trainer.fit()
+    assert fmt.list_committed(f"{tmp_path}/ck") == []  # half-updated state is never saved
+
+
+def test_sigterm_stops_after_the_step_and_commits(base, tmp_path):
+    out, _, result = base
+    run = str(tmp_path / "run")
+    trainer = Trainer(_cfg(run, "checkpoint.every=0", f"checkpoint.dir={tmp_path}/ck")).setup()
+    real = trainer.train_step
+
+    def step_then_signal():
+        record = real()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    trainer.train_step = step_then_signal
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        trainer.fit()
+    assert info.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    assert [s for s, _ in fmt.list_committed(f"{tmp_path}/ck")] == [3]
+    _, resumed = _fit(run, f"checkpoint.dir={tmp_path}/ck", "checkpoint.resume=auto")
+    assert resumed.losses == result.losses[3:]
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_assign_owners_balances_and_writes_each_chunk_once():
+    a, b, c = ("x", (0,)), ("y", (0,)), ("z", (0,))
+    held = [[(a, 100), (b, 60), (c, 50)], [(a, 100), (b, 60), (c, 50)], [(("w", (4,)), 10)]]
+    owner = assign_owners(held)
+    assert set(owner) == {a, b, c, ("w", (4,))}
+    assert owner[("w", (4,))] == 2 and owner[a] != owner[b]
+    assert owner == assign_owners(held)  # deterministic: every rank computes the same map
+
+
+def test_checkpoint_errors_are_loom_errors():
+    assert issubclass(CorruptCheckpointError, CheckpointError) and issubclass(CheckpointError, LoomError)
+
+
+def test_one_job_per_checkpoint_dir(tmp_path):
+    first = Trainer(_cfg(str(tmp_path / "a"), f"checkpoint.dir={tmp_path}/ck")).setup()
+    with pytest.raises(CheckpointError, match=r"is in use by another job \(pid \d+"):
+        Trainer(_cfg(str(tmp_path / "b"), f"checkpoint.dir={tmp_path}/ck")).setup()
+    first.fit()  # releases the directory at the end
+    Trainer(_cfg(str(tmp_path / "c"), f"checkpoint.dir={tmp_path}/ck", "checkpoint.resume=auto")).fit()
+    assert [s for s, _ in fmt.list_committed(f"{tmp_path}/ck")] == [6]
+
+
+def test_failed_save_is_reported_and_never_committed(tmp_path):
+    trainer = Trainer(_cfg(str(tmp_path / "run"), "checkpoint.every=2", steps=4)).setup()
+    engine = trainer.checkpointer.engine
+    stage = engine._stage
+
+    def failing(job):
+        if job.step == 2:
+            raise OSError("injected: no space left on device")
+        return stage(job)
+
+    engine._stage = failing
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 2 failed and was not committed: rank 0: "
+                                              r"copy to host failed: OSError: injected"):
+        trainer.fit()
+    root = _root(str(tmp_path / "run"))
+    assert fmt.list_committed(root) == [] and not [n for n in os.listdir(root) if fmt.is_leftover(n)]
