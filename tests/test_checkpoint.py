@@ -12,7 +12,7 @@ import torch
 
 from harness import case
 from loomtrain.checkpoint import format as fmt
-from loomtrain.checkpoint.engine import assign_owners
+from loomtrain.checkpoint.hostcopy import assign_owners
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
 from loomtrain.checkpoint.manager import CheckpointWarning
 from loomtrain.config import load_config

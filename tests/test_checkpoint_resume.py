@@ -9,7 +9,9 @@ a single process that never checkpoints.
 Pairs (writer -> reader): ZeRO-1 dp2 -> ZeRO-1 dp2 and ZeRO-3 dp4 -> ZeRO-3 dp4 (bitwise);
 ZeRO-3 dp4 -> dp2; ZeRO-1 dp2 -> ZeRO-3 dp4; ZeRO-2 dp2 -> one process; tp2 x dp2 -> one process;
 pp2 -> tp2; pp2 x tp2 -> dp4; HSDP 2x2 -> ZeRO-0 dp4 (the tensor/pipeline cases use a 4-layer model so that pp2 has
-whole blocks per stage).
+whole blocks per stage); ZeRO-3 dp4 -> ring cp2 and ZeRO-1 dp2 -> dp2 x Ulysses cp2 (context
+parallelism); the heterogeneous scheduler on 4 ranks (ZeRO-3) -> on 2 ranks (ZeRO-2), on its own
+whole-document stream.
 """
 import json
 import os
@@ -24,6 +26,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 def run(*extra):
     return case("llama", "train.max_steps=6", "train.log_samples=true", *extra)
+
+
+# The heterogeneous scheduler reads whole documents (not packed rows): its runs pair only with each other.
+# Capacity changes only the grouping, not the math: 48 tokens per rank on 4 ranks, 64 on 2.
+HETERO = ["parallel.sequence_scheduler=hetero", "data.seq_len=128", "data.global_batch_size=16"]
 
 
 def run4(*extra):
@@ -59,9 +66,14 @@ def launches(out):
         "pp2tp2_to_dp4": run4("parallel.zero=3", ckpt(four, "pp2tp2")),
         "hsdp2x2": run("parallel.zero=3", "parallel.dp_replicate=2", "parallel.dp_shard=2", "checkpoint.every=3"),
         "hsdp2x2_to_z0dp4": run("parallel.zero=0", ckpt(four, "hsdp2x2")),
+        "z1dp2_to_dp2cp2": run("parallel.zero=3", "parallel.cp=2", "parallel.cp_impl=ulysses", ckpt(two, "z1dp2")),
+        "hetero4": run(*HETERO, "parallel.hetero_tokens_per_rank=48", "parallel.zero=3", "checkpoint.every=3"),
     }, four)
     run_cases(2, {"z3dp4_to_z3dp2": run("parallel.zero=3", ckpt(four, "z3dp4")),
-                  "pp2_to_tp2": run4("parallel.tp=2", ckpt(two, "pp2"))}, two_b)
+                  "pp2_to_tp2": run4("parallel.tp=2", ckpt(two, "pp2")),
+                  "z3dp4_to_cp2": run("parallel.cp=2", "parallel.cp_impl=ring", ckpt(four, "z3dp4")),
+                  "hetero4_to_hetero2": run(*HETERO, "parallel.hetero_tokens_per_rank=64", "parallel.zero=2",
+                                            ckpt(four, "hetero4"))}, two_b)
     where = {}
     for path in (two, four, two_b):
         with open(os.path.join(path, "cases.json"), encoding="utf-8") as fh:
@@ -106,7 +118,10 @@ def test_same_layout_resume_is_bitwise(launches, writer, reader):
                                            ("z1dp2", "z1dp2_to_z3dp4"),      # ZeRO-1 dp2 -> ZeRO-3 dp4
                                            ("pp2", "pp2_to_tp2"),            # pp2 -> tp2
                                            ("pp2tp2", "pp2tp2_to_dp4"),      # pp2 x tp2 -> ZeRO-3 dp4
-                                           ("hsdp2x2", "hsdp2x2_to_z0dp4")])  # HSDP 2x2 -> ZeRO-0 (DDP) dp4
+                                           ("hsdp2x2", "hsdp2x2_to_z0dp4"),  # HSDP 2x2 -> ZeRO-0 (DDP) dp4
+                                           ("z3dp4", "z3dp4_to_cp2"),        # ZeRO-3 dp4 -> ring cp2
+                                           ("z1dp2", "z1dp2_to_dp2cp2"),     # ZeRO-1 dp2 -> dp2 x Ulysses cp2
+                                           ("hetero4", "hetero4_to_hetero2")])  # hetero, 4 ranks -> 2 ranks
 def test_cross_layout_resume(launches, writer, reader):
     cont_losses, cont_params = _result(launches, writer)
     losses, params = _result(launches, reader)
@@ -135,16 +150,17 @@ def test_checkpointing_does_not_change_training(launches, one_process):
     assert ref[0][-1] < ref[0][0]
 
 
-@pytest.mark.parametrize("writer,reader", [("z3dp4", "z3dp4_to_z3dp2"), ("z1dp2", "z1dp2_to_z3dp4"),
-                                           ("pp2tp2", "pp2tp2_to_dp4")])
-def test_same_global_samples_and_step_numbers_after_dp_change(launches, writer, reader):
+@pytest.mark.parametrize("writer,reader,per_step", [("z3dp4", "z3dp4_to_z3dp2", 8), ("z1dp2", "z1dp2_to_z3dp4", 8),
+                                                    ("pp2tp2", "pp2tp2_to_dp4", 8), ("z3dp4", "z3dp4_to_cp2", 8),
+                                                    ("hetero4", "hetero4_to_hetero2", 16)])
+def test_same_global_samples_and_step_numbers_after_dp_change(launches, writer, reader, per_step):
     cont = _jsonl(os.path.join(launches[writer], writer), "samples.jsonl")
     got = _jsonl(os.path.join(launches[reader], reader), "samples.jsonl")
     assert [r["step"] for r in got] == [4, 5, 6]
     assert got == cont[3:]
     metrics = _jsonl(os.path.join(launches[reader], reader), "metrics.jsonl")
     assert [r["step"] for r in metrics] == [4, 5, 6]
-    assert metrics[-1]["samples_consumed"] == 6 * 8
+    assert metrics[-1]["samples_consumed"] == 6 * per_step
 
 
 def test_checkpoints_written_by_every_layout_are_complete(launches):

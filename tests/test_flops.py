@@ -137,12 +137,12 @@ def test_metrics_writer_appends_and_summarises(tmp_path):
     w1.log(_rec(1, 5.0, 100))
     w1.log(_rec(2, 4.0, 300))
     w1.log({**_rec(3, float("nan"), 500), "grad_norm": torch.tensor(2.0)})
-    text = w1.summary(checkpoint_dir="/ckpt")
+    text = w1.summary(checkpoint="/ckpt/step_00000003")
     w1.close()
     assert "loss" in text and "tokens/s" in text and "5.0000" in text
     assert "400" in text  # mean of 300 and 500: step 1 is warm-up
     assert "MFU" in text and "10.00%" in text  # 2e12 / 1 s / (2 * 1e13)
-    assert "1.50 GB" in text and "/ckpt" in text and "metrics.jsonl" in text
+    assert "1.50 GB" in text and "/ckpt/step_00000003" in text and "metrics.jsonl" in text
     assert os.path.isdir(os.path.join(out, "tb"))
     # A resumed run appends to the same file.
     with MetricsWriter(out, tensorboard=False, progress=True, total_steps=4, start_step=3) as w2:

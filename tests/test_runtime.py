@@ -484,6 +484,10 @@ def test_cli_errors_are_one_line(cli_errors, name, needles):
     (["parallel.tp=2", "model.config.hidden_size=192", "model.config.num_attention_heads=6",
       "model.config.num_key_value_heads=3"], 2, ["num_key_value_heads=3", "parallel.tp=2"]),
     (["parallel.tp=2", "data.seq_len=33"], 2, ["data.seq_len=33", "parallel.tp=2"]),
+    (["parallel.sequence_scheduler=hetero", "data.seq_len=128", "parallel.hetero_tokens_per_rank=48"], 2,
+     ["data.seq_len=128", "2 ranks x parallel.hetero_tokens_per_rank=48", "at least 64"]),
+    (["parallel.sequence_scheduler=hetero", "data.global_batch_size=12"], 3, ["power-of-two", "got 3"]),
+    (["parallel.sequence_scheduler=hetero", "parallel.cp=2"], 4, ["parallel.cp=1"]),
 ])
 def test_parallel_layout_errors(overrides, world, needles):
     from loomtrain.config import load_config

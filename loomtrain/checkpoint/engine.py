@@ -24,10 +24,8 @@ Every collective of the background thread runs on a process group of its own
 from a second thread. A tensor held by several ranks (replicated parameters, AdamW's `step`) is
 copied and written by one of them only, chosen once per run to balance bytes.
 
-Test hooks (environment): LOOMTRAIN_CKPT_FAULT="PHASE@STEP[@RANK],..." SIGKILLs the process when
-the save of STEP reaches PHASE (copy, staged, written, manifest, renamed, pointer, pruning);
-LOOMTRAIN_CKPT_FAULT_SCOPE=job kills the launcher and all workers instead (the whole job, as a
-lost node would).
+Which rank writes which chunk, and the host buffers: `hostcopy.py`. The crash tests' fault
+points (`_fault_at(phase, step)`): `faults.py`.
 """
 from __future__ import annotations
 
@@ -35,7 +33,6 @@ import contextlib
 import os
 import queue
 import shutil
-import signal
 import threading
 import time
 import warnings
@@ -46,50 +43,13 @@ import torch.distributed as dist
 
 from loomtrain.checkpoint import commit as commit_lib
 from loomtrain.checkpoint import format as fmt
+from loomtrain.checkpoint.faults import fault_hook
 from loomtrain.checkpoint.format import CheckpointError
+from loomtrain.checkpoint.hostcopy import HostSlot, assign_owners, chunk_id, nbytes
 
 # DCP warns on every call without a process group; a single process is a supported case here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
                         category=UserWarning)
-
-FAULT_ENV = "LOOMTRAIN_CKPT_FAULT"
-FAULT_SCOPE_ENV = "LOOMTRAIN_CKPT_FAULT_SCOPE"
-
-
-def fault_hook(rank: int):
-    """A `fault(phase, step)` callable from LOOMTRAIN_CKPT_FAULT, or None when it is unset."""
-    spec = os.environ.get(FAULT_ENV, "").strip()
-    if not spec:
-        return None
-    points = set()
-    for item in spec.split(","):
-        parts = item.strip().split("@")
-        if len(parts) >= 2 and (len(parts) < 3 or int(parts[2]) == rank):
-            points.add((parts[0], int(parts[1])))
-
-    whole_job = os.environ.get(FAULT_SCOPE_ENV) == "job"
-
-    def fault(phase: str, step: int) -> None:
-        if (phase, step) in points:
-            if whole_job:  # the launcher (our parent) and every worker at once, as a lost node would
-                _kill_launcher_and_workers()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return fault
-
-
-def _kill_launcher_and_workers() -> None:
-    """SIGKILL the parent (torchrun's agent) and all its other children (each worker runs in a
-    session of its own, so a process-group kill would miss them)."""
-    try:
-        import psutil
-
-        agent = psutil.Process(os.getppid())
-        for proc in agent.children(recursive=True) + [agent]:
-            if proc.pid != os.getpid():
-                proc.kill()
-    except Exception:  # noqa: BLE001 -- a test hook: at least this process dies below
-        pass
 
 
 @dataclass
@@ -124,60 +84,6 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class _Slot:
-    """A tensor this rank copies and writes: its reused host buffer and the value given to DCP."""
-
-    def __init__(self, key: str, src: torch.Tensor, pin: bool):
-        from torch.distributed.tensor import DTensor
-
-        local = src._local_tensor if isinstance(src, DTensor) else src
-        self.key = key
-        self.shape, self.dtype = tuple(local.shape), local.dtype
-        self.buf = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=pin)
-        if isinstance(src, DTensor):
-            # The shard's spec (mesh, placements, global shape) over the host buffer. Not
-            # `DTensor.from_local`: it would move the buffer to the mesh's device (CUDA).
-            self.value = DTensor(self.buf, src._spec, requires_grad=False)
-        else:
-            self.value = self.buf
-
-    def matches(self, src: torch.Tensor) -> bool:
-        from torch.distributed.tensor import DTensor
-
-        local = src._local_tensor if isinstance(src, DTensor) else src
-        return tuple(local.shape) == self.shape and local.dtype == self.dtype
-
-
-def _chunk_id(key: str, t: torch.Tensor) -> tuple:
-    """(key, global offset) of the chunk this rank holds: equal ids on two ranks = the same data."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return key, tuple(int(o) for o in offset)
-    return key, (0,) * t.dim()
-
-
-def assign_owners(held: list[list[tuple[tuple, int]]]) -> dict[tuple, int]:
-    """held[rank] = [(chunk id, bytes)] -> chunk id -> the rank that writes it (each chunk once,
-    bytes balanced greedily, biggest first; ties to the lowest rank). Same answer on every rank."""
-    holders: dict[tuple, list[int]] = {}
-    size: dict[tuple, int] = {}
-    for rank, items in enumerate(held):
-        for cid, nbytes in items:
-            holders.setdefault(cid, []).append(rank)
-            size[cid] = nbytes
-    load = [0] * len(held)
-    owner = {}
-    for cid in sorted(holders, key=lambda c: (-size[c], c)):
-        rank = min(holders[cid], key=lambda r: (load[r], r))
-        owner[cid] = rank
-        load[rank] += size[cid]
-    return owner
-
-
 class CheckpointEngine:
     """Lazy asynchronous saves into `root` (see the module docstring). One per training job;
     every method is called by the main thread of every rank at the same points."""
@@ -196,7 +102,7 @@ class CheckpointEngine:
         self.last_committed: str | None = None
         self._log = commit_log
         self._fault = fault_hook(dist.get_rank() if dist.is_initialized() else 0)
-        self._slots: dict[str, _Slot] | None = None
+        self._slots: dict[str, HostSlot] | None = None
         self._owned: set[str] = set()
         self._keys: list[str] | None = None
         self._job: _Job | None = None
@@ -264,7 +170,7 @@ class CheckpointEngine:
 
     def _plan(self, entries: list[tuple[str, torch.Tensor]]) -> None:
         """Decide once which chunks this rank copies and writes (a collective on the group)."""
-        mine = [(_chunk_id(k, t), _nbytes(t)) for k, t in entries]
+        mine = [(chunk_id(k, t), nbytes(t)) for k, t in entries]
         if self.distributed:
             held: list = [None] * self.world
             dist.all_gather_object(held, mine, group=self.group)
@@ -388,7 +294,7 @@ class CheckpointEngine:
             for i, (key, src) in enumerate(owned):
                 slot = self._slots.get(key)
                 if slot is None or not slot.matches(src):
-                    slot = self._slots[key] = _Slot(key, src, pin=self._stream is not None)
+                    slot = self._slots[key] = HostSlot(key, src, pin=self._stream is not None)
                 local = src._local_tensor if isinstance(src, DTensor) else src
                 with torch.no_grad():
                     slot.buf.copy_(local.detach(), non_blocking=self._stream is not None)
@@ -461,13 +367,6 @@ def _fsync_and_hash(root: str, names: list[str]) -> dict:
     if errors:
         raise errors[0]
     return entries
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
-
-    local = t._local_tensor if isinstance(t, DTensor) else t
-    return local.numel() * local.element_size()
 
 
 def _tensor_index(ckpt: str) -> dict:

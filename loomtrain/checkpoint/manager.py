@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -32,6 +31,7 @@ from loomtrain.checkpoint import resume as resume_lib
 from loomtrain.checkpoint import state as st
 from loomtrain.checkpoint.engine import CheckpointEngine
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
+from loomtrain.checkpoint.signals import StopOnSignal
 
 # How long a rank that raised waits for the others to agree on a final checkpoint; if they do not
 # all arrive (they are stuck in a collective, or dead) it gives up and exits without saving.
@@ -59,10 +59,8 @@ class Checkpointer:
         self._consistent_step = 0  # the last step whose optimizer update completed
         self._updating = False
         self._loader_state = None
-        self._stop_signal: int | None = None
-        self._old_handlers: dict = {}
+        self.stop = StopOnSignal(trainer.env.is_main)
         self._engine_failed = False
-        self._abort = False
         self._lock_fh = None
 
     # ------------------------------------------------------------------------------ setup
@@ -220,32 +218,9 @@ class Checkpointer:
             for other in every:
                 mine.update(other)
         have = {k: list(getattr(v, "size", [])) for k, v in md.items() if hasattr(v, "size")}
-        model_keys = {k for k in mine if k.startswith(fmt.MODEL_PREFIX)}
-        missing = sorted(k for k in mine if k not in have)
-        unexpected = sorted(k for k in have if k.startswith(fmt.MODEL_PREFIX) and k not in model_keys)
-        wrong = sorted(k for k in mine if k in have and have[k] != mine[k])
-        if not (missing or unexpected or wrong):
-            return
-
-        def name(key: str) -> str:
-            if key.startswith(fmt.MODEL_PREFIX):
-                return key[len(fmt.MODEL_PREFIX):]
-            return "optimizer state " + key[len(fmt.OPTIM_PREFIX):]
-
-        def names(keys) -> str:
-            shown = [name(k) for k in keys[:5]]
-            return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-
-        parts = []
-        if missing:
-            parts.append("missing from the checkpoint: " + names(missing))
-        if unexpected:
-            parts.append("parameters the model does not have: " + names(unexpected))
-        if wrong:
-            parts.append("shapes differ: " + ", ".join(f"{name(k)} (checkpoint {have[k]}, model {mine[k]})"
-                                                       for k in wrong[:5])
-                         + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
-        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
+        problem = st.mismatch(have, mine)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} does not match the model: {problem}")
 
     def _restore_rng(self, meta: dict) -> None:
         t = self.t
@@ -300,52 +275,14 @@ class Checkpointer:
         self._updating = False
         self._consistent_step = t.step
         self._loader_state = t.loader.state_dict()
-        stop = self._stop_agreed()
+        stop = self.stop.agreed(t.env.world_size, t.env.device)
         if self.engine is not None and self.every > 0 and t.step % self.every == 0 and t.step != self.last_saved_step:
             self.save()
         return stop
 
-    # ---------------------------------------------------------------------------- signals
     def begin_fit(self) -> None:
-        if not self.saving or threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-            except (ValueError, OSError):
-                pass
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:  # a second Ctrl-C / SIGTERM: stop at once, save nothing more
-            self._abort = True
-            self._restore_handlers()
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
-        self._stop_signal = signum
-        if self.is_main:
-            print(f"\nloomtrain: {signal.Signals(signum).name}: stopping after this step and committing a "
-                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def _restore_handlers(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            try:
-                signal.signal(sig, handler)
-            except (ValueError, OSError, TypeError):
-                pass
-        self._old_handlers = {}
-
-    def _stop_agreed(self) -> bool:
-        if not self._old_handlers:
-            return False
-        if self.t.env.world_size == 1 or not dist.is_initialized():
-            return self._stop_signal is not None
-        flag = torch.tensor([0 if self._stop_signal is None else self._stop_signal], device=self.t.env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        value = int(flag.item())
-        if value and self._stop_signal is None:
-            self._stop_signal = value
-        return value != 0
+        if self.saving:
+            self.stop.install()
 
     # ------------------------------------------------------------------------------- exit
     def end_fit(self, exc: BaseException | None = None) -> None:
@@ -357,18 +294,16 @@ class Checkpointer:
             elif self.engine is not None:
                 self._commit_after_error(exc)
         finally:
-            self._restore_handlers()
+            self.stop.restore()
             if self.engine is not None:
                 self.engine.close()
             self._release_lock()
-        if exc is None and self._stop_signal is not None:
-            name = signal.Signals(self._stop_signal).name
+        if exc is None and self.stop.signum is not None:
+            name = signal.Signals(self.stop.signum).name
             self._say(f"stopped by {name} after step {self.t.step}"
                       + (f"; checkpoint {self.engine.last_committed} committed" if self.engine and
                          self.engine.last_committed else ""))
-            if self._stop_signal == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + self._stop_signal)
+            self.stop.reraise()
 
     def _final_commit(self) -> None:
         if self.engine is None:
@@ -378,7 +313,7 @@ class Checkpointer:
         self.engine.wait()
 
     def _commit_after_error(self, exc: BaseException) -> None:
-        if self._abort:
+        if self.stop.abort:
             return
         try:
             self.engine.wait(timeout=600)

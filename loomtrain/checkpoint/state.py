@@ -186,3 +186,33 @@ def versions() -> dict:
     except ImportError:  # pragma: no cover
         out["transformers"] = None
     return out
+
+
+def mismatch(have: dict[str, list], mine: dict[str, list]) -> str | None:
+    """Compare the checkpoint's tensors (`have`: key -> global shape) with what the job needs
+    (`mine`); None when they match, else one line naming up to five tensors per problem: missing
+    ones, model parameters the model does not have, and shapes that differ."""
+    model_keys = {k for k in mine if k.startswith(MODEL_PREFIX)}
+    missing = sorted(k for k in mine if k not in have)
+    unexpected = sorted(k for k in have if k.startswith(MODEL_PREFIX) and k not in model_keys)
+    wrong = sorted(k for k in mine if k in have and have[k] != mine[k])
+    if not (missing or unexpected or wrong):
+        return None
+
+    def name(key: str) -> str:
+        if key.startswith(MODEL_PREFIX):
+            return key[len(MODEL_PREFIX):]
+        return "optimizer state " + key[len(OPTIM_PREFIX):]
+
+    def first_five(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    parts = []
+    if missing:
+        parts.append("missing from the checkpoint: " + first_five([name(k) for k in missing]))
+    if unexpected:
+        parts.append("parameters the model does not have: " + first_five([name(k) for k in unexpected]))
+    if wrong:
+        parts.append("shapes differ: " + first_five([f"{name(k)} (checkpoint {have[k]}, model {mine[k]})"
+                                                      for k in wrong]))
+    return "; ".join(parts)

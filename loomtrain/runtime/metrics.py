@@ -243,7 +243,7 @@ class MetricsWriter:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def summary(self, *, checkpoint_dir: str | None = None, total_time_s: float | None = None) -> str:
+    def summary(self, *, checkpoint: str | None = None, total_time_s: float | None = None) -> str:
         """End-of-run block: losses, throughput and MFU (first logged step excluded as warm-up),
         peak memory, wall time and where the metrics and checkpoints are."""
         recs = self._records
@@ -270,8 +270,8 @@ class MetricsWriter:
             lines.append(f"  peak memory  {fmt(max(mem) if mem else None, '.2f')} GB")
         lines.append(f"  total time   {elapsed:.1f} s")
         lines.append(f"  metrics      {self.path}")
-        if checkpoint_dir:
-            lines.append(f"  checkpoints  {checkpoint_dir}")
+        if checkpoint:
+            lines.append(f"  checkpoint   {checkpoint}")
         return "\n".join(lines)
 
 

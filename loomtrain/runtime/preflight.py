@@ -106,6 +106,11 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
 
             base = CostModel.from_config(hf_config)
             CostModel.from_json(coeffs, base=base) if isinstance(coeffs, str) else CostModel.from_dict(coeffs, base=base)
+        capacity = cfg.parallel.hetero_tokens_per_rank or cfg.data.seq_len
+        if cfg.data.seq_len > pool * capacity:  # a document of seq_len tokens would fit no group
+            raise ConfigError(f"parallel.sequence_scheduler=hetero: a sequence of data.seq_len={cfg.data.seq_len} "
+                              f"tokens does not fit {pool} ranks x parallel.hetero_tokens_per_rank={capacity}; "
+                              f"raise hetero_tokens_per_rank to at least {-(-cfg.data.seq_len // pool)} or lower seq_len")
         heads = getattr(hf_config, "num_attention_heads", 1)
         if heads % pool:
             raise ConfigError(f"parallel.sequence_scheduler=hetero may form a group of all {pool} ranks, which "

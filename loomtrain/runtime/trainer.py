@@ -270,6 +270,9 @@ class Trainer:
                                    progress=cfg.train.progress, total_steps=cfg.train.max_steps,
                                    start_step=self.step)
             self._print_banner()
+            if self.step >= cfg.train.max_steps:
+                print(f"loomtrain: resumed at step {self.step}, which is already train.max_steps="
+                      f"{cfg.train.max_steps}: nothing to train (raise train.max_steps to continue)", flush=True)
         result = FitResult(output_dir=cfg.train.output_dir)
         try:
             self._checkpoint_begin_fit()
@@ -293,8 +296,7 @@ class Trainer:
         if self.pipeline is not None and cfg.train.trace_pipeline:
             self._write_timeline()
         if writer is not None:
-            ckpt = getattr(self, "checkpointer", None)
-            result.summary = writer.summary(checkpoint_dir=ckpt.root if ckpt is not None and ckpt.saving else None)
+            result.summary = writer.summary(checkpoint=self._last_checkpoint())
             print(result.summary, flush=True)
         return result
 
@@ -333,6 +335,14 @@ class Trainer:
         from loomtrain.checkpoint.manager import Checkpointer
 
         return Checkpointer(self).setup()
+
+    def _last_checkpoint(self) -> str | None:
+        """The newest committed checkpoint of this run (or the one it resumed from), for the summary."""
+        ckpt = getattr(self, "checkpointer", None)
+        if ckpt is None:
+            return None
+        engine = ckpt.engine
+        return (engine.last_committed if engine is not None else None) or ckpt.resumed_from
 
     def _checkpoint_before_optimizer_step(self) -> None:
         if getattr(self, "checkpointer", None) is not None:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from loomtrain.parallel.context import set_group
-from loomtrain.parallel.hetero.planner import Plan, aligned_blocks, verify_same_plan
+from loomtrain.parallel.hetero.plan import Plan, aligned_blocks, verify_same_plan
 
 
 def pack_sequences(docs: list[np.ndarray], multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

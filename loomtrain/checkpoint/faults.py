@@ -1,0 +1,50 @@
+"""Fault injection for the crash tests: kill a process at a named point of a checkpoint save.
+
+LOOMTRAIN_CKPT_FAULT="PHASE@STEP[@RANK],..." SIGKILLs the process when the save of STEP reaches
+PHASE (copy, staged, written, manifest, renamed, pointer, pruning); LOOMTRAIN_CKPT_FAULT_SCOPE=job
+kills the launcher and all workers instead (the whole job, as a lost node would). Unset, the
+hook is None and costs nothing.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+FAULT_ENV = "LOOMTRAIN_CKPT_FAULT"
+FAULT_SCOPE_ENV = "LOOMTRAIN_CKPT_FAULT_SCOPE"
+
+
+def fault_hook(rank: int):
+    """A `fault(phase, step)` callable from LOOMTRAIN_CKPT_FAULT, or None when it is unset."""
+    spec = os.environ.get(FAULT_ENV, "").strip()
+    if not spec:
+        return None
+    points = set()
+    for item in spec.split(","):
+        parts = item.strip().split("@")
+        if len(parts) >= 2 and (len(parts) < 3 or int(parts[2]) == rank):
+            points.add((parts[0], int(parts[1])))
+
+    whole_job = os.environ.get(FAULT_SCOPE_ENV) == "job"
+
+    def fault(phase: str, step: int) -> None:
+        if (phase, step) in points:
+            if whole_job:  # the launcher (our parent) and every worker at once, as a lost node would
+                _kill_launcher_and_workers()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return fault
+
+
+def _kill_launcher_and_workers() -> None:
+    """SIGKILL the parent (torchrun's agent) and all its other children (each worker runs in a
+    session of its own, so a process-group kill would miss them)."""
+    try:
+        import psutil
+
+        agent = psutil.Process(os.getppid())
+        for proc in agent.children(recursive=True) + [agent]:
+            if proc.pid != os.getpid():
+                proc.kill()
+    except Exception:  # noqa: BLE001 -- a test hook: at least this process dies below
+        pass
