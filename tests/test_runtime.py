@@ -501,3 +501,16 @@ def test_parallel_layout_errors(overrides, world, needles):
     assert "\n" not in message
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+# --- torch.compile per block (the one compile test: a cold compile takes ~30-60 s on CPU) -------
+
+def test_compile_per_block_matches_eager(tmp_path):
+    """`parallel.compile=true` compiles every decoder block in place: parameter names keep no
+    `_orig_mod.` prefix, and 3 steps give the eager losses and weights (to reduction order)."""
+    from harness import assert_parity, reference
+
+    eager = reference(case("llama", "train.max_steps=3"), str(tmp_path / "eager"))
+    compiled = reference(case("llama", "train.max_steps=3", "parallel.compile=true"), str(tmp_path / "compiled"))
+    assert not any("_orig_mod" in name for name in compiled[1])
+    assert_parity(compiled, eager, "compiled blocks vs eager")

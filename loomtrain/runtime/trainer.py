@@ -266,13 +266,14 @@ class Trainer:
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         writer = None
         if env.is_main:
-            writer = MetricsWriter(cfg.train.output_dir, tensorboard=cfg.train.tensorboard,
-                                   progress=cfg.train.progress, total_steps=cfg.train.max_steps,
-                                   start_step=self.step)
-            self._print_banner()
+            self._print_banner()  # before the progress bar appears
             if self.step >= cfg.train.max_steps:
                 print(f"loomtrain: resumed at step {self.step}, which is already train.max_steps="
                       f"{cfg.train.max_steps}: nothing to train (raise train.max_steps to continue)", flush=True)
+            writer = MetricsWriter(cfg.train.output_dir, tensorboard=cfg.train.tensorboard,
+                                   progress=cfg.train.progress and self.step < cfg.train.max_steps,
+                                   total_steps=cfg.train.max_steps,
+                                   start_step=self.step)
         result = FitResult(output_dir=cfg.train.output_dir)
         try:
             self._checkpoint_begin_fit()
@@ -342,7 +343,8 @@ class Trainer:
         if ckpt is None:
             return None
         engine = ckpt.engine
-        return (engine.last_committed if engine is not None else None) or ckpt.resumed_from
+        path = (engine.last_committed if engine is not None else None) or ckpt.resumed_from
+        return os.path.abspath(path) if path else None
 
     def _checkpoint_before_optimizer_step(self) -> None:
         if getattr(self, "checkpointer", None) is not None:
