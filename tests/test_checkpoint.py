@@ -12,8 +12,8 @@ import torch
 
 from harness import case
 from loomtrain.checkpoint import format as fmt
-from loomtrain.checkpoint.hostcopy import assign_owners
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
+from loomtrain.checkpoint.hostcopy import assign_owners
 from loomtrain.checkpoint.manager import CheckpointWarning
 from loomtrain.config import load_config
 from loomtrain.errors import ConfigError, LoomError
@@ -107,6 +107,23 @@ def test_keep_prunes_and_buffers_are_reused(tmp_path):
     assert sorted(os.listdir(_root(out))) == [".lock", "latest", "step_00000004", "step_00000005"]
     assert len(bufs) == 5 and all(b == bufs[0] for b in bufs), "host buffers must be allocated once and reused"
     assert [r.step for r in engine.records] == [1, 2, 3, 4, 5] and all(r.path for r in engine.records)
+
+
+def test_host_buffers_are_allocated_before_the_first_save(tmp_path):
+    """After the first optimizer step the engine allocates (and touches) its host buffers in the
+    background, so the first save's copy does not pay for fresh memory; that save reuses them."""
+    trainer = Trainer(_cfg(str(tmp_path / "run"), "checkpoint.every=3", steps=3)).setup()
+    engine = trainer.checkpointer.engine
+    assert not engine.prepared
+    trainer.train_step()
+    trainer.checkpointer.after_step()
+    assert engine.prepared and engine._prepare.done.wait(60) and not engine.records
+    ptrs = {k: s.buf.data_ptr() for k, s in engine._slots.items()}
+    assert any(k.startswith("model.") for k in ptrs) and any(k.startswith("optim.state.") for k in ptrs)
+    assert all(float(s.buf.abs().sum()) == 0.0 for s in engine._slots.values())  # touched, not yet copied
+    trainer.fit()
+    assert [r.step for r in engine.records] == [3] and engine.records[0].path
+    assert {k: s.buf.data_ptr() for k, s in engine._slots.items()} == ptrs
 
 
 def test_leftovers_removed_and_incomplete_ignored(base, tmp_path):

@@ -14,8 +14,10 @@ Timeline of one checkpoint requested after optimizer step N (main thread | backg
                                               commits (meta, manifest, rename, latest, prune),
                                               broadcast the outcome
 
-Host buffers are allocated at the first save and reused, so at most one checkpoint is in flight
-and memory never grows: a request that arrives while the previous one is still writing waits.
+Host buffers are allocated once, in the background right after the first optimizer step
+(`prepare`: by then the optimizer state exists, and the first save's copy does not pay for fresh
+memory), and reused by every save, so at most one checkpoint is in flight and memory never grows:
+a request that arrives while the previous one is still writing waits.
 Forward and backward never write parameters or optimizer state (FSDP2 all-gathers *from* the
 shards; gradients are not saved), so the copy may overlap them; only the optimizer step may not.
 
@@ -74,6 +76,15 @@ class SaveRecord:
 
 
 @dataclass
+class _Prepare:
+    """Allocate (and touch) the host buffers before the first save needs them."""
+
+    entries: list[tuple[str, torch.Tensor]]
+    done: threading.Event = field(default_factory=threading.Event)
+    seconds: float = 0.0
+
+
+@dataclass
 class _Job:
     step: int
     entries: list[tuple[str, torch.Tensor]]
@@ -103,6 +114,7 @@ class CheckpointEngine:
         self._log = commit_log
         self._fault = fault_hook(dist.get_rank() if dist.is_initialized() else 0)
         self._slots: dict[str, HostSlot] | None = None
+        self._prepare: _Prepare | None = None
         self._owned: set[str] = set()
         self._keys: list[str] | None = None
         self._job: _Job | None = None
@@ -115,6 +127,21 @@ class CheckpointEngine:
     @property
     def in_flight(self) -> bool:
         return self._job is not None and not self._job.done.is_set()
+
+    @property
+    def prepared(self) -> bool:
+        return self._slots is not None
+
+    def prepare(self, entries: list[tuple[str, torch.Tensor]]) -> None:
+        """Decide who writes what (a collective on the group) and allocate this rank's host buffers
+        in the background, page by page, before the first save. Without it the first save's copy
+        pays for the allocation (pinned memory on CUDA; page faults on CPU: 1.5 s instead of 0.12 s
+        for 0.68 GB here), outlasts a forward/backward, and stalls the optimizer step."""
+        if self._slots is not None:
+            return
+        self._plan(entries)
+        self._prepare = _Prepare(list(entries))
+        self._queue.put(self._prepare)
 
     def request(self, step: int, entries: list[tuple[str, torch.Tensor]], meta: dict) -> float:
         """Start saving the state after optimizer step `step`. `entries` are references to the live
@@ -194,6 +221,18 @@ class CheckpointEngine:
             job = self._queue.get()
             if job is None:
                 return
+            if isinstance(job, _Prepare):
+                start = time.perf_counter()
+                try:
+                    for key, src in job.entries:
+                        if key in self._owned:
+                            self._slot(key, src).buf.zero_()  # touch every page now, not in the copy
+                except BaseException:  # noqa: BLE001 -- the first save allocates what is missing
+                    pass
+                job.seconds = time.perf_counter() - start
+                job.entries = []  # no references to live tensors beyond this
+                job.done.set()
+                continue
             try:
                 self._run(job)
             except BaseException as exc:  # never leave the main thread waiting forever
@@ -292,9 +331,7 @@ class CheckpointEngine:
             if self._stream is not None:
                 self._stream.wait_event(job.cuda_event)
             for i, (key, src) in enumerate(owned):
-                slot = self._slots.get(key)
-                if slot is None or not slot.matches(src):
-                    slot = self._slots[key] = HostSlot(key, src, pin=self._stream is not None)
+                slot = self._slot(key, src)
                 local = src._local_tensor if isinstance(src, DTensor) else src
                 with torch.no_grad():
                     slot.buf.copy_(local.detach(), non_blocking=self._stream is not None)
@@ -304,6 +341,13 @@ class CheckpointEngine:
         if self._stream is not None:
             self._stream.synchronize()
         return {k: self._slots[k].value for k, _ in owned}
+
+    def _slot(self, key: str, src: torch.Tensor) -> HostSlot:
+        """The reused host buffer for `key` (background thread only)."""
+        slot = self._slots.get(key)
+        if slot is None or not slot.matches(src):
+            slot = self._slots[key] = HostSlot(key, src, pin=self._stream is not None)
+        return slot
 
     def _all_ok(self, ok: bool) -> bool:
         if not self.distributed:

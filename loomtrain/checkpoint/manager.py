@@ -276,6 +276,8 @@ class Checkpointer:
         self._consistent_step = t.step
         self._loader_state = t.loader.state_dict()
         stop = self.stop.agreed(t.env.world_size, t.env.device)
+        if self.engine is not None and not self.engine.prepared:  # the optimizer state exists from now on
+            self.engine.prepare(st.model_entries(self._model) + st.optim_entries(self._model, t.optimizer))
         if self.engine is not None and self.every > 0 and t.step % self.every == 0 and t.step != self.last_saved_step:
             self.save()
         return stop
