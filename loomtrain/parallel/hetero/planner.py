@@ -16,9 +16,11 @@ makes the same choice greedily, in tens of milliseconds, so every rank can run i
 3. Short sequences in bulk: `_waterfill` decides how much work each step takes (filling idle
    time beside long sequences first), then one heap places them longest first on the group
    furthest below its step's level (LPT), within each rank's token capacity.
-4. Portfolio: a few alphas and micro-step counts, and the same packer with one degree for every
-   group (each feasible degree); the fastest plan by the cost model wins, so the result is never
-   slower than the best homogeneous plan.
+4. Portfolio: a few alphas and micro-step counts; then, for the winner, its few longest
+   sequences narrowed to fit one tall step (`_heterogeneous`), and a local search that moves
+   sequences off each step's slowest group (`polish.py`). The same packer with one degree for
+   every group (each feasible degree) competes; the fastest plan by the cost model wins, so the
+   result is never slower than the best homogeneous plan.
 
 Plain data in, ties broken by index: every rank computes the same plan, which
 `Plan.fingerprint64` lets the executor check with one all-gather before running it.
@@ -34,6 +36,7 @@ import numpy as np
 
 from loomtrain.parallel.hetero.costmodel import CostModel
 from loomtrain.parallel.hetero.plan import Group, MicroStep, Plan, PlanError, check_ranks
+from loomtrain.parallel.hetero.polish import polish
 
 
 # ------------------------------------------------------------------------- the batch
@@ -51,6 +54,7 @@ class _Batch:
     kmin: np.ndarray  # smallest degree exponent whose memory holds the sequence
     time_np: np.ndarray  # time as an array [i, k]
     order: list  # longest first, ties by index (time grows with length at every degree)
+    tok_np: np.ndarray  # tok as an array [i, k]
 
 
 def _prepare(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostModel | None) -> _Batch:
@@ -73,7 +77,7 @@ def _prepare(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostMode
     lat = tuple(cost.group_overhead(int(d)) for d in degrees)
     order = np.lexsort((np.arange(arr.size), -arr)).tolist()
     return _Batch(tuple(arr.tolist()), n_ranks, capacity, cost, t.T.tolist(), tok.T.tolist(),
-                  lat, kmin, t, order)
+                  lat, kmin, t, order, tok)
 
 
 # ------------------------------------------------------------------------- the packer
@@ -279,11 +283,17 @@ def _homogeneous(b: _Batch, k: int) -> _Candidate:
                                                         1 << k)), key=lambda c: (c.time, c.n_steps))
 
 
-def _heterogeneous(b: _Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3))) \
-        -> _Candidate | None:
+def _heterogeneous(b: _Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3)),
+                   betas=(0.45, 0.65, 0.9), n_long=3) -> _Candidate | None:
     """Degrees: the smallest that holds a sequence, widened until it runs within alpha x tau.
     The alphas step by sqrt(2) around 1: half a degree-doubling, so a sequence near the
-    threshold is tried at both of its candidate degrees."""
+    threshold is tried at both of its candidate degrees.
+
+    tau is a per-step share, but micro-steps need not be equal: one tall step can hold the
+    longest sequences on narrow groups (least GPU-time; a degree over a node pays the NIC) while
+    the rest fill it, and a short step takes what is left. So the `n_long` longest sequences of
+    the winner are then given the smallest degree within beta x its GPU-time / N, for each
+    beta, at its micro-step count and one fewer (a taller step may save one). Last, `polish`."""
     if not b.lengths:
         return None
     ks = np.arange(b.n_ranks.bit_length())
@@ -301,12 +311,26 @@ def _heterogeneous(b: _Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3
             ok = feasible & (alone <= tau)
             kreq = np.where(ok.any(axis=1), np.argmax(ok, axis=1), fastest)
             tau = alpha * float(rank_time[rows, kreq].sum()) / (b.n_ranks * m)
+        return pack(m, kreq)
+
+    def pack(m, kreq):
         key = (m, kreq.tobytes())
         if key not in cache:  # another alpha may land on the same degrees
             cache[key] = _candidate(b, _pack(b, kreq.tolist(), m, 0), "hetero", None)
+            used[id(cache[key])] = (m, kreq)
         return cache[key]
+    used: dict = {}
     cands = [c for a in alphas for c in _search_steps(b, 0, lambda m: run(m, a), shared=False)]
-    return min(cands, key=lambda c: (c.time, c.n_steps))
+    best = min(cands, key=lambda c: (c.time, c.n_steps))
+    m0, k0 = used[id(best)]
+    top = np.asarray(b.order[:n_long])
+    for beta in betas:  # the longest few: the smallest degree within beta x GPU-time / N
+        ok = feasible[top] & (alone[top] <= beta * float(rank_time[rows, k0].sum()) / b.n_ranks)
+        kreq = k0.copy()
+        kreq[top] = np.where(ok.any(axis=1), np.argmax(ok, axis=1), k0[top])
+        for c in (pack(m, kreq) for m in (m0 - 1, m0) if m >= 1):
+            best = c if c is not None and (c.time, c.n_steps) < (best.time, best.n_steps) else best
+    return _candidate(b, polish(b, best.bins), "hetero", None)
 
 
 @dataclass(frozen=True)

