@@ -66,16 +66,6 @@ def _overrides(a) -> list[str]:
             "checkpoint.keep=1"]
 
 
-def _fsync_tree(path: str) -> None:
-    for base, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(base, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def _free_port() -> int:
     import socket
 

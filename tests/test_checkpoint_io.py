@@ -206,6 +206,19 @@ class Sneaky:
     """Anything a weights-only load must refuse to construct."""
 
 
+def test_export_names_tensors_that_do_not_match_the_model():
+    from loomtrain.checkpoint.hf import match_model
+
+    model = torch.nn.Linear(2, 3)
+    index = {"model.weight": {"shape": [3, 2]}, "model.bias": {"shape": [4]}, "model.extra": {"shape": [1]}}
+    with pytest.raises(fmt.CheckpointError) as info:
+        match_model("/ckpt", model, index)
+    assert str(info.value) == ("checkpoint /ckpt: its tensors do not match the Linear its config builds: parameters "
+                               "the model does not have: extra; shapes differ: bias (checkpoint [4], model [3])")
+    assert match_model("/ckpt", model, {"model.weight": {"shape": [3, 2]}, "model.bias": {"shape": [3]}}) == \
+        ["weight", "bias"]
+
+
 def test_errors_are_one_line(runs, tmp_path, capsys):
     _, root, _ = runs["gpt2"]
     empty = tmp_path / "empty"

@@ -1,4 +1,5 @@
-"""Atomic commit, the `latest` pointer, pruning and start-up clean-up (rank 0's file operations).
+"""The file operations of a save: every rank's data files (written without zip CRC32s, fsync'ed
+while hashed), then rank 0's atomic commit, the `latest` pointer, pruning and start-up clean-up.
 
 Commit of a checkpoint that every rank has written into `step_N.tmp-<id>/` and agreed on:
 
@@ -15,10 +16,12 @@ start removes) or the new one complete: a directory named `step_N` always has it
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import sys
+import threading
 
 from loomtrain.checkpoint import format as fmt
 
@@ -100,11 +103,10 @@ def _set_aside(path: str, run_id: str) -> str:
     return aside
 
 
-def commit(root: str, tmp: str, step: int, meta: dict, files: dict[str, dict], *, keep: int, run_id: str,
-           fault=None, log=None) -> str:
-    """Steps 1-5 above; `files` holds the manifest entries of the data files the ranks wrote.
-    Returns the committed directory."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+def write_manifest(tmp: str, step: int, meta: dict, files: dict[str, dict]) -> None:
+    """Step 1: `meta.json`, then `manifest.json` over it, DCP's `.metadata` and the data files
+    whose entries (`files`: name -> size, sha256) the writers computed; each fsync'ed, then the
+    directory. Also how an offline writer (an import) finishes its checkpoint."""
     files = dict(files)
     fmt.write_json(os.path.join(tmp, fmt.META_FILE), meta)
     for name in (fmt.DCP_METADATA_FILE, fmt.META_FILE):
@@ -115,6 +117,14 @@ def commit(root: str, tmp: str, step: int, meta: dict, files: dict[str, dict], *
                 "files": dict(sorted(files.items()))}
     fmt.write_json(os.path.join(tmp, fmt.MANIFEST_FILE), manifest)
     fmt.fsync_path(tmp)
+
+
+def commit(root: str, tmp: str, step: int, meta: dict, files: dict[str, dict], *, keep: int, run_id: str,
+           fault=None, log=None) -> str:
+    """Steps 1-5 above; `files` holds the manifest entries of the data files the ranks wrote.
+    Returns the committed directory."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    write_manifest(tmp, step, meta, files)
     _fault(fault, "manifest")
 
     final = os.path.join(root, fmt.step_dir_name(step))
@@ -138,3 +148,43 @@ def commit(root: str, tmp: str, step: int, meta: dict, files: dict[str, dict], *
     for aside in asides:
         shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def without_zip_crc32():
+    """torch.save's per-record zip CRC32 is 70-90% of the CPU time of writing a checkpoint on CPU
+    (0.9-2.2 s vs 0.26 s for 0.7 GB here) and buys nothing: torch.load does not check it, and the
+    manifest's sha256 is the integrity check. The switch is process-wide (torch's own
+    `set_crc32_options`): a `torch.save` another thread makes during a checkpoint write gets zero
+    CRCs, which torch.load reads fine."""
+    import torch  # here, not at the top: the offline tools (`loomtrain ckpt inspect`) stay torch-free
+
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+def fsync_and_hash(root: str, names: list[str]) -> dict:
+    """fsync this rank's data files (a second thread: mostly waiting on the disk) while hashing
+    them (this thread: CPU), so that durability and the checksums cost about the longer of the two."""
+    errors: list = []
+
+    def sync():
+        try:
+            for name in names:
+                fmt.fsync_path(os.path.join(root, name), strict=True)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    syncer = threading.Thread(target=sync, name="loomtrain-checkpoint-fsync", daemon=True)
+    syncer.start()
+    try:
+        entries = {name: fmt.file_entry(os.path.join(root, name)) for name in names}
+    finally:
+        syncer.join()
+    if errors:
+        raise errors[0]
+    return entries

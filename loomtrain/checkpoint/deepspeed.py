@@ -25,7 +25,6 @@ wrapper prefix such as `module.` is dropped) and written as `model.<name>` and
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from loomtrain.checkpoint import format as fmt
@@ -104,22 +103,12 @@ def _optim_tensors(st: DeepSpeedState, model, prefix: str) -> tuple[dict, list[s
     return out, fresh
 
 
-def _versions(ds_version) -> dict:
-    import numpy
-    import torch
-    import transformers
-
-    import loomtrain
-
-    return {"loomtrain": loomtrain.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": numpy.__version__, "python": sys.version.split()[0], "deepspeed": ds_version}
-
-
 def import_deepspeed(ds_path: str, out_root: str, cfg, tag: str | None = None) -> dict:
     """Convert the DeepSpeed checkpoint `ds_path` into `out_root/step_N` for the model `cfg`
     builds (a loomtrain `Config`); returns a summary. See the module docstring."""
     from loomtrain.checkpoint import offline
     from loomtrain.checkpoint.hf import build_skeleton
+    from loomtrain.checkpoint.state import versions
     from loomtrain.runtime.optim import lr_lambda
 
     st = read_deepspeed(ds_path, tag)
@@ -146,7 +135,7 @@ def import_deepspeed(ds_path: str, out_root: str, cfg, tag: str | None = None) -
         "layout": {"world_size": st.dp_world_size, "dp_size": st.dp_world_size, "zero": st.stage, "device": None,
                    "degrees": {"dp_replicate": 1, "dp_shard": st.dp_world_size, "cp": 1, "tp": 1, "pp": 1},
                    "source": "deepspeed"},
-        "versions": _versions(st.ds_version),
+        "versions": {**versions(), "deepspeed": st.ds_version},
         "imported_from": source,
     }
     path = offline.write_checkpoint(out_root, st.step, tensors, meta)

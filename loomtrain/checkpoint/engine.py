@@ -26,8 +26,8 @@ Every collective of the background thread runs on a process group of its own
 from a second thread. A tensor held by several ranks (replicated parameters, AdamW's `step`) is
 copied and written by one of them only, chosen once per run to balance bytes.
 
-Which rank writes which chunk, and the host buffers: `hostcopy.py`. The crash tests' fault
-points (`_fault_at(phase, step)`): `faults.py`.
+Which rank writes which chunk, and the host buffers: `hostcopy.py`. Writing the files durably
+and the commit: `commit.py`. The crash tests' fault points (`_fault_at(phase, step)`): `faults.py`.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from loomtrain.checkpoint import commit as commit_lib
 from loomtrain.checkpoint import format as fmt
 from loomtrain.checkpoint.faults import fault_hook
 from loomtrain.checkpoint.format import CheckpointError
-from loomtrain.checkpoint.hostcopy import HostSlot, assign_owners, chunk_id, nbytes
+from loomtrain.checkpoint.hostcopy import HostSlot, assign_owners, chunk_id, local_of, nbytes
 
 # DCP warns on every call without a process group; a single process is a supported case here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
@@ -81,7 +81,6 @@ class _Prepare:
 
     entries: list[tuple[str, torch.Tensor]]
     done: threading.Event = field(default_factory=threading.Event)
-    seconds: float = 0.0
 
 
 @dataclass
@@ -222,16 +221,7 @@ class CheckpointEngine:
             if job is None:
                 return
             if isinstance(job, _Prepare):
-                start = time.perf_counter()
-                try:
-                    for key, src in job.entries:
-                        if key in self._owned:
-                            self._slot(key, src).buf.zero_()  # touch every page now, not in the copy
-                except BaseException:  # noqa: BLE001 -- the first save allocates what is missing
-                    pass
-                job.seconds = time.perf_counter() - start
-                job.entries = []  # no references to live tensors beyond this
-                job.done.set()
+                self._allocate(job)
                 continue
             try:
                 self._run(job)
@@ -240,6 +230,18 @@ class CheckpointEngine:
             finally:
                 job.snapshot_done.set()
                 job.done.set()
+
+    def _allocate(self, job: _Prepare) -> None:
+        """Create this rank's host buffers and touch every page now, not in the first copy."""
+        try:
+            for key, src in job.entries:
+                if key in self._owned:
+                    self._slot(key, src).buf.zero_()
+        except Exception:  # noqa: BLE001 -- the first save allocates whatever is missing
+            pass
+        finally:
+            job.entries = []  # no references to live tensors beyond this
+            job.done.set()
 
     def _fault_at(self, phase: str, step: int) -> None:
         if self._fault is not None:
@@ -272,7 +274,7 @@ class CheckpointEngine:
                 import torch.distributed.checkpoint as dcp
 
                 # Files are fsync'ed below, overlapped with hashing them (I/O wait vs CPU).
-                with _without_zip_crc32():
+                with commit_lib.without_zip_crc32():
                     dcp.save(value_sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False),
                              process_group=self.group, no_dist=not self.distributed)
             except Exception as exc:  # noqa: BLE001
@@ -286,7 +288,7 @@ class CheckpointEngine:
             try:
                 prefix = f"__{self.rank}_"
                 names = [n for n in sorted(os.listdir(tmp)) if n.startswith(prefix) and n.endswith(".distcp")]
-                files = _fsync_and_hash(tmp, names)
+                files = commit_lib.fsync_and_hash(tmp, names)
             except Exception as exc:  # noqa: BLE001
                 ok, error = False, f"syncing/hashing {tmp} failed: {type(exc).__name__}: {exc}"
         rec.hash_s = time.perf_counter() - th
@@ -305,7 +307,7 @@ class CheckpointEngine:
                 try:
                     meta = dict(job.meta)
                     meta["rng"] = {"per_rank": [g["rng"] for g in gathered]}
-                    meta["tensors"] = _tensor_index(tmp)
+                    meta["tensors"] = fmt.dcp_tensor_index(tmp)
                     all_files = {k: v for g in gathered for k, v in g["files"].items()}
                     path = commit_lib.commit(self.root, tmp, job.step, meta, all_files, keep=self.keep,
                                              run_id=self.run_id, log=self._log,
@@ -322,19 +324,16 @@ class CheckpointEngine:
 
     def _stage(self, job: _Job) -> dict:
         """Copy this rank's chunks into the host buffers; returns the DCP state dict over them."""
-        from torch.distributed.tensor import DTensor
-
         owned = [(k, t) for k, t in job.entries if k in self._owned]
         half = len(owned) // 2
-        ctx = torch.cuda.stream(self._stream) if self._stream is not None else _nullcontext()
+        ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with ctx:
             if self._stream is not None:
                 self._stream.wait_event(job.cuda_event)
             for i, (key, src) in enumerate(owned):
                 slot = self._slot(key, src)
-                local = src._local_tensor if isinstance(src, DTensor) else src
                 with torch.no_grad():
-                    slot.buf.copy_(local.detach(), non_blocking=self._stream is not None)
+                    slot.buf.copy_(local_of(src).detach(), non_blocking=self._stream is not None)
                 job.record.bytes += slot.buf.numel() * slot.buf.element_size()
                 if i == half:
                     self._fault_at("copy", job.step)
@@ -369,64 +368,3 @@ class CheckpointEngine:
         box = [outcome]
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
         return box[0]
-
-
-@contextlib.contextmanager
-def _without_zip_crc32():
-    """torch.save's per-record zip CRC32 is 70-90% of the CPU time of writing a checkpoint on CPU
-    (0.9-2.2 s vs 0.26 s for 0.7 GB here) and buys nothing: torch.load does not check it, and the
-    manifest's sha256 is the integrity check. The switch is process-wide (torch's own
-    `set_crc32_options`): a `torch.save` another thread makes during a checkpoint write gets zero
-    CRCs, which torch.load reads fine."""
-    previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(previous)
-
-
-def _fsync_and_hash(root: str, names: list[str]) -> dict:
-    """fsync this rank's data files (a second thread: mostly waiting on the disk) while hashing
-    them (this thread: CPU), so that durability and the checksums cost about the longer of the two."""
-    errors: list = []
-
-    def sync():
-        try:
-            for name in names:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    syncer = threading.Thread(target=sync, name="loomtrain-checkpoint-fsync", daemon=True)
-    syncer.start()
-    try:
-        entries = {name: fmt.file_entry(os.path.join(root, name)) for name in names}
-    finally:
-        syncer.join()
-    if errors:
-        raise errors[0]
-    return entries
-
-
-def _tensor_index(ckpt: str) -> dict:
-    md = fmt.load_dcp_metadata(ckpt)
-    out = {}
-    for key, item in sorted(md.state_dict_metadata.items()):
-        size = getattr(item, "size", None)
-        props = getattr(item, "properties", None)
-        if size is not None:
-            out[key] = {"shape": list(size), "dtype": str(props.dtype).replace("torch.", "") if props else None}
-    return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -91,6 +91,7 @@ Reading one (no process group needed)
 ``list_committed(root)`` -> [(step, path)] newest first; ``read_manifest(path)``,
 ``read_meta(path)`` (JSON); ``verify_files(path, manifest, names, checksum)``;
 ``load_dcp_metadata(path)`` (DCP's index, through the allow-list unpickler);
+``dcp_tensor_index(path)`` (that index as meta.json's ``tensors``);
 ``read_tensors(path, prefix="model.")`` -> full CPU tensors by key (an HF export takes the
 ``model.`` keys, strips the prefix and drops tied duplicates); ``safe_reader(path)`` is the
 `FileSystemReader` to give `dcp.load` for sharded loads. Resuming a training job is
@@ -125,6 +126,19 @@ class CheckpointError(LoomError):
 
 class CorruptCheckpointError(CheckpointError):
     """A committed checkpoint whose files do not match its manifest (or cannot be read)."""
+
+
+def problem(exc: CheckpointError) -> str:
+    """What is wrong, without the 'corrupt checkpoint PATH: ' prefix (for messages that name the
+    checkpoint themselves)."""
+    text = str(exc)
+    return text.split(": ", 1)[1] if text.startswith("corrupt checkpoint") and ": " in text else text
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception from deep inside (DCP, torch), for a one-line message."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else ""
 
 
 # ----------------------------------------------------------------------------------- naming
@@ -189,17 +203,21 @@ def file_entry(path: str) -> dict:
     return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
-def fsync_path(path: str) -> None:
-    """fsync a file or directory (directories: so that a rename in it is durable)."""
+def fsync_path(path: str, strict: bool = False) -> None:
+    """fsync a file or directory (directories: so that a rename in it is durable). Errors are
+    ignored unless `strict` (a data file that may not reach the disk must fail its save)."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
     try:
         fd = os.open(path, flags)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)
 
@@ -318,6 +336,22 @@ def load_dcp_metadata(ckpt: str):
     except Exception as exc:  # truncated or garbled pickle
         raise CorruptCheckpointError(
             f"corrupt checkpoint {ckpt}: {DCP_METADATA_FILE} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def dtype_name(dtype) -> str:
+    """'float32' for torch.float32 (as meta.json's tensor index writes dtypes)."""
+    return str(dtype).replace("torch.", "")
+
+
+def dcp_tensor_index(ckpt: str) -> dict[str, dict]:
+    """`{key: {"shape": [...], "dtype": "float32"}}` of every tensor in DCP's own index (what
+    meta.json's `tensors` holds), read through the allow-list unpickler."""
+    out = {}
+    for key, item in sorted(load_dcp_metadata(ckpt).state_dict_metadata.items()):
+        size, props = getattr(item, "size", None), getattr(item, "properties", None)
+        if size is not None:
+            out[key] = {"shape": list(size), "dtype": dtype_name(props.dtype) if props else None}
+    return out
 
 
 def safe_reader(ckpt: str):

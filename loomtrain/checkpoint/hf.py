@@ -133,24 +133,14 @@ def tied_duplicates(model) -> dict[str, str]:
 def match_model(ckpt: str, model, index: dict) -> list[str]:
     """State-dict names of `model`, checked against the checkpoint's `model.*` tensors (same names,
     same shapes, nothing extra); raises one line naming what differs."""
-    want = {n: list(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
-    have = {k[len(fmt.MODEL_PREFIX):]: v["shape"] for k, v in index.items() if k.startswith(fmt.MODEL_PREFIX)}
-    missing = [n for n in want if n not in have]
-    extra = [n for n in have if n not in want]
-    wrong = [n for n in want if n in have and list(have[n]) != want[n]]
-    if missing or extra or wrong:
-        parts = []
-        def few(names: list[str]) -> str:
-            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    from loomtrain.checkpoint.state import mismatch
 
-        if missing:
-            parts.append(f"missing {few(missing)}")
-        if extra:
-            parts.append(f"unexpected {few(extra)}")
-        if wrong:
-            parts.append("shape of " + ", ".join(f"{n} {have[n]} vs {want[n]}" for n in wrong[:3]))
+    want = {n: list(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+    have = {k: list(v["shape"]) for k, v in index.items() if k.startswith(fmt.MODEL_PREFIX)}
+    problem = mismatch(have, {fmt.MODEL_PREFIX + n: shape for n, shape in want.items()})
+    if problem:
         raise CheckpointError(f"checkpoint {ckpt}: its tensors do not match the {type(model).__name__} its config "
-                              "builds: " + "; ".join(parts))
+                              f"builds: {problem}")
     return list(want)
 
 

@@ -2,13 +2,21 @@
 
 A tensor that several ranks hold identically (a replicated parameter, AdamW's `step`, a ZeRO-0
 replica) is written once: `assign_owners` picks one holder per chunk, balancing bytes, the same
-answer on every rank. Each owned chunk gets a `HostSlot`: a host buffer allocated at the first
-save and reused by every later one (so checkpointing never grows memory), wrapped in the chunk's
-DTensor spec so DCP writes it at its global offset.
+answer on every rank. Each owned chunk gets a `HostSlot`: a host buffer allocated once (right
+after the first optimizer step, `CheckpointEngine.prepare`) and reused by every save (so
+checkpointing never grows memory), wrapped in the chunk's DTensor spec so DCP writes it at its
+global offset.
 """
 from __future__ import annotations
 
 import torch
+
+
+def local_of(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this rank holds: a DTensor's local shard, a plain tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 class HostSlot:
@@ -17,7 +25,7 @@ class HostSlot:
     def __init__(self, key: str, src: torch.Tensor, pin: bool):
         from torch.distributed.tensor import DTensor
 
-        local = src._local_tensor if isinstance(src, DTensor) else src
+        local = local_of(src)
         self.key = key
         self.shape, self.dtype = tuple(local.shape), local.dtype
         self.buf = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=pin)
@@ -29,9 +37,7 @@ class HostSlot:
             self.value = self.buf
 
     def matches(self, src: torch.Tensor) -> bool:
-        from torch.distributed.tensor import DTensor
-
-        local = src._local_tensor if isinstance(src, DTensor) else src
+        local = local_of(src)
         return tuple(local.shape) == self.shape and local.dtype == self.dtype
 
 
@@ -66,7 +72,5 @@ def assign_owners(held: list[list[tuple[tuple, int]]]) -> dict[tuple, int]:
 
 
 def nbytes(t: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
-
-    local = t._local_tensor if isinstance(t, DTensor) else t
+    local = local_of(t)
     return local.numel() * local.element_size()

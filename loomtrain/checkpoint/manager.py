@@ -175,7 +175,7 @@ class Checkpointer:
             problem = fmt.verify_files(path, manifest, names[rank::world],
                                        checksum=self.cfg.checkpoint.verify == "checksum")
         except CheckpointError as exc:
-            problem = str(exc).split(": ", 1)[-1] if str(exc).startswith("corrupt checkpoint") else str(exc)
+            problem = fmt.problem(exc)
         if self.group is None:
             return problem
         found: list = [None] * dist.get_world_size(self.group)
@@ -197,7 +197,7 @@ class Checkpointer:
                      no_dist=self.group is None)
         except Exception as exc:  # noqa: BLE001 -- one line naming the checkpoint
             raise CorruptCheckpointError(f"corrupt checkpoint {path}: reading its tensors failed "
-                                         f"({type(exc).__name__}: {_first_line(exc)})") from exc
+                                         f"({type(exc).__name__}: {fmt.first_line(exc)})") from exc
         t.loader.load_state_dict(meta["data"])
         st.restore_scheduler(t.scheduler, t.optimizer, meta.get("scheduler") or {})
         self._restore_rng(meta)
@@ -383,8 +383,3 @@ def _timedelta(seconds: float):
     import datetime
 
     return datetime.timedelta(seconds=seconds)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""

@@ -14,6 +14,7 @@ import shutil
 import uuid
 import warnings
 
+from loomtrain.checkpoint import commit as commit_lib
 from loomtrain.checkpoint import format as fmt
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
 
@@ -48,12 +49,7 @@ def tensor_index(ckpt: str, meta: dict | None = None) -> dict[str, dict]:
     index = (meta or {}).get("tensors")
     if isinstance(index, dict) and index and all(isinstance(v, dict) and "shape" in v for v in index.values()):
         return index
-    out = {}
-    for key, item in sorted(fmt.load_dcp_metadata(ckpt).state_dict_metadata.items()):
-        size, props = getattr(item, "size", None), getattr(item, "properties", None)
-        if size is not None:
-            out[key] = {"shape": list(size), "dtype": str(props.dtype).replace("torch.", "") if props else None}
-    return out
+    return fmt.dcp_tensor_index(ckpt)
 
 
 def load_tensors(ckpt: str, keys: list[str]) -> dict:
@@ -77,14 +73,9 @@ def load_tensors(ckpt: str, keys: list[str]) -> dict:
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 -- a truncated or garbled data file
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: reading its tensors failed "
-                                     f"({type(exc).__name__}: {first})") from None
+                                     f"({type(exc).__name__}: {fmt.first_line(exc, 200)})") from None
     return out
-
-
-def dtype_name(t) -> str:
-    return str(t.dtype).replace("torch.", "")
 
 
 def write_checkpoint(root: str, step: int, tensors: dict, meta: dict) -> str:
@@ -106,24 +97,18 @@ def write_checkpoint(root: str, step: int, tensors: dict, meta: dict) -> str:
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(dict(tensors), storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
         meta = dict(meta, format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION, step=int(step))
-        meta["tensors"] = {k: {"shape": list(t.shape), "dtype": dtype_name(t)} for k, t in sorted(tensors.items())}
-        fmt.write_json(os.path.join(tmp, fmt.META_FILE), meta)
-        files = {}
-        for name in sorted(os.listdir(tmp)):
+        meta["tensors"] = {k: {"shape": list(t.shape), "dtype": fmt.dtype_name(t.dtype)}
+                           for k, t in sorted(tensors.items())}
+        data = {}
+        for name in sorted(n for n in os.listdir(tmp) if n.endswith(".distcp")):
             path = os.path.join(tmp, name)
             fmt.fsync_path(path)
-            files[name] = fmt.file_entry(path)
-        fmt.write_json(os.path.join(tmp, fmt.MANIFEST_FILE), {
-            "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "step": int(step), "files": files})
-        fmt.fsync_path(tmp)
+            data[name] = fmt.file_entry(path)
+        commit_lib.write_manifest(tmp, step, meta, data)
         os.rename(tmp, final)
         fmt.fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    newest = fmt.list_committed(root)[0][1]
-    latest_tmp = os.path.join(root, f"{fmt.LATEST_FILE}.tmp-{run_id}")
-    with open(latest_tmp, "w", encoding="utf-8") as fh:
-        fh.write(os.path.basename(newest) + "\n")
-    os.replace(latest_tmp, os.path.join(root, fmt.LATEST_FILE))
+    commit_lib.write_latest(root, os.path.basename(fmt.list_committed(root)[0][1]), run_id)
     return final

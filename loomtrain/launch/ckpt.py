@@ -194,14 +194,10 @@ def verify(ckpt: str, checksum: bool = False) -> str | None:
     from loomtrain.checkpoint import format as fmt
     from loomtrain.checkpoint.format import CheckpointError
 
-    def short(exc: Exception) -> str:
-        text = str(exc)
-        return text.split(": ", 1)[1] if text.startswith("corrupt checkpoint") and ": " in text else text
-
     try:
         manifest = fmt.read_manifest(ckpt)
     except CheckpointError as exc:
-        return short(exc)
+        return fmt.problem(exc)
     problem = fmt.verify_files(ckpt, manifest, sorted(manifest["files"]), checksum=checksum)
     if problem:
         return problem
@@ -209,7 +205,7 @@ def verify(ckpt: str, checksum: bool = False) -> str | None:
         meta = fmt.read_meta(ckpt)
         md = fmt.load_dcp_metadata(ckpt)
     except CheckpointError as exc:
-        return short(exc)
+        return fmt.problem(exc)
     if meta["step"] != manifest.get("step"):
         return f"meta.json says step {meta['step']}, manifest.json step {manifest.get('step')}"
     dir_step = fmt.parse_step_dir(os.path.basename(ckpt))

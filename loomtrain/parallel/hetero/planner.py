@@ -316,13 +316,12 @@ def _heterogeneous(b: _Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3
     def pack(m, kreq):
         key = (m, kreq.tobytes())
         if key not in cache:  # another alpha may land on the same degrees
-            cache[key] = _candidate(b, _pack(b, kreq.tolist(), m, 0), "hetero", None)
-            used[id(cache[key])] = (m, kreq)
-        return cache[key]
-    used: dict = {}
+            cache[key] = (_candidate(b, _pack(b, kreq.tolist(), m, 0), "hetero", None), m, kreq)
+        return cache[key][0]
+
     cands = [c for a in alphas for c in _search_steps(b, 0, lambda m: run(m, a), shared=False)]
     best = min(cands, key=lambda c: (c.time, c.n_steps))
-    m0, k0 = used[id(best)]
+    m0, k0 = next((m, kreq) for c, m, kreq in cache.values() if c is best)  # the winner's steps, degrees
     top = np.asarray(b.order[:n_long])
     for beta in betas:  # the longest few: the smallest degree within beta x GPU-time / N
         ok = feasible[top] & (alone[top] <= beta * float(rank_time[rows, k0].sum()) / b.n_ranks)
