@@ -50,7 +50,7 @@ def worker(a) -> None:
     from loomtrain.config import load_config
     from loomtrain.parallel.hetero.executor import MicroStepTiming
     from loomtrain.parallel.hetero.planner import plan_batch, plan_homogeneous
-    from loomtrain.runtime.step import token_loss_sum
+    from loomtrain.models.loss import token_loss_sum
     from loomtrain.runtime.trainer import Trainer
 
     dist.init_process_group("gloo")

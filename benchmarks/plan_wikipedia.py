@@ -19,7 +19,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from loomtrain.launch.plan import add_arguments, simulate  # noqa: E402
+from loomtrain.launch.plan_command import add_arguments, simulate  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(HERE), "..", "shared", "data", "lengths-wikipedia.txt")
 CASES = [  # (label, gpus, context, extra flags)

@@ -1,20 +1,22 @@
 """loomtrain: a distributed training runtime for Hugging Face causal language models.
 
-One `Trainer` composes ZeRO data parallelism (and, as they land, tensor, pipeline and context
-parallelism) on PyTorch's own distributed stack; see README.md and DESIGN.md.
+One `Trainer` composes tensor, pipeline, context and ZeRO data parallelism on PyTorch's own
+distributed stack; see README.md. The subpackages are layers whose imports point one way (from
+`launch` at the top down to `errors`); `.importlinter` states the order and the test suite
+enforces it.
 """
+import importlib
+
 from loomtrain.config import Config, load_config
 from loomtrain.errors import ConfigError, DataError, LoomError
 
-__version__ = "0.1.0"
+from loomtrain.version import __version__
 
 
 def __getattr__(name):
     # The Trainer pulls in transformers (~5 s); import it only when asked for.
     if name == "Trainer":
-        from loomtrain.runtime.trainer import Trainer
-
-        return Trainer
+        return importlib.import_module("loomtrain.runtime.trainer").Trainer
     raise AttributeError(name)
 
 

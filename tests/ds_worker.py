@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 def tiny_llama():
     from harness import case
     from loomtrain.config import load_config
-    from loomtrain.runtime.model import build_hf_config
+    from loomtrain.models.build import build_hf_config
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(None, case("llama"))

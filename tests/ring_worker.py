@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from loomtrain.parallel import ring
-from loomtrain.parallel.ring import ring_attention, zigzag_indices
+from loomtrain.parallel.context import ring
+from loomtrain.parallel.context.common import zigzag_indices
+from loomtrain.parallel.context.ring import ring_attention
 
 HQ, HKV, D, SCALE = 4, 2, 8, 0.31
 # Document lengths per batch row (each sums to 48, divisible by 2*cp for cp = 2 and 4): a document

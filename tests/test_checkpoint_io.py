@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from harness import BASE, ROOT, case, free_port
 from loomtrain.checkpoint import format as fmt
 from loomtrain.config import load_config
-from loomtrain.launch.ckpt import main as ckpt
+from loomtrain.launch.ckpt_command import main as ckpt
 from loomtrain.runtime.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -11,10 +11,10 @@ import torch
 
 from loomtrain.config import DataConfig
 from loomtrain.errors import ConfigError, DataError
-from loomtrain.runtime.data import (IGNORE_INDEX, DataLoader, SyntheticCorpus, TextCorpus,
+from loomtrain.data.loader import (IGNORE_INDEX, DataLoader, SyntheticCorpus, TextCorpus,
                                     load_lengths_file, pack_row)
-from loomtrain.runtime.sources import check_source, read_documents
-from loomtrain.runtime.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+from loomtrain.data.sources import check_source, read_documents
+from loomtrain.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
 BYTE = ByteTokenizer()
 

@@ -12,7 +12,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, Mistral
                           Qwen2Config)
 
 from loomtrain.errors import LoomError
-from loomtrain.runtime.flops import FlopModel, flop_model, flop_model_from_meta
+from loomtrain.models.flops import FlopModel, flop_model, flop_model_from_meta
 from loomtrain.runtime.metrics import (MetricsWriter, device_peak_flops, peak_memory_gb,
                                        plot_metrics, step_record)
 

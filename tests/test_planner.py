@@ -266,7 +266,7 @@ def test_plan_cli_table_and_errors(tmp_path):
 
 
 def test_read_lengths_rejects_bad_json(tmp_path):
-    from loomtrain.launch.plan import read_lengths
+    from loomtrain.launch.plan_command import read_lengths
 
     path = tmp_path / "l.json"
     path.write_text("[3, 4, -1]")

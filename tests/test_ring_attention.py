@@ -1,4 +1,4 @@
-"""Ring attention (loomtrain/parallel/ring.py): zig-zag sharding, and exactness of outputs and
+"""Ring attention (loomtrain/parallel/context/ring.py): zig-zag sharding, and exactness of outputs and
 q/k/v gradients against single-process full attention with packed-document causal masks.
 
 The multi-process checks run real gloo ranks through torchrun (tests/ring_worker.py): one 2-rank
@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loomtrain.parallel import ring
-from loomtrain.parallel.ring import ring_attention, zigzag_indices
+from loomtrain.parallel.context import ring
+from loomtrain.parallel.context.common import zigzag_indices
+from loomtrain.parallel.context.ring import ring_attention
 from ring_worker import SHORT, UNEVEN, WHOLE, doc_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

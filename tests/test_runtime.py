@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from harness import BASE, case
 from loomtrain.config import load_config
 from loomtrain.errors import LoomError
-from loomtrain.runtime.data import IGNORE_INDEX, DataLoader
-from loomtrain.runtime.model import find_blocks
+from loomtrain.data.loader import IGNORE_INDEX, DataLoader
+from loomtrain.models.build import find_blocks
 from loomtrain.runtime.trainer import Trainer
 
 

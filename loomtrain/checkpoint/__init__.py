@@ -1,4 +1,4 @@
-"""Layout-independent lazy asynchronous checkpoints (issue #5).
+"""Layout-independent lazy asynchronous checkpoints.
 
 * `format`   the on-disk format (its docstring is the specification) and safe readers
 * `engine`   the lazy async engine: host snapshot overlapped with forward/backward, DCP writer
@@ -6,7 +6,11 @@
 * `commit`   atomic commit, `latest` pointer, pruning, clean-up of interrupted saves
 * `state`    what is saved: model/optimizer tensors by HF name (ZeRO-1 included), RNG, schedule
 * `resume`   which checkpoint a run resumes from (preflight-cheap, no torch import)
-* `manager`  `Checkpointer`, the Trainer's hooks (resume, save requests, wait, final commit)
+* `manager`  `Checkpointer`, a training-loop hook over the `Stateful` parts it is given
+             (resume, save requests, the wait before the optimizer step, final commit)
+
+May import: `loomtrain.optim`, `loomtrain.data`, `loomtrain.models`, `loomtrain.hooks`,
+`loomtrain.config`, `loomtrain.errors`. It knows nothing of the trainer.
 """
 from loomtrain.checkpoint.format import (FORMAT_VERSION, CheckpointError, CorruptCheckpointError,
                                          list_committed, load_dcp_metadata, read_manifest, read_meta)

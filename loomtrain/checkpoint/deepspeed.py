@@ -109,7 +109,7 @@ def import_deepspeed(ds_path: str, out_root: str, cfg, tag: str | None = None) -
     from loomtrain.checkpoint import offline
     from loomtrain.checkpoint.hf import build_skeleton
     from loomtrain.checkpoint.state import versions
-    from loomtrain.runtime.optim import lr_lambda
+    from loomtrain.optim.schedule import lr_lambda
 
     st = read_deepspeed(ds_path, tag)
     _, model = build_skeleton(cfg)

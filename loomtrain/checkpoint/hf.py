@@ -89,7 +89,7 @@ def _detached(raw: dict) -> dict:
 def tokenizer_info(cfg) -> tuple[int | None, int | None]:
     """(vocab_size, eos_id) of the run's tokenizer, as the Trainer sees it; (None, None) when its
     directory is no longer there (the checkpoint's embedding then gives the vocabulary)."""
-    from loomtrain.runtime.tokenizer import build_tokenizer
+    from loomtrain.data.tokenizer import build_tokenizer
 
     try:
         tok = build_tokenizer(cfg.data.tokenizer)
@@ -103,7 +103,7 @@ def build_skeleton(cfg, stored_vocab=None):
 
     `stored_vocab(input_embedding_name) -> rows or None` lets a caller holding tensors override
     the vocabulary (the embedding's row count is what the weights were trained with)."""
-    from loomtrain.runtime.model import build_hf_config, build_meta_model
+    from loomtrain.models.build import build_hf_config, build_meta_model
 
     vocab, eos = tokenizer_info(cfg)
     hf = build_hf_config(cfg.model, vocab_size=vocab or 1, seq_len=cfg.data.seq_len, eos_id=eos)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from loomtrain.version import __version__
 from loomtrain.checkpoint.format import MODEL_PREFIX, OPTIM_PREFIX, CheckpointError
 
 # Wrapper modules that put a segment into parameter names but not into the model's own names.
@@ -175,9 +176,7 @@ def restore_rng(entry: dict, device: torch.device) -> None:
 
 
 def versions() -> dict:
-    import loomtrain
-
-    out = {"loomtrain": loomtrain.__version__, "torch": torch.__version__, "numpy": np.__version__,
+    out = {"loomtrain": __version__, "torch": torch.__version__, "numpy": np.__version__,
            "python": sys.version.split()[0]}
     try:
         import transformers

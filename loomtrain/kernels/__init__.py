@@ -1,1 +1,5 @@
-"""Triton kernels with pure-torch fallbacks. Not implemented yet."""
+"""Compute kernels (attention, fused loss, norms): Triton on CUDA, with a pure-torch fallback
+that is the reference in tests.
+
+May import: `loomtrain.errors` only; models and parallel layers call into it.
+"""

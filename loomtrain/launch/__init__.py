@@ -1,5 +1,7 @@
-"""The `loomtrain` command line: `run` (launch through torch's elastic agent, or train inside a
-worker) and `report`. Entry point: `loomtrain.launch.cli:main` (= `python -m loomtrain.launch`)."""
+"""The `loomtrain` command line, the top layer: `run` (through torch's elastic agent, or inside a
+worker), `report`, `plan`, `ckpt`. Entry point `loomtrain.launch.cli:main` (= `python -m
+loomtrain.launch`). May import every layer.
+"""
 from loomtrain.launch.cli import main, parse_args
 
 __all__ = ["main", "parse_args"]

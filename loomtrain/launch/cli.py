@@ -99,12 +99,12 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--png", default=None, metavar="PATH",
                        help="where --plot writes (default RUN_DIR/metrics.png)")
     elif command == "plan":  # options and body live in launch/plan.py
-        from loomtrain.launch.plan import add_arguments
+        from loomtrain.launch.plan_command import add_arguments
 
         p = _Parser(prog="loomtrain plan", description=COMMANDS["plan"])
         add_arguments(p)
     elif command == "ckpt":  # actions, options and bodies live in launch/ckpt.py
-        from loomtrain.launch.ckpt import make_parser
+        from loomtrain.launch.ckpt_command import make_parser
 
         p = make_parser(_Parser)
     elif command == "_selfcheck":  # hidden: a 2-line torchrun smoke test, used by tests
@@ -356,13 +356,13 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_ckpt(ns: argparse.Namespace) -> int:  # body in launch/ckpt.py
-    from loomtrain.launch.ckpt import cmd_ckpt as ckpt
+    from loomtrain.launch.ckpt_command import cmd_ckpt as ckpt
 
     return ckpt(ns)
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:  # body in launch/plan.py (numpy, no torch)
-    from loomtrain.launch.plan import cmd_plan as plan
+    from loomtrain.launch.plan_command import cmd_plan as plan
 
     return plan(ns)
 

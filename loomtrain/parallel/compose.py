@@ -21,11 +21,11 @@ import torch.nn as nn
 
 from loomtrain.config import Config
 from loomtrain.parallel.activation import apply_activation_checkpointing
-from loomtrain.parallel.context import apply_cp
-from loomtrain.parallel.data import apply_ddp, apply_fsdp
+from loomtrain.parallel.context.apply import apply_cp
+from loomtrain.parallel.data_parallel import apply_ddp, apply_fsdp
 from loomtrain.parallel.tensor import apply_tp
-from loomtrain.runtime.mesh import Mesh
-from loomtrain.runtime.model import find_blocks
+from loomtrain.mesh import Mesh
+from loomtrain.models.build import find_blocks
 
 
 @dataclass

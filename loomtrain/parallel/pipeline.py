@@ -22,7 +22,8 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                     ScheduleZBVZeroBubble)
 
 from loomtrain.errors import ConfigError
-from loomtrain.runtime.model import find_blocks
+from loomtrain.models.loss import token_loss_sum
+from loomtrain.models.build import find_blocks
 
 _SINGLE = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}
 _MULTI = {"Interleaved1F1B": ScheduleInterleaved1F1B, "ZBVZeroBubble": ScheduleZBVZeroBubble}
@@ -197,8 +198,6 @@ class Pipeline:
     @classmethod
     def build(cls, parts: list[nn.Module], ids: list[int], n_stages: int, pp_group, device: torch.device,
               schedule: str, n_microbatches: int) -> "Pipeline":
-        from loomtrain.runtime.step import token_loss_sum
-
         timeline = Timeline()
         stages = [PipelineStage(StageModule(part, first=sid == 0), sid, n_stages, device, group=pp_group)
                   for part, sid in zip(parts, ids)]

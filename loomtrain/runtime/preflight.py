@@ -54,9 +54,9 @@ def _check_pipeline(cfg: Config, hf_config, pp: int, dp: int) -> None:
 
 def preflight(cfg: Config, world_size: int) -> dict[str, int]:
     """Raise a ConfigError/DataError naming the problem, or return the resolved degrees."""
-    from loomtrain.runtime.sources import check_source
-    from loomtrain.runtime.model import build_hf_config
-    from loomtrain.runtime.tokenizer import build_tokenizer
+    from loomtrain.data.sources import check_source
+    from loomtrain.models.build import build_hf_config
+    from loomtrain.data.tokenizer import build_tokenizer
 
     degrees = resolve_degrees(cfg.parallel, world_size)
     dp = degrees["dp_replicate"] * degrees["dp_shard"]
@@ -76,7 +76,7 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
                           "tensor-parallel (DTensor) gradients; use parallel.zero=2 or 3")
     if tp > 1:  # the TP plan must classify every linear layer; a meta model costs no memory
         from loomtrain.parallel.tensor import layer_plan
-        from loomtrain.runtime.model import build_meta_model, find_blocks
+        from loomtrain.models.build import build_meta_model, find_blocks
 
         meta = build_meta_model(hf_config)
         layer_plan(meta, find_blocks(meta))

@@ -11,34 +11,14 @@ DDP and FSDP average gradients over the data-parallel ranks, so each rank back-p
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from loomtrain.models.loss import StepResult, token_loss_sum
 from loomtrain.parallel.compose import Parallelized
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over labels != -100 (labels are already shifted).
-
-    Under tensor parallelism the logits are a DTensor sharded over the vocabulary; call this (and
-    the backward) inside `loss_parallel()` so the softmax is computed across shards without
-    gathering the full [tokens, vocab] logits on any rank."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           reduction="sum")
-
-
-@dataclass
-class StepResult:
-    loss: float  # global sum of token losses / global valid tokens
-    valid_tokens: int  # global count of labels != -100
-    exact_flops: float  # global sum of the ranks' exact training FLOPs (packed causal attention)
-    sample_ids: list[int]  # this rank's samples
-    tokens: int | None = None  # input tokens processed in the step, over all ranks
 
 
 def _slices(mb, par: Parallelized, device: torch.device):
@@ -46,7 +26,7 @@ def _slices(mb, par: Parallelized, device: torch.device):
     under context parallelism its slice of every row (global position ids kept)."""
     tensors = (mb.input_ids, mb.labels, mb.position_ids)
     if par.cp > 1:
-        from loomtrain.parallel.context import sequence_indices
+        from loomtrain.parallel.context.common import sequence_indices
 
         idx = sequence_indices(mb.input_ids.shape[1], par.cp, par.cp_rank, par.cp_impl)
         tensors = tuple(t[:, idx] for t in tensors)

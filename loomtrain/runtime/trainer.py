@@ -24,16 +24,17 @@ from loomtrain.config import Config
 from loomtrain.errors import LoomError
 from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_materialize
 from loomtrain.parallel import pipeline
-from loomtrain.parallel.data import build_optimizer
-from loomtrain.runtime import model as model_lib
-from loomtrain.runtime.data import DataLoader
-from loomtrain.runtime.flops import flop_model
-from loomtrain.runtime.mesh import DistEnv, ParallelDims, dp_coordinates, init_distributed
+from loomtrain.optim.build import build_optimizer
+from loomtrain.models import build as model_lib
+from loomtrain.data.loader import DataLoader
+from loomtrain.models.flops import flop_model
+from loomtrain.mesh import DistEnv, ParallelDims, dp_coordinates, init_distributed
 from loomtrain.runtime.metrics import MetricsWriter, device_peak_flops, peak_memory_gb, step_record
-from loomtrain.runtime.optim import clip_grad_norm, lr_lambda
+from loomtrain.optim.clip import clip_grad_norm
+from loomtrain.optim.schedule import lr_lambda
 from loomtrain.runtime.preflight import preflight
 from loomtrain.runtime.step import forward_backward, pipeline_forward_backward
-from loomtrain.runtime.tokenizer import build_tokenizer
+from loomtrain.data.tokenizer import build_tokenizer
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Trainer:
             elif coeffs:
                 self.hetero_cost = CostModel.from_dict(coeffs, base=self.hetero_cost)
             if cfg.parallel.hetero_calibrate:
-                from loomtrain.runtime.step import token_loss_sum
+                from loomtrain.models.loss import token_loss_sum
 
                 module = self.par.wrapper if self.par.wrapper is not None else self.model
                 self.hetero_cost, samples = self.hetero.calibrate(
@@ -224,7 +225,7 @@ class Trainer:
     def _hetero_forward_backward(self):
         """Whole documents of varied length, planned into per-micro-step sequence-parallel groups."""
         from loomtrain.parallel.hetero.planner import plan_batch
-        from loomtrain.runtime.step import StepResult, token_loss_sum
+        from loomtrain.models.loss import StepResult, token_loss_sum
 
         sample_ids, docs = self.loader.next_sequences()
         lengths = [int(doc.size) - 1 for doc in docs]

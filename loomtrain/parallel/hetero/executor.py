@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from loomtrain.parallel.context import set_group
-from loomtrain.parallel.hetero.plan import Plan, aligned_blocks, verify_same_plan
+from loomtrain.parallel.context.common import set_group
+from loomtrain.parallel.hetero.plan_types import Plan, aligned_blocks, verify_same_plan
 
 
 def pack_sequences(docs: list[np.ndarray], multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

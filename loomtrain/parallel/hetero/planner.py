@@ -35,8 +35,8 @@ from typing import Sequence
 import numpy as np
 
 from loomtrain.parallel.hetero.costmodel import CostModel
-from loomtrain.parallel.hetero.plan import Group, MicroStep, Plan, PlanError, check_ranks
-from loomtrain.parallel.hetero.polish import polish
+from loomtrain.parallel.hetero.plan_types import Group, MicroStep, Plan, PlanError, check_ranks
+from loomtrain.parallel.hetero.local_search import polish
 
 
 # ------------------------------------------------------------------------- the batch

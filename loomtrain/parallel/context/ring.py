@@ -37,33 +37,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
-__all__ = ["zigzag_indices", "ring_attention"]
+from loomtrain.parallel.context.common import GROUP_ATTR, doc_ids, gather_rows, sequence_indices, zigzag_indices
 
 # Distinct tags keep the KV stream, its metadata and the gradient stream from being matched to
 # each other by backends that match messages by tag (gloo); NCCL ignores them.
 _TAG_KV = 7100
 _TAG_GRAD = 7200
-
-
-def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:
-    """Global token positions held by `rank` of `cp`: chunks `rank` and `2*cp-1-rank` of 2*cp.
-
-    Chunk i costs about i causal key-blocks, so chunks r and 2cp-1-r together cost the same on
-    every rank. The result is sorted, i.e. the two chunks concatenated in order.
-    """
-    if cp < 1:
-        raise ValueError(f"context-parallel degree must be >= 1, got cp={cp}")
-    if not 0 <= rank < cp:
-        raise ValueError(f"rank {rank} is outside the context-parallel group of size {cp}")
-    if seq_len <= 0 or seq_len % (2 * cp) != 0:
-        raise ValueError(
-            f"sequence length {seq_len} must be a positive multiple of 2*cp = {2 * cp} for zig-zag "
-            f"context parallelism (cp={cp}); pad the packed sequence to a multiple of {2 * cp}")
-    chunk = seq_len // (2 * cp)
-    first = torch.arange(rank * chunk, (rank + 1) * chunk)
-    second = torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)
-    return torch.cat([first, second])
 
 
 class _Pending:
@@ -279,3 +260,21 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids_lo
     doc = doc_ids_local.to(device=q.device, dtype=torch.int64)
     pos = positions_local.to(device=q.device, dtype=torch.int64)
     return _RingAttention.apply(q, k.contiguous(), v.contiguous(), doc, pos, _Ring(group), scale, causal)
+
+
+def ring_attention_interface(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """HF attention-interface function over the ring (zig-zag slices)."""
+    group = getattr(module, GROUP_ATTR)
+    cp = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    position_ids = kwargs["position_ids"]
+    b, s = position_ids.shape
+    gathered = gather_rows(position_ids, group)  # [cp, b, s]: each rank's zig-zag slice
+    full = torch.empty(b, s * cp, dtype=position_ids.dtype, device=position_ids.device)
+    for r in range(cp):
+        full[:, sequence_indices(s * cp, cp, r, "ring").to(full.device)] = gathered[r]
+    docs = doc_ids(full)[:, sequence_indices(s * cp, cp, rank, "ring").to(full.device)]
+    out = ring_attention(query, key, value, docs, position_ids, group=group,
+                         scaling=scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return out.transpose(1, 2).contiguous(), None

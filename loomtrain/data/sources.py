@@ -193,7 +193,7 @@ def check_source(cfg: DataConfig) -> None:
     """
     if cfg.source == "synthetic":
         if cfg.lengths.startswith("file:"):
-            from loomtrain.runtime.data import load_lengths_file
+            from loomtrain.data.loader import load_lengths_file
 
             load_lengths_file(cfg.lengths[5:])
         return

@@ -1,36 +1,9 @@
-"""Learning-rate schedule and gradient-norm clipping that are correct on sharded gradients."""
+"""Gradient-norm clipping that is correct on sharded gradients (DTensor shards, pipeline stages)."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-
-from loomtrain.config import OptimConfig
-
-
-def lr_lambda(cfg: OptimConfig, max_steps: int):
-    """Linear warmup to `lr`, then cosine or linear decay to `lr * min_lr_ratio` at `max_steps`.
-
-    `step` is the number of optimizer steps already taken, so the first step (step 0) runs at
-    lr/warmup rather than 0: a zero first step would waste a step and make step 1's loss identical
-    to step 2's.
-    """
-    warmup = cfg.warmup_steps
-    floor = cfg.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant" or max_steps <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        if cfg.schedule == "linear":
-            return 1.0 - (1.0 - floor) * progress
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:

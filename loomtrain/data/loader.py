@@ -29,8 +29,8 @@ import torch
 
 from loomtrain.config import DataConfig
 from loomtrain.errors import ConfigError, DataError
-from loomtrain.runtime.sources import is_text_source, read_documents
-from loomtrain.runtime.tokenizer import Tokenizer, build_tokenizer
+from loomtrain.data.sources import is_text_source, read_documents
+from loomtrain.data.tokenizer import Tokenizer, build_tokenizer
 
 IGNORE_INDEX = -100
 # Log-normal fitted to real pre-training documents (Wikipedia token lengths: median 347, mean 1014):

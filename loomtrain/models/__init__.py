@@ -1,0 +1,9 @@
+"""HF model building and the model-level math, free of any parallelism.
+
+`build` makes an HF config from the run config, builds the model on the meta device, and
+materialises it shard by shard (random init that is the same on every layout, safetensors, or a
+model instance), keeping tied weights tied. `loss` is the global-token loss; `flops` counts a
+step's FLOPs for MFU.
+
+May import: `loomtrain.config`, `loomtrain.errors`, torch, transformers.
+"""

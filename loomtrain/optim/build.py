@@ -1,0 +1,36 @@
+"""`build_optimizer`: AdamW over decay / no-decay groups, sharded by ZeRO-1 when asked."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
+
+from loomtrain.mesh import Mesh
+
+
+def build_optimizer(model: nn.Module, *, zero: int, mesh: Mesh | None, lr: float,
+                    weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+    """AdamW over two groups: matrices decay, vectors (norm weights, biases) do not (as Megatron
+    and nanoGPT do). ZeRO-1 shards its state with `ZeroRedundancyOptimizer`.
+
+    `fused=True` is the fastest AdamW on both CPU and CUDA here; it also works on DTensor shards.
+    """
+    # Groups are also split by layout (plain tensors vs DTensors on one mesh): fused/foreach
+    # kernels cannot take a list that mixes them, which plain TP (replicated norms) produces.
+    by_key: dict[tuple, list] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            layout = (param.device_mesh, param.placements) if isinstance(param, DTensor) else None
+            by_key.setdefault((param.ndim >= 2, str(layout)), []).append(param)
+    groups = [{"params": ps, "weight_decay": weight_decay if decays else 0.0}
+              for (decays, _), ps in sorted(by_key.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    kwargs = dict(lr=lr, betas=betas, eps=eps, fused=True)
+    if zero == 1 and mesh is not None and mesh["dp_cp"].size() > 1:
+        zro = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                      process_group=mesh["dp_cp"].get_group(),
+                                      weight_decay=groups[0]["weight_decay"], **kwargs)
+        for group in groups[1:]:
+            zro.add_param_group(group)
+        return zro
+    return torch.optim.AdamW(groups, **kwargs)
