@@ -101,7 +101,7 @@ def run(a) -> dict:
     def step() -> float:
         start = time.perf_counter()
         trainer.train_step()
-        ckpt.after_step()  # keeps the checkpointer's view of the data position current
+        ckpt.after_step(trainer.loop)  # keeps the checkpointer's view of the data position current
         return time.perf_counter() - start
 
     for _ in range(2):  # warm-up: allocator, optimizer state
@@ -184,7 +184,7 @@ def run(a) -> dict:
         blocking[name] = [r.stall_s for r in recs]
         e2e[key]["records"] = [{k: getattr(r, k) for k in ("request_block_s", "optimizer_wait_s", "copy_s",
                                                             "write_s", "hash_s", "commit_s", "total_s")} for r in recs]
-    ckpt.end_fit(None)
+    ckpt.end_fit(trainer.loop, None)
     dist.destroy_process_group()
     shutil.rmtree(a.dir, ignore_errors=True)
 

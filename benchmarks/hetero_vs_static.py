@@ -63,7 +63,7 @@ def worker(a) -> None:
         "parallel.zero=0", "parallel.sequence_scheduler=hetero", f"parallel.hetero_tokens_per_rank={a.capacity}",
         "train.progress=false", "train.tensorboard=false", "train.peak_tflops=1", "train.max_steps=1000",
         "train.output_dir=/tmp/loomtrain-bench-hetero"])).setup()
-    ex = trainer.hetero
+    ex = trainer.hetero.executor
     module = trainer.par.wrapper
     static_degree = 1
     while static_degree * a.capacity < a.context:
@@ -77,8 +77,8 @@ def worker(a) -> None:
     for step in range(a.steps + 1):
         _, docs = trainer.loader.next_sequences()
         lengths = [int(d.size) - 1 for d in docs]
-        plans = {"static": plan_homogeneous(lengths, ex.n, a.capacity, static_degree, trainer.hetero_cost),
-                 "hetero": plan_batch(lengths, ex.n, a.capacity, trainer.hetero_cost)}
+        plans = {"static": plan_homogeneous(lengths, ex.n, a.capacity, static_degree, trainer.hetero.cost),
+                 "hetero": plan_batch(lengths, ex.n, a.capacity, trainer.hetero.cost)}
         for kind in (("static", "hetero") if step % 2 == 0 else ("hetero", "static")):
             timing = MicroStepTiming()
             dist.barrier()

@@ -116,7 +116,7 @@ def test_host_buffers_are_allocated_before_the_first_save(tmp_path):
     engine = trainer.checkpointer.engine
     assert not engine.prepared
     trainer.train_step()
-    trainer.checkpointer.after_step()
+    trainer.checkpointer.after_step(trainer.loop)
     assert engine.prepared and engine._prepare.done.wait(60) and not engine.records
     ptrs = {k: s.buf.data_ptr() for k, s in engine._slots.items()}
     assert any(k.startswith("model.") for k in ptrs) and any(k.startswith("optim.state.") for k in ptrs)
@@ -259,10 +259,10 @@ def test_snapshot_holds_pre_step_values(tmp_path):
         time.sleep(0.2)
         return stage(job)
 
-    def at_optimizer_step():
-        if trainer.step == 3:
+    def at_optimizer_step(loop):
+        if loop.step == 3:
             reached.set()
-        before()
+        before(loop)
 
     engine._stage, ckpt.before_optimizer_step = held_stage, at_optimizer_step
     trainer.fit()

@@ -1,10 +1,15 @@
-"""`Checkpointer`: what the Trainer calls at its four checkpoint points.
+"""`Checkpointer`: a training-loop component (`loomtrain.hooks.Hook`) over the parts it saves.
 
-    setup()                 end of Trainer.setup: own gloo group, clean-up of interrupted saves,
-                            resume (verify -> fall back -> load into the current layout)
-    after_step()            after every optimizer step: request a save every `checkpoint.every`
-                            steps; agree on a stop request (SIGTERM / Ctrl-C)
-    before_optimizer_step() right before optimizer.step(): wait for the in-flight copy
+It is given what it saves, as `Stateful` parts (the model's modules, the optimizer, the LR
+schedule, the data position, the loop's step counter), and where this rank sits in the layout;
+it never sees the trainer. Its points:
+
+    after_setup             own gloo group, clean-up of interrupted saves, resume (verify ->
+                            fall back -> load into the current layout)
+    begin_fit               take over SIGTERM / Ctrl-C
+    before_optimizer_step   wait for the in-flight host copy (the parameters change next)
+    after_step              request a save every `checkpoint.every` steps; agree on a stop
+                            request (returns True)
     end_fit(exc)            commit the last state before the process exits: at the end, after
                             SIGTERM/Ctrl-C, and after an exception when every rank agrees that
                             the state is consistent (never half-way through an optimizer step)
@@ -15,6 +20,7 @@ global sample count, the LR schedule, RNG (per rank when the layout is unchanged
 """
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import sys
@@ -24,6 +30,9 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.stateful import Stateful
 
 from loomtrain.checkpoint import commit as commit_lib
 from loomtrain.checkpoint import format as fmt
@@ -32,6 +41,9 @@ from loomtrain.checkpoint import state as st
 from loomtrain.checkpoint.engine import CheckpointEngine
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
 from loomtrain.checkpoint.signals import StopOnSignal
+from loomtrain.config import Config
+from loomtrain.hooks import Hook, LoopState
+from loomtrain.mesh import DistEnv, ParallelDims
 
 # How long a rank that raised waits for the others to agree on a final checkpoint; if they do not
 # all arrive (they are stuck in a collective, or dead) it gives up and exits without saving.
@@ -43,11 +55,22 @@ class CheckpointWarning(UserWarning):
     pass
 
 
-class Checkpointer:
-    def __init__(self, trainer):
-        self.t = trainer
-        cfg = trainer.cfg
+class Checkpointer(Hook):
+    """Saves and restores `model_parts` (this rank's modules: the model, or its pipeline stages),
+    `optimizer`, `lr_scheduler` and `data` (any `Stateful`; its state is a small JSON-able dict),
+    and the loop's step, for a rank at `dp_rank` of `dp_size` in the layout `dims`."""
+
+    def __init__(self, cfg: Config, env: DistEnv, dims: ParallelDims, *, model_parts: list[nn.Module],
+                 optimizer: torch.optim.Optimizer, lr_scheduler, data: Stateful, dp_rank: int, dp_size: int):
         self.cfg = cfg
+        self.env = env
+        self.dims = dims
+        self.model_parts = list(model_parts)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.data = data
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.loop = LoopState()  # replaced by the loop's own state at after_setup
         self.root = os.path.abspath(resume_lib.checkpoint_root(cfg))
         self.saving = resume_lib.saving_enabled(cfg)
         self.enabled = self.saving or cfg.checkpoint.resume != "none"
@@ -58,49 +81,51 @@ class Checkpointer:
         self.last_saved_step = -1  # step of the last checkpoint requested (or loaded)
         self._consistent_step = 0  # the last step whose optimizer update completed
         self._updating = False
-        self._loader_state = None
-        self.stop = StopOnSignal(trainer.env.is_main)
+        self._data_state = None
+        self.stop = StopOnSignal(env.is_main)
         self._engine_failed = False
         self._lock_fh = None
 
+    @property
+    def last_checkpoint(self) -> str | None:
+        """The newest committed checkpoint of this run, or the one it resumed from."""
+        path = (self.engine.last_committed if self.engine is not None else None) or self.resumed_from
+        return os.path.abspath(path) if path else None
+
+    def _entries(self) -> list:
+        return st.model_entries(self.model_parts) + st.optim_entries(self.model_parts, self.optimizer)
+
     # ------------------------------------------------------------------------------ setup
     @property
-    def _model(self):
-        """The model, or this rank's pipeline stages."""
-        parts = getattr(self.t, "model_parts", None)
-        return list(parts) if parts else self.t.model
-
-    @property
     def is_main(self) -> bool:
-        return self.t.env.is_main
+        return self.env.is_main
 
     def _say(self, msg: str) -> None:
         if self.is_main:
             print(f"loomtrain: {msg}", flush=True)
 
-    def setup(self) -> "Checkpointer":
+    def after_setup(self, loop: LoopState) -> None:
+        self.loop = loop
         if not self.enabled:
-            return self
+            return
         try:
             self._setup()
         except BaseException:
             self._release_lock()
             raise
-        return self
 
     def _setup(self) -> None:
-        t = self.t
         if dist.is_initialized():
-            self.group = dist.new_group(backend="gloo", timeout=_timedelta(_GROUP_TIMEOUT_S))
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_GROUP_TIMEOUT_S))
         self.run_id = self._bcast(uuid.uuid4().hex[:12] if self.is_main else None)
         if self.saving:
             self._on_main_then_everywhere(self._take_directory)
         self._resume()
-        self._consistent_step = t.step
-        self._loader_state = t.loader.state_dict()
+        self._consistent_step = self.loop.step
+        self._data_state = self.data.state_dict()
         if self.saving:
             self.engine = CheckpointEngine(self.root, group=self.group, run_id=self.run_id,
-                                           keep=self.cfg.checkpoint.keep, device=t.env.device)
+                                           keep=self.cfg.checkpoint.keep, device=self.env.device)
 
     def _take_directory(self) -> None:
         """Rank 0: lock the checkpoint directory, remove what interrupted saves left, and refuse
@@ -183,29 +208,26 @@ class Checkpointer:
         return next((p for p in found if p is not None), None)
 
     def _load(self, path: str) -> None:
-        t = self.t
         start = time.perf_counter()
         meta = fmt.read_meta(path)
         md = fmt.load_dcp_metadata(path).state_dict_metadata
-        st.init_optimizer_state(t.optimizer)
-        targets = st.model_entries(self._model) + st.optim_entries(self._model, t.optimizer)
+        st.init_optimizer_state(self.optimizer)
+        targets = self._entries()
         self._check_match(path, md, targets)
-        import torch.distributed.checkpoint as dcp
-
         try:
             dcp.load(dict(targets), storage_reader=fmt.safe_reader(path), process_group=self.group,
                      no_dist=self.group is None)
         except Exception as exc:  # noqa: BLE001 -- one line naming the checkpoint
             raise CorruptCheckpointError(f"corrupt checkpoint {path}: reading its tensors failed "
                                          f"({type(exc).__name__}: {fmt.first_line(exc)})") from exc
-        t.loader.load_state_dict(meta["data"])
-        st.restore_scheduler(t.scheduler, t.optimizer, meta.get("scheduler") or {})
+        self.data.load_state_dict(meta["data"])
+        st.restore_scheduler(self.lr_scheduler, self.optimizer, meta.get("scheduler") or {})
         self._restore_rng(meta)
-        t.step = int(meta["step"])
-        self.last_saved_step = t.step
+        self.loop.load_state_dict({"step": int(meta["step"])})
+        self.last_saved_step = self.loop.step
         self.resumed_from = path
         layout = meta.get("layout", {})
-        self._say(f"checkpoint: resumed from {path} (step {t.step}, {layout.get('world_size', '?')} ranks, "
+        self._say(f"checkpoint: resumed from {path} (step {self.loop.step}, {layout.get('world_size', '?')} ranks, "
                   f"zero {layout.get('zero', '?')}) in {time.perf_counter() - start:.1f} s")
 
     def _check_match(self, path: str, md: dict, targets: list) -> None:
@@ -223,71 +245,71 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} does not match the model: {problem}")
 
     def _restore_rng(self, meta: dict) -> None:
-        t = self.t
+        env = self.env
         per_rank = (meta.get("rng") or {}).get("per_rank") or []
         layout = meta.get("layout") or {}
-        same_layout = (layout.get("world_size") == t.env.world_size and layout.get("degrees") == _degrees(t)
-                       and len(per_rank) == t.env.world_size)
+        same_layout = (layout.get("world_size") == env.world_size and layout.get("degrees") == _degrees(self.dims)
+                       and len(per_rank) == env.world_size)
         if same_layout:
-            st.restore_rng(per_rank[t.env.rank], t.env.device)
+            st.restore_rng(per_rank[env.rank], env.device)
         else:  # another layout: per-rank streams cannot carry over; derive them from seed, rank and step
-            torch.manual_seed(self.cfg.train.seed + 7919 * t.dp_rank + 104729 * int(meta["step"]))
+            torch.manual_seed(self.cfg.train.seed + 7919 * self.dp_rank + 104729 * int(meta["step"]))
 
     # ----------------------------------------------------------------------------- saving
     def _meta(self, step: int) -> dict:
-        t = self.t
+        env = self.env
         return {
             "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "step": int(step),
             "created_unix": time.time(),
-            "data": dict(self._loader_state),
-            "scheduler": st.scheduler_state(t.scheduler),
-            "optim": {"class": type(st.local_optimizer(t.optimizer)).__name__, "zero": self.cfg.parallel.zero,
-                      "param_groups": st.optimizer_groups(self._model, t.optimizer)},
-            "rng": {"rank": t.env.rank, "dp_rank": t.dp_rank, **st.capture_rng(t.env.device)},
+            "data": dict(self._data_state),
+            "scheduler": st.scheduler_state(self.lr_scheduler),
+            "optim": {"class": type(st.local_optimizer(self.optimizer)).__name__, "zero": self.cfg.parallel.zero,
+                      "param_groups": st.optimizer_groups(self.model_parts, self.optimizer)},
+            "rng": {"rank": env.rank, "dp_rank": self.dp_rank, **st.capture_rng(env.device)},
             "config": self.cfg.to_dict(),
-            "layout": {"world_size": t.env.world_size, "degrees": _degrees(t), "dp_size": t.dp_size,
-                       "zero": self.cfg.parallel.zero, "device": t.env.device.type},
+            "layout": {"world_size": env.world_size, "degrees": _degrees(self.dims), "dp_size": self.dp_size,
+                       "zero": self.cfg.parallel.zero, "device": env.device.type},
             "versions": st.versions(),
         }
 
     def save(self) -> float:
         """Request a checkpoint of the current (consistent) state; returns seconds blocked."""
-        t = self.t
-        entries = st.model_entries(self._model) + st.optim_entries(self._model, t.optimizer)
+        step = self.loop.step
         try:
-            blocked = self.engine.request(t.step, entries, self._meta(t.step))
+            blocked = self.engine.request(step, self._entries(), self._meta(step))
         except BaseException:
             self._engine_failed = True
             raise
-        self.last_saved_step = t.step
+        self.last_saved_step = step
         return blocked
 
-    def before_optimizer_step(self) -> None:
+    def before_optimizer_step(self, loop: LoopState) -> None:
         if self.engine is not None:
             self.engine.wait_snapshot()
         self._updating = True
 
-    def after_step(self) -> bool:
+    def after_step(self, loop: LoopState, record: dict | None = None) -> bool:
         """After a completed optimizer step; returns True when the run must stop (a signal)."""
         if not self.enabled:
             return False
-        t = self.t
         self._updating = False
-        self._consistent_step = t.step
-        self._loader_state = t.loader.state_dict()
-        stop = self.stop.agreed(t.env.world_size, t.env.device)
+        self._consistent_step = loop.step
+        self._data_state = self.data.state_dict()
+        stop = self.stop.agreed(self.env.world_size, self.env.device)
+        if stop:
+            loop.stop_reason = signal.Signals(self.stop.signum).name
         if self.engine is not None and not self.engine.prepared:  # the optimizer state exists from now on
-            self.engine.prepare(st.model_entries(self._model) + st.optim_entries(self._model, t.optimizer))
-        if self.engine is not None and self.every > 0 and t.step % self.every == 0 and t.step != self.last_saved_step:
+            self.engine.prepare(self._entries())
+        if self.engine is not None and self.every > 0 and loop.step % self.every == 0 and loop.step != self.last_saved_step:
             self.save()
         return stop
 
-    def begin_fit(self) -> None:
+    def begin_fit(self, loop: LoopState) -> None:
         if self.saving:
             self.stop.install()
 
     # ------------------------------------------------------------------------------- exit
-    def end_fit(self, exc: BaseException | None = None) -> None:
+    def end_fit(self, loop: LoopState, exc: BaseException | None = None) -> None:
         """Commit the last consistent state and stop the engine. Raises the checkpoint's error
         (normal end), or lets `exc` be re-raised by the caller."""
         try:
@@ -300,9 +322,10 @@ class Checkpointer:
             if self.engine is not None:
                 self.engine.close()
             self._release_lock()
+            loop.last_checkpoint = self.last_checkpoint
         if exc is None and self.stop.signum is not None:
             name = signal.Signals(self.stop.signum).name
-            self._say(f"stopped by {name} after step {self.t.step}"
+            self._say(f"stopped by {name} after step {loop.step}"
                       + (f"; checkpoint {self.engine.last_committed} committed" if self.engine and
                          self.engine.last_committed else ""))
             self.stop.reraise()
@@ -310,7 +333,7 @@ class Checkpointer:
     def _final_commit(self) -> None:
         if self.engine is None:
             return
-        if self.t.step > max(self.last_saved_step, 0):
+        if self.loop.step > max(self.last_saved_step, 0):
             self.save()
         self.engine.wait()
 
@@ -323,7 +346,7 @@ class Checkpointer:
             self._engine_failed = True
         if self._engine_failed or isinstance(exc, CheckpointError):
             return
-        consistent = not self._updating and self.t.step == self._consistent_step
+        consistent = not self._updating and self.loop.step == self._consistent_step
         step = self._consistent_step
         if not self._agree_on_exit(consistent, step):
             self._say(f"checkpoint: not saving after {type(exc).__name__}: not every rank is at a consistent "
@@ -367,19 +390,6 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
         return box[0]
 
-    def stats(self) -> dict:
-        """Per-checkpoint stall and timings of this run (rank-local)."""
-        recs = self.engine.records if self.engine is not None else []
-        return {"checkpoints": len(recs), "stall_s": [r.stall_s for r in recs],
-                "records": [dict(vars(r)) for r in recs]}
 
-
-def _degrees(t) -> dict:
-    d = t.dims
+def _degrees(d: ParallelDims) -> dict:
     return {"dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "cp": d.cp, "tp": d.tp, "pp": d.pp}
-
-
-def _timedelta(seconds: float):
-    import datetime
-
-    return datetime.timedelta(seconds=seconds)

@@ -6,9 +6,15 @@ one-line errors. Checks that need the model look at its HF config only.
 """
 from __future__ import annotations
 
+from loomtrain.checkpoint.resume import check_config as check_checkpoint_config
 from loomtrain.config import Config, resolve_degrees
+from loomtrain.data.sources import check_source
+from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import ConfigError
-
+from loomtrain.models.build import build_hf_config, build_meta_model, find_blocks
+from loomtrain.parallel.hetero.costmodel import CostModel
+from loomtrain.parallel.pipeline import stages_per_rank
+from loomtrain.parallel.tensor import layer_plan
 
 
 def validate_model_layout(hf_config, degrees: dict[str, int]) -> None:
@@ -29,8 +35,6 @@ def validate_model_layout(hf_config, degrees: dict[str, int]) -> None:
 
 
 def _check_pipeline(cfg: Config, hf_config, pp: int, dp: int) -> None:
-    from loomtrain.parallel.pipeline import stages_per_rank
-
     pcfg = cfg.parallel
     if pcfg.zero < 2 and dp > 1:
         raise ConfigError(f"parallel.zero={pcfg.zero} with parallel.pp={pp}: pipeline stages are sharded with "
@@ -54,10 +58,6 @@ def _check_pipeline(cfg: Config, hf_config, pp: int, dp: int) -> None:
 
 def preflight(cfg: Config, world_size: int) -> dict[str, int]:
     """Raise a ConfigError/DataError naming the problem, or return the resolved degrees."""
-    from loomtrain.data.sources import check_source
-    from loomtrain.models.build import build_hf_config
-    from loomtrain.data.tokenizer import build_tokenizer
-
     degrees = resolve_degrees(cfg.parallel, world_size)
     dp = degrees["dp_replicate"] * degrees["dp_shard"]
     per_step = dp * cfg.data.micro_batch_size
@@ -75,9 +75,6 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
         raise ConfigError(f"parallel.zero={cfg.parallel.zero} with parallel.tp={tp}: DDP cannot reduce "
                           "tensor-parallel (DTensor) gradients; use parallel.zero=2 or 3")
     if tp > 1:  # the TP plan must classify every linear layer; a meta model costs no memory
-        from loomtrain.parallel.tensor import layer_plan
-        from loomtrain.models.build import build_meta_model, find_blocks
-
         meta = build_meta_model(hf_config)
         layer_plan(meta, find_blocks(meta))
     cp = degrees["cp"]
@@ -100,12 +97,7 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
         if pool & (pool - 1):
             raise ConfigError(f"parallel.sequence_scheduler=hetero needs a power-of-two number of data-parallel "
                               f"ranks, got {pool}")
-        coeffs = cfg.parallel.hetero_cost_model
-        if coeffs:  # the same parse the trainer does, so a bad coefficient fails before launch
-            from loomtrain.parallel.hetero.costmodel import CostModel
-
-            base = CostModel.from_config(hf_config)
-            CostModel.from_json(coeffs, base=base) if isinstance(coeffs, str) else CostModel.from_dict(coeffs, base=base)
+        CostModel.for_run(cfg, hf_config)  # what the scheduler builds: a bad coefficient fails before launch
         capacity = cfg.parallel.hetero_tokens_per_rank or cfg.data.seq_len
         if cfg.data.seq_len > pool * capacity:  # a document of seq_len tokens would fit no group
             raise ConfigError(f"parallel.sequence_scheduler=hetero: a sequence of data.seq_len={cfg.data.seq_len} "
@@ -115,7 +107,5 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
         if heads % pool:
             raise ConfigError(f"parallel.sequence_scheduler=hetero may form a group of all {pool} ranks, which "
                               f"must divide num_attention_heads={heads}")
-    from loomtrain.checkpoint.resume import check_config as check_checkpoint_config
-
     check_checkpoint_config(cfg)
     return degrees

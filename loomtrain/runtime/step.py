@@ -7,6 +7,10 @@ short micro-batch like a long one, and would change with the data-parallel size.
 
 DDP and FSDP average gradients over the data-parallel ranks, so each rank back-propagates
 `loss_sum * dp / global_tokens`; the average of those is exactly `sum / global_tokens`.
+
+`PackedStep` (fixed-length packed rows, with or without a pipeline) and `HeteroStep` (whole
+documents planned onto sequence-parallel groups) have the same face: `run()` takes the next
+global batch from the loader and returns a `StepResult`; `metrics()` adds to the step's record.
 """
 from __future__ import annotations
 
@@ -17,8 +21,14 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from loomtrain.data.loader import DataLoader
+from loomtrain.errors import DataError
+from loomtrain.models.flops import FlopModel
 from loomtrain.models.loss import StepResult, token_loss_sum
 from loomtrain.parallel.compose import Parallelized
+from loomtrain.parallel.context.common import sequence_indices
+from loomtrain.parallel.hetero.scheduler import HeteroScheduler
+from loomtrain.parallel.pipeline import Pipeline
 
 
 def _slices(mb, par: Parallelized, device: torch.device):
@@ -26,8 +36,6 @@ def _slices(mb, par: Parallelized, device: torch.device):
     under context parallelism its slice of every row (global position ids kept)."""
     tensors = (mb.input_ids, mb.labels, mb.position_ids)
     if par.cp > 1:
-        from loomtrain.parallel.context.common import sequence_indices
-
         idx = sequence_indices(mb.input_ids.shape[1], par.cp, par.cp_rank, par.cp_impl)
         tensors = tuple(t[:, idx] for t in tensors)
     return tuple(t.to(device) for t in tensors)
@@ -40,22 +48,20 @@ def _reduce(values: list[float], group, device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def forward_backward(par: Parallelized, micro_batches: list, *, dp_group, dp_size: int,
+def forward_backward(par: Parallelized, micro_batches: list, *, token_group, token_ranks: int,
                      device: torch.device, local_flops: float) -> StepResult:
     """Run every micro-batch forward and backward; gradients end up reduced over data parallel.
 
     `local_flops` (this rank's exact FLOPs) rides along with the token count in the one small
-    all-reduce the step needs anyway. `dp_group`/`dp_size` span every rank that sees different
-    tokens: data- and context-parallel ranks."""
+    all-reduce the step needs anyway. `token_group`/`token_ranks` span every rank that sees
+    different tokens: data- and context-parallel ranks."""
     batches = [_slices(mb, par, device) for mb in micro_batches]
     local_tokens = sum(int((labels != -100).sum()) for _, labels, _ in batches)
-    global_tokens, global_flops = _reduce([float(local_tokens), float(local_flops)], dp_group, device)
+    global_tokens, global_flops = _reduce([float(local_tokens), float(local_flops)], token_group, device)
     if global_tokens == 0:
-        from loomtrain.errors import DataError
-
         raise DataError("a training step has no token with a label (every label is -100); "
                         "check data.seq_len and the documents")
-    scale = dp_size / global_tokens
+    scale = token_ranks / global_tokens
     call = par.wrapper if par.wrapper is not None else par.module
     autocast = (torch.autocast(device.type, dtype=par.autocast_dtype) if par.autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -78,25 +84,23 @@ def forward_backward(par: Parallelized, micro_batches: list, *, dp_group, dp_siz
         sample_ids.extend(mb.sample_ids)
         del out, loss
     total = loss_sum.clone()
-    if dp_group is not None:
-        dist.all_reduce(total, group=dp_group)
+    if token_group is not None:
+        dist.all_reduce(total, group=token_group)
     return StepResult(total.item() / global_tokens, int(global_tokens), global_flops, sample_ids)
 
 
-def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, dp_group, dp_size: int,
+def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, token_group, token_ranks: int,
                               pp_group, device: torch.device, local_flops: float) -> StepResult:
     """The same step through a pipeline schedule: the first stage gets token ids, the last the
     labels, every stage the position ids; the last stage's losses are shared with all stages."""
     batches = [_slices(mb, par, device) for mb in micro_batches]
     input_ids, labels, position_ids = (torch.cat(parts) for parts in zip(*batches))
     local_tokens = int((labels != -100).sum())
-    global_tokens, global_flops = _reduce([float(local_tokens), float(local_flops)], dp_group, device)
+    global_tokens, global_flops = _reduce([float(local_tokens), float(local_flops)], token_group, device)
     if global_tokens == 0:
-        from loomtrain.errors import DataError
-
         raise DataError("a training step has no token with a label (every label is -100); "
                         "check data.seq_len and the documents")
-    pipe.scale = dp_size / global_tokens
+    pipe.scale = token_ranks / global_tokens
     losses: list[torch.Tensor] = []
     args = (input_ids,) if pipe.has_first else ()
     autocast = (torch.autocast(device.type, dtype=par.autocast_dtype) if par.autocast_dtype is not None
@@ -111,7 +115,56 @@ def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, d
         total += (value.full_tensor() if isinstance(value, DTensor) else value).double()
     total /= pipe.scale
     dist.all_reduce(total, group=pp_group)
-    if dp_group is not None:
-        dist.all_reduce(total, group=dp_group)
+    if token_group is not None:
+        dist.all_reduce(total, group=token_group)
     sample_ids = [i for mb in micro_batches for i in mb.sample_ids]
     return StepResult(total.item() / global_tokens, int(global_tokens), global_flops, sample_ids)
+
+
+class PackedStep:
+    """Fixed-length packed rows, split over data parallel (and pipeline stages)."""
+
+    def __init__(self, loader: DataLoader, par: Parallelized, flops: FlopModel, *, cp: int, token_group,
+                 token_ranks: int, device: torch.device, pipeline: Pipeline | None = None, pp_group=None):
+        self.loader, self.par, self.flops, self.cp = loader, par, flops, cp
+        self.token_group, self.token_ranks, self.device = token_group, token_ranks, device
+        self.pipeline, self.pp_group = pipeline, pp_group
+
+    def run(self) -> StepResult:
+        micro_batches = self.loader.next_step()
+        local_flops = self.flops.exact_step_flops(
+            [n for mb in micro_batches for row in mb.doc_lengths for n in row]) / self.cp
+        if self.pipeline is not None:
+            return pipeline_forward_backward(self.pipeline, self.par, micro_batches, token_group=self.token_group,
+                                             token_ranks=self.token_ranks, pp_group=self.pp_group,
+                                             device=self.device, local_flops=local_flops)
+        return forward_backward(self.par, micro_batches, token_group=self.token_group,
+                                token_ranks=self.token_ranks, device=self.device, local_flops=local_flops)
+
+    def metrics(self) -> dict:
+        return {}
+
+
+class HeteroStep:
+    """Whole documents of varied length, planned into per-micro-step sequence-parallel groups.
+    Every rank reads the whole batch (the plan needs every length); only rank 0 reports the
+    sample ids, so a gathered sample log counts each once."""
+
+    def __init__(self, loader: DataLoader, scheduler: HeteroScheduler, par: Parallelized, flops: FlopModel, *,
+                 token_group, is_main: bool):
+        self.loader, self.scheduler, self.par, self.flops = loader, scheduler, par, flops
+        self.token_group, self.is_main = token_group, is_main
+        module = par.wrapper if par.wrapper is not None else par.module
+        self.call = lambda ids, pos: module(input_ids=ids, position_ids=pos, use_cache=False).logits
+
+    def run(self) -> StepResult:
+        sample_ids, docs = self.loader.next_sequences()
+        lengths = [int(doc.size) - 1 for doc in docs]
+        loss_sum, global_tokens = self.scheduler.forward_backward(docs, self.call, ddp=self.par.wrapper)
+        if self.token_group is not None:
+            dist.all_reduce(loss_sum, group=self.token_group)
+        return StepResult(loss_sum.item() / global_tokens, global_tokens, self.flops.exact_step_flops(lengths),
+                          sample_ids if self.is_main else [], tokens=sum(lengths))
+
+    def metrics(self) -> dict:
+        return self.scheduler.plan_metrics()

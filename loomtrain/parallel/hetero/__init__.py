@@ -1,8 +1,14 @@
 """Heterogeneous sequence parallelism: a cost model of Ulysses SP groups and a per-step planner
 that mixes group degrees (long sequences on wide groups, short ones packed on single ranks).
 
-The executor calls `plan_batch` on every rank, checks `Plan.fingerprint64` agrees across ranks
-(`verify_same_plan`), pre-creates the groups of `aligned_blocks`, and runs `Plan.for_rank`.
+* `costmodel`     predicted time and memory of a sequence on a group of degree d
+* `plan_types`    Plan, MicroStep, Group, Slot; aligned blocks; the cross-rank plan check
+* `planner`       `plan_batch` (greedy + homogeneous portfolio), `local_search` polishes it
+* `executor`      runs a plan: pre-created aligned groups, packed rows, zero-weight filler steps
+* `scheduler`     `HeteroScheduler`, what a training run holds: cost model + planning + executor
+
+Every rank plans the same batch itself; `Plan.fingerprint64` is all-gathered before a plan runs,
+so a rank that planned differently is an error, never a hang.
 """
 from loomtrain.parallel.hetero.costmodel import CostModel, calibrate
 from loomtrain.parallel.hetero.plan_types import Group, MicroStep, Plan, PlanError, Slot, aligned_blocks, verify_same_plan

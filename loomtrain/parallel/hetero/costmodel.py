@@ -9,7 +9,7 @@ is a closed form with a handful of coefficients rather than a simulator:
                + all_to_all_bytes(L, d) / bandwidth(d)      0 at d = 1
                + all_to_all_calls * latency(d)              per group and micro-step, not per sequence
 
-FLOPs follow Megatron-LM's accounting (Narayanan et al. 2021, sec. 5.1; also `runtime/flops.py`):
+FLOPs follow Megatron-LM's accounting (Narayanan et al. 2021, sec. 5.1; also `models/flops.py`):
 forward = 2 * matmul_params per token, plus per layer 2 * hidden * L^2 for the two causal attention
 matmuls; backward = 2x forward; full activation recomputation adds one more forward.
 Ulysses (Jacobs et al. 2023, "DeepSpeed Ulysses") does four all-to-alls per layer in the forward
@@ -181,6 +181,25 @@ class CostModel:
             values["matmul_flops_per_s"] = values["attn_flops_per_s"] = 0.4 * peak * 1e12
         values.update(overrides)
         return cls.from_dict(values)
+
+    @classmethod
+    def for_run(cls, cfg: Any, hf_config: Any) -> "CostModel":
+        """The cost model of a training run: geometry from the model's HF config (all of it, not
+        only the fields the run overrides), recomputation from `parallel.activation_checkpointing`,
+        the compute rate from `train.peak_tflops` when set, then the user's coefficients from
+        `parallel.hetero_cost_model` (a mapping, inline JSON or a JSON file) on top."""
+        values: dict = {}
+        if cfg.parallel.activation_checkpointing != "none":
+            values["recompute"] = True
+        if cfg.train.peak_tflops:  # a peak, not what training achieves: assume 40% as the default does
+            values["matmul_flops_per_s"] = values["attn_flops_per_s"] = 0.4 * cfg.train.peak_tflops * 1e12
+        model = cls.from_config(hf_config, **values)
+        coeffs = cfg.parallel.hetero_cost_model
+        if isinstance(coeffs, str):
+            return cls.from_json(coeffs, base=model)
+        if coeffs:
+            return cls.from_dict(coeffs, base=model)
+        return model
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

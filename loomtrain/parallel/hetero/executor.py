@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from loomtrain.parallel.context.common import set_group
+from loomtrain.parallel.hetero.costmodel import calibrate
 from loomtrain.parallel.hetero.plan_types import Plan, aligned_blocks, verify_same_plan
 
 
@@ -80,8 +81,6 @@ class HeteroExecutor:
         few lengths on one rank and on a group of all ranks, keep the slowest rank's median, and
         fit the planner's coefficients to those (length, degree, seconds) samples. Gradients are
         discarded; a few seconds at start-up."""
-        from loomtrain.parallel.hetero.costmodel import calibrate
-
         samples = []
         lengths = sorted({max(self.n, max_len // k) for k in (8, 4, 2, 1)})
         for degree in sorted({1, self.n}):

@@ -1,0 +1,70 @@
+"""`HeteroScheduler`: the heterogeneous sequence scheduler of a training run, in one object.
+
+It owns the run's cost model (built once, from the model's geometry and the run config:
+recomputation, the configured peak, the user's coefficients; optionally fitted to the hardware
+at start-up), plans every step's documents onto sequence-parallel groups of mixed degrees, and
+runs the plan through the executor. The training loop hands it a step's documents and gets back
+the loss sum and token count, exactly as it does for packed rows.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from loomtrain.models.loss import token_loss_sum
+from loomtrain.parallel.hetero.costmodel import CostModel
+from loomtrain.parallel.hetero.executor import HeteroExecutor
+from loomtrain.parallel.hetero.plan_types import Plan
+from loomtrain.parallel.hetero.planner import plan_batch
+
+Call = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, position_ids) -> logits
+
+
+class HeteroScheduler:
+    """Plans and runs heterogeneous sequence parallelism over the data x context ranks of `mesh`.
+
+    `model` is the module whose attention layers switch groups each micro-step (attention must
+    already go through Ulysses, `apply_cp(model, None, "ulysses")`); `call` runs the possibly
+    wrapped (DDP/FSDP) model on one packed row."""
+
+    def __init__(self, cfg: Any, hf_config: Any, model: torch.nn.Module, mesh, device: torch.device):
+        self.executor = HeteroExecutor(model, mesh, device)
+        self.cost = CostModel.for_run(cfg, hf_config)
+        self.seq_len = cfg.data.seq_len
+        self.capacity = cfg.parallel.hetero_tokens_per_rank or cfg.data.seq_len
+        self.calibrated = False
+        self.last_plan: Plan | None = None
+
+    @property
+    def ranks(self) -> int:
+        return self.executor.n
+
+    def calibrate(self, call: Call, vocab: int) -> list[tuple[int, int, float]]:
+        """Fit the cost model to this hardware (a few timed passes); returns the samples."""
+        self.cost, samples = self.executor.calibrate(call, token_loss_sum, self.seq_len, self.cost, vocab=vocab)
+        self.calibrated = True
+        return samples
+
+    def describe(self) -> str:
+        lengths = sorted({max(1, self.seq_len // k) for k in (16, 4, 1)})
+        head = "loomtrain: heterogeneous scheduler cost model" + (" (calibrated on this hardware)"
+                                                               if self.calibrated else "")
+        return head + ":\n" + self.cost.describe(lengths=lengths, degrees=sorted({1, 2, self.ranks}))
+
+    def forward_backward(self, docs: list[np.ndarray], call: Call, ddp=None) -> tuple[torch.Tensor, int]:
+        """Plan `docs` (each n+1 tokens) and run forward and backward of this rank's share;
+        returns (this rank's loss sum, the global count of valid tokens)."""
+        lengths = [int(doc.size) - 1 for doc in docs]
+        self.last_plan = plan_batch(lengths, self.ranks, self.capacity, self.cost)
+        return self.executor.run(self.last_plan, docs, call, token_loss_sum, ddp=ddp)
+
+    def plan_metrics(self) -> dict:
+        """The last plan, for the step's metrics record."""
+        plan = self.last_plan
+        if plan is None:
+            return {}
+        degrees = sorted({g.degree for step in plan.steps for g in step.groups if g.seqs})
+        return {"plan": plan.strategy, "plan_degrees": degrees, "plan_microsteps": len(plan.steps),
+                "plan_predicted_s": plan.time}
