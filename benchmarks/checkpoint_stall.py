@@ -1,5 +1,6 @@
 """How long checkpointing stalls the training loop: loomtrain's lazy save against synchronous
-`torch.save`, synchronous DCP and DCP's own `async_save`, all in one run on one model.
+`torch.save`, synchronous DCP and DCP's `async_save` (default and asynchronous staging), all in one
+run on one model.
 
     python benchmarks/checkpoint_stall.py [--hidden 768] [--layers 8] [--blocks 3] [--json PATH]
 
@@ -11,7 +12,18 @@ the host CPU of a GPU node. Measured, in this order, on the same Trainer:
 * blocking per checkpoint (the time the loop cannot train) for
   - `torch.save` of the full state (model, optimizer, schedule) to one file + fsync,
   - synchronous `dcp.save` of `get_state_dict(model, optimizer)`,
-  - `dcp.async_save` (its call, plus any wait for the previous one before the next save),
+  - `dcp.async_save` with its default stager, which copies the state to host memory inside the
+    call (the call, plus any wait for the previous save before the next one),
+  - `dcp.async_save` with DCP's own asynchronous staging, `DefaultStager(StagingOptions(...))`:
+    the copy runs on a background thread and the call returns an `AsyncSaveResponse`. Blocking =
+    the call (plus any wait for the previous save's upload before the next one, as above) + the
+    wait for its `staging_completion` right before the next optimizer step (an optimizer step pre-
+    hook), since that step would change the tensors being copied. This row, not the one above,
+    is DCP's counterpart of loomtrain's lazy save, which also copies in the background and waits
+    before the optimizer step. Pinned memory and non-blocking copies are used when CUDA is
+    available; on a CPU-only build DCP ignores `use_pinned_memory` (with a warning) and
+    `use_non_blocking_copy` raises, so both are off and the row's label says so. Shared memory is
+    off: it only serves the PROCESS checkpointer, and this is the THREAD one,
   - loomtrain's lazy save (request + the wait before the next optimizer step), from the
     every-10-steps blocks; and from the every-step blocks, where a save takes longer than a
     step and the engine's back-pressure makes each request wait for the previous write;
@@ -79,6 +91,7 @@ def run(a) -> dict:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from loomtrain.checkpoint import state as st
@@ -155,6 +168,46 @@ def run(a) -> dict:
     fut.result()
     shutil.rmtree(prev)
 
+    # -- DCP async_save with asynchronous staging ---------------------------------------------------
+    pinned = torch.cuda.is_available()  # DCP pins only for CUDA; non-blocking copies need an accelerator
+    stager = DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False,
+                                          use_async_staging=True, use_non_blocking_copy=pinned))
+    staged = "dcp.async_save (async staging, " + ("pinned)" if pinned else "unpinned: no accelerator)")
+    staging = None
+
+    def wait_for_staging(*_):
+        nonlocal staging
+        if staging is not None:
+            start = time.perf_counter()
+            staging.result()
+            blocking[staged][-1] += time.perf_counter() - start
+            staging = None
+
+    hook = trainer.optimizer.register_step_pre_hook(wait_for_staging)
+    resp, prev = None, None
+    for i in range(a.saves):
+        step()
+        path = os.path.join(a.dir, f"dcp_staged_{i}")
+        start = time.perf_counter()
+        if resp is not None:
+            resp.upload_completion.result()  # the stager reuses its host buffers: one save in flight
+            shutil.rmtree(prev)
+        upload = time.perf_counter() - start
+        msd, osd = get_state_dict(trainer.model, trainer.optimizer)
+        resp = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path, process_group=io_group,
+                              async_stager=stager)
+        staging, prev = resp.staging_completion, path
+        blocking.setdefault(staged, []).append(time.perf_counter() - start)
+        call = blocking[staged][-1] - upload
+        step()  # its optimizer step first waits for the staging (wait_for_staging)
+        print(f"dcp.async_save, async staging {blocking[staged][-1] * 1e3:9.1f} ms (previous upload "
+              f"{upload * 1e3:.1f} ms, call {call * 1e3:.1f} ms, staging wait "
+              f"{(blocking[staged][-1] - upload - call) * 1e3:.1f} ms)", flush=True)
+    resp.upload_completion.result()
+    shutil.rmtree(prev)
+    hook.remove()
+    stager.close()
+
     # -- loomtrain lazy save and end-to-end slowdown ------------------------------------------------
     def block(n_steps: int, every: int) -> float:
         """n_steps steps; with every > 0 a lazy save after every `every`-th step (and the first one
@@ -212,9 +265,10 @@ def report(r: dict) -> None:
     print(f"\ncheckpoint stall: {r['model_params'] / 1e6:.1f}M params, {r['state_gb']:.2f} GB state, "
           f"{r['step_s']:.2f} s per step ({r['threads']} compute thread); machine load "
           f"{r['loadavg_1min'][0]} -> {r['loadavg_1min'][1]} (1-min average, start -> end)")
-    print(f"{'method':22s} {'blocking (median)':>18s} {'max':>10s} {'vs torch.save':>14s}")
+    w = max(map(len, r["blocking_ms"]))
+    print(f"{'method':{w}s} {'blocking (median)':>18s} {'max':>10s} {'vs torch.save':>14s}")
     for k, v in r["blocking_ms"].items():
-        print(f"{k:22s} {v:15.1f} ms {r['blocking_max_ms'][k]:7.1f} ms {r['blocking_ratio_vs_torch_save'][k]:14.4f}")
+        print(f"{k:{w}s} {v:15.1f} ms {r['blocking_max_ms'][k]:7.1f} ms {r['blocking_ratio_vs_torch_save'][k]:14.4f}")
     for k, v in r["slowdown"].items():
         print(f"end-to-end slowdown, checkpoint {k:8s}: {100 * v:+.1f}% (median of block pairs; "
               f"ratio of sums {100 * r['slowdown_sum_ratio'][k]:+.1f}%)")
