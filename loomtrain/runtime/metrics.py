@@ -30,6 +30,7 @@ import warnings
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from loomtrain.errors import LoomError
 
@@ -201,7 +202,6 @@ class MetricsWriter:
                 self._tb = SummaryWriter(log_dir=os.path.join(self.output_dir, "tb"))
         self._bar = None
         if progress:
-            from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from loomtrain.errors import LoomError
+
 _COLORS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868"}
 
 
@@ -46,8 +48,6 @@ def draw_timeline(timeline_json: str, out_png: str) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from loomtrain.errors import LoomError
-
         raise LoomError("drawing the pipeline timeline needs matplotlib: pip install matplotlib") from None
     with open(timeline_json, encoding="utf-8") as fh:
         record = json.load(fh)
