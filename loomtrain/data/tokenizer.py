@@ -3,7 +3,7 @@
 The data layer needs exactly three things from a tokenizer: the vocabulary size (to size the
 embedding and the synthetic bigram model), the id that closes a document (EOS, appended to every
 document when packing), and a fast way to turn many texts into id arrays. Both implementations
-expose only that (plus `decode`, for humans), so the rest of the runtime never touches
+expose only that (plus `decode`, for humans), so the loader never touches
 `transformers` directly and the demo runs with no tokenizer files at all.
 """
 from __future__ import annotations
