@@ -18,7 +18,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "matplotlib", "deepspeed"],
+        "test": ["pytest", "hypothesis", "matplotlib", "deepspeed", "import-linter"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["loomtrain = loomtrain.launch.cli:main"]},

@@ -14,7 +14,8 @@ from loomtrain.version import __version__
 
 
 def __getattr__(name):
-    # The Trainer pulls in transformers (~5 s); import it only when asked for.
+    # `loomtrain.Trainer` is looked up on first use (PEP 562): every `loomtrain.*` import runs this
+    # file, and the command line must parse without loading torch and transformers.
     if name == "Trainer":
         return importlib.import_module("loomtrain.runtime.trainer").Trainer
     raise AttributeError(name)

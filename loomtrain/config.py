@@ -3,7 +3,7 @@
 Every key has a default, so an empty YAML file runs the embedded demo. Values are checked here,
 before any process starts, so a typo or an impossible layout ends in one line that names the key
 and the fix instead of a hang inside a collective. Checks that need the model's own HF config
-(heads divisible by tp, ...) live in `runtime.model.validate_model_layout`.
+(heads divisible by tp, ...) live in `runtime.preflight.validate_model_layout`.
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from loomtrain.config import ParallelConfig, resolve_degrees
+from loomtrain.errors import ConfigError
 
 _ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -41,8 +42,6 @@ class DistEnv:
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from loomtrain.errors import ConfigError
-
             raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from harness import BASE, ROOT, case, free_port
 from loomtrain.checkpoint import format as fmt
 from loomtrain.config import load_config
-from loomtrain.launch.ckpt_command import main as ckpt
+from loomtrain.launch import cli
 from loomtrain.runtime.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -26,6 +26,11 @@ HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(
     not HAVE_DEEPSPEED, reason="deepspeed is not importable (pip install -e '.[test]'): no real DeepSpeed "
                                "checkpoints can be made, so the DeepSpeed import is NOT tested")
+
+
+def ckpt(argv: list[str]) -> int:
+    """`loomtrain ckpt ARGV...` in this process; its exit code."""
+    return cli.main(["ckpt", *argv])
 
 
 def _tiny_tokenizer(path: str) -> None:

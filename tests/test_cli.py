@@ -7,12 +7,11 @@ import os
 import re
 import subprocess
 import sys
-import types
 
 import pytest
 
 from loomtrain.errors import LoomError
-from loomtrain.launch import cli
+from loomtrain.launch import cli, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
@@ -97,15 +96,15 @@ def test_launch_flag_checks(capsys):
 
 
 def test_worker_detection():
-    assert not cli.in_worker({})
-    assert cli.in_worker({"TORCHELASTIC_RUN_ID": "x"})
-    assert cli.in_worker({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert not spec.in_worker({})
+    assert spec.in_worker({"TORCHELASTIC_RUN_ID": "x"})
+    assert spec.in_worker({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
 
 
 def test_single_node_rendezvous_is_loopback():
     from loomtrain.launch.agent import torchrun_argv
 
-    argv = torchrun_argv(cli.LaunchSpec(nproc_per_node=4), ["run", "-"])
+    argv = torchrun_argv(spec.LaunchSpec(nproc_per_node=4), ["run", "-"])
     endpoint = argv[argv.index("--rdzv-endpoint") + 1]
     host, port = endpoint.rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) > 0
@@ -113,7 +112,7 @@ def test_single_node_rendezvous_is_loopback():
     assert argv[argv.index("--local-addr") + 1] == "127.0.0.1"
     assert argv[argv.index("--redirects") + 1] == "1:3,2:3,3:3"  # only local rank 0 on the console
     assert argv[-4:] == ["--module", "loomtrain.launch", "run", "-"]
-    multi = torchrun_argv(cli.LaunchSpec(nproc_per_node=2, nnodes="2", rdzv_endpoint="h:1"), ["run", "-"])
+    multi = torchrun_argv(spec.LaunchSpec(nproc_per_node=2, nnodes="2", rdzv_endpoint="h:1"), ["run", "-"])
     assert multi[multi.index("--rdzv-endpoint") + 1] == "h:1" and "--local-addr" not in multi
 
 
@@ -183,9 +182,7 @@ def test_report_plot(tmp_path, capsys, monkeypatch):
         open(png, "wb").close()
         return png
 
-    fake = types.ModuleType("loomtrain.runtime.metrics")
-    fake.plot_metrics = plot_metrics
-    monkeypatch.setitem(sys.modules, "loomtrain.runtime.metrics", fake)
+    monkeypatch.setattr("loomtrain.runtime.metrics.plot_metrics", plot_metrics)
     assert cli.main(["report", "--plot", str(tmp_path)]) == 0
     png = os.path.join(str(tmp_path), "metrics.png")
     assert calls == [(jsonl, png)]

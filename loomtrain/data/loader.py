@@ -19,9 +19,7 @@ produced on any rank in O(S) without generating its predecessors.
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +27,7 @@ import torch
 
 from loomtrain.config import DataConfig
 from loomtrain.errors import ConfigError, DataError
-from loomtrain.data.sources import is_text_source, read_documents
+from loomtrain.data.sources import is_text_source, load_lengths_file, read_documents
 from loomtrain.data.tokenizer import Tokenizer, build_tokenizer
 
 IGNORE_INDEX = -100
@@ -85,43 +83,6 @@ def pack_row(tokens: np.ndarray, starts: np.ndarray, seq_len: int):
     lengths = np.diff(bounds)
     pos = np.arange(S, dtype=np.int64) - np.repeat(bounds[:-1], lengths)
     return x, y, pos, lengths.tolist()
-
-
-def _file_lengths_key(path: str) -> tuple[str, int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        raise DataError(f"data.lengths: length file not found: {path}") from None
-    return os.path.abspath(path), st.st_mtime_ns, st.st_size
-
-
-@functools.lru_cache(maxsize=4)
-def _read_lengths(path: str, mtime_ns: int, size: int) -> np.ndarray:
-    with open(path, "rb") as fh:
-        lines = fh.read().splitlines()
-    if not lines:
-        raise DataError(f"data.lengths: {path} is empty (expected one positive integer per line)")
-    try:
-        arr = np.array(lines).astype(np.int64)  # numpy parses the byte strings in C: ~0.2 s for 1M
-    except (ValueError, OverflowError):
-        for lineno, line in enumerate(lines, 1):  # slow path only to name the bad line
-            try:
-                int(line)
-            except (ValueError, OverflowError):
-                raise DataError(
-                    f"data.lengths: {path}:{lineno}: {line[:40]!r} is not an integer "
-                    "(expected one positive integer per line)") from None
-        raise
-    bad = np.flatnonzero(arr <= 0)
-    if bad.size:
-        raise DataError(f"data.lengths: {path}:{bad[0] + 1}: {arr[bad[0]]} is not a positive length")
-    arr.setflags(write=False)
-    return arr
-
-
-def load_lengths_file(path: str) -> np.ndarray:
-    """Document lengths from a file, one positive int per line; cached per process (read-only)."""
-    return _read_lengths(*_file_lengths_key(path))
 
 
 class TextCorpus:

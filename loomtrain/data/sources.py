@@ -9,14 +9,20 @@ the same byte on every rank.
 Formats: `.txt/.md/.py/.rst` are one document per file; `.jsonl` is one document per line (the
 `data.text_field` key); `.parquet` is one document per row of the `data.text_field` column.
 Empty or whitespace-only documents are skipped everywhere (an empty `__init__.py` teaches nothing).
-`synthetic` has no text at all: its token documents are generated in `runtime.data`.
+`synthetic` has no text at all: its token documents are generated in `data.loader`, optionally
+with document lengths drawn from a file (`load_lengths_file`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sysconfig
 from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from loomtrain.config import DataConfig
 from loomtrain.errors import DataError
@@ -106,9 +112,6 @@ def _jsonl_documents(path: str, field: str) -> Iterator[str]:
 
 
 def _parquet_documents(path: str, field: str) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - corrupt/unreadable file
@@ -184,6 +187,43 @@ def _no_documents(cfg: DataConfig) -> str:
     return f"data.source: {cfg.source} contains no documents (non-empty {', '.join(SUPPORTED_SUFFIXES)})"
 
 
+def _file_lengths_key(path: str) -> tuple[str, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise DataError(f"data.lengths: length file not found: {path}") from None
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _read_lengths(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    with open(path, "rb") as fh:
+        lines = fh.read().splitlines()
+    if not lines:
+        raise DataError(f"data.lengths: {path} is empty (expected one positive integer per line)")
+    try:
+        arr = np.array(lines).astype(np.int64)  # numpy parses the byte strings in C
+    except (ValueError, OverflowError):
+        for lineno, line in enumerate(lines, 1):  # slow path only to name the bad line
+            try:
+                int(line)
+            except (ValueError, OverflowError):
+                raise DataError(
+                    f"data.lengths: {path}:{lineno}: {line[:40]!r} is not an integer "
+                    "(expected one positive integer per line)") from None
+        raise
+    bad = np.flatnonzero(arr <= 0)
+    if bad.size:
+        raise DataError(f"data.lengths: {path}:{bad[0] + 1}: {arr[bad[0]]} is not a positive length")
+    arr.setflags(write=False)
+    return arr
+
+
+def load_lengths_file(path: str) -> np.ndarray:
+    """Document lengths from a file, one positive int per line; cached per process (read-only)."""
+    return _read_lengths(*_file_lengths_key(path))
+
+
 def check_source(cfg: DataConfig) -> None:
     """Cheap pre-launch checks: the source exists, has supported non-empty files, and the first
     document can be read (which surfaces a bad first JSON line or a missing column/field early).
@@ -193,8 +233,6 @@ def check_source(cfg: DataConfig) -> None:
     """
     if cfg.source == "synthetic":
         if cfg.lengths.startswith("file:"):
-            from loomtrain.data.loader import load_lengths_file
-
             load_lengths_file(cfg.lengths[5:])
         return
     files, _ = _source_files(cfg)

@@ -3,7 +3,7 @@
 The data layer needs exactly three things from a tokenizer: the vocabulary size (to size the
 embedding and the synthetic bigram model), the id that closes a document (EOS, appended to every
 document when packing), and a fast way to turn many texts into id arrays. Both implementations
-expose only that (plus `decode`, for humans), so the rest of the runtime never touches
+expose only that (plus `decode`, for humans), so the loader never touches
 `transformers` directly and the demo runs with no tokenizer files at all.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from loomtrain.errors import DataError
 
@@ -70,8 +71,6 @@ class HFTokenizer:
         if not os.path.isdir(path):
             raise DataError(f"data.tokenizer: not a directory: {path}")
         try:
-            from transformers import AutoTokenizer
-
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any load failure is a user-facing data problem
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

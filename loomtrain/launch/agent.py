@@ -10,32 +10,40 @@ Worker side: `worker_main()` runs under `@record` with an error handler that als
 in the error file (`extraInfo.loomtrain`), so the launcher can tell a user error (print its message)
 from a crash (print the exception and where the traceback is).
 
-This module imports torch; `cli.py` imports it only when it launches or runs as a worker.
+Also the launch flags' checks (`launch_spec`) and the hidden `loomtrain _selfcheck` command, a
+gloo all_reduce through the same agent that tests use to exercise launching without a Trainer.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
 import glob
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import traceback
 import uuid
-from typing import TYPE_CHECKING
+from typing import Iterator
 
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import (
     ChildFailedError,
     ErrorHandler,
     ProcessFailure,
     record,
 )
+from torch.distributed.elastic.rendezvous.api import RendezvousError
+from torch.distributed.launcher.api import elastic_launch
+from torch.distributed.run import config_from_args, determine_local_world_size, get_args_parser
 
 from loomtrain.errors import LoomError
-
-if TYPE_CHECKING:
-    from loomtrain.launch.cli import LaunchSpec
+from loomtrain.launch.spec import LaunchSpec, UsageError, in_worker, parse_nnodes
 
 # Set by the launcher for its workers: they leave the one-line error message to the launcher.
 LAUNCHER_ENV = "LOOMTRAIN_LAUNCHER"
@@ -91,9 +99,6 @@ def worker_main(target, *args) -> int:
 
 def selfcheck(fail_rank: int | None = None, crash_rank: int | None = None) -> None:
     """Worker body of `loomtrain _selfcheck`: gloo all_reduce of rank+1; rank 0 prints the sum."""
-    import torch
-    import torch.distributed as dist
-
     dist.init_process_group("gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -115,14 +120,57 @@ def selfcheck(fail_rank: int | None = None, crash_rank: int | None = None) -> No
 
 
 # ------------------------------------------------------------------------------------- launcher
+def _local_world_size(nproc: str) -> int:
+    try:
+        n = int(nproc)
+    except ValueError:
+        if nproc not in ("auto", "cpu", "gpu"):
+            raise UsageError(f"--nproc-per-node={nproc}: expected an int, auto, cpu or gpu") from None
+        try:
+            n = determine_local_world_size(nproc)
+        except ValueError as exc:
+            raise UsageError(f"--nproc-per-node={nproc}: {exc}") from None
+    if n < 1:
+        raise UsageError(f"--nproc-per-node={nproc}: must be at least 1")
+    return n
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def launch_spec(ns: argparse.Namespace, default_log_dir: str | None) -> tuple[LaunchSpec, int]:
+    """Check the launch flags -> (LaunchSpec, world size to plan for)."""
+    nproc = _local_world_size(ns.nproc_per_node)
+    min_nodes, max_nodes = parse_nnodes(ns.nnodes)
+    if max_nodes > 1 and not ns.rdzv_endpoint:
+        raise UsageError(f"--nnodes={ns.nnodes}: more than one node needs --rdzv-endpoint HOST:PORT")
+    if ns.node_rank is not None and min_nodes != max_nodes:
+        raise UsageError("--node-rank needs a fixed --nnodes N (elastic MIN:MAX ranks nodes itself)")
+    if ns.max_restarts < 0:
+        raise UsageError(f"--max-restarts={ns.max_restarts}: must not be negative")
+    spec = LaunchSpec(nproc_per_node=nproc, nnodes=ns.nnodes, node_rank=ns.node_rank,
+                      rdzv_endpoint=ns.rdzv_endpoint, rdzv_id=ns.rdzv_id,
+                      max_restarts=ns.max_restarts, log_dir=ns.log_dir or default_log_dir,
+                      verbose=ns.verbose)
+    return spec, nproc * min_nodes
+
+
+def set_omp_threads(nproc: int) -> None:
+    """Share the CPUs among the local workers unless the user chose OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // nproc))
+
+
 def one_line(text: str, limit: int = 400) -> str:
     line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -130,8 +178,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def torchrun_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:
     """The torchrun command line (without `torchrun`) that runs `python -m loomtrain.launch ARGS`."""
-    from loomtrain.launch.cli import parse_nnodes
-
     min_nodes, max_nodes = parse_nnodes(spec.nnodes)
     argv = ["--nnodes", spec.nnodes, "--nproc-per-node", str(spec.nproc_per_node),
             "--max-restarts", str(spec.max_restarts)]
@@ -154,23 +200,27 @@ def torchrun_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:
     return argv + ["--module", "loomtrain.launch", *worker_args]
 
 
-def _quiet_torch_logs() -> None:
-    """The agent's own log lines (warnings, 'failed (exitcode ...)') would bury our one-line message."""
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
-        lg = logging.getLogger(name)
-        lg.addHandler(logging.NullHandler())
-        lg.propagate = False
+@contextlib.contextmanager
+def _quiet_torch_logs(quiet: bool) -> Iterator[None]:
+    """While the agent runs, drop its own log lines (warnings, 'failed (exitcode ...)'), which
+    would bury our one-line message; the loggers are restored afterwards."""
+    saved = []
+    if quiet:
+        for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
+            lg, handler = logging.getLogger(name), logging.NullHandler()
+            saved.append((lg, handler, lg.propagate))
+            lg.addHandler(handler)
+            lg.propagate = False
+    try:
+        yield
+    finally:
+        for lg, handler, propagate in saved:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
 
 
 def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
     """Run the workers through torch's elastic agent; returns the exit code for the launcher."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
-    from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args, get_args_parser
-
-    if not spec.verbose and not os.environ.get("LOGLEVEL"):
-        _quiet_torch_logs()
     # Workers must find this very package, even when it is not installed.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -184,7 +234,8 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
     except ValueError as exc:
         raise LoomError(f"invalid launch options: {exc}") from None
     try:
-        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+        with _quiet_torch_logs(not spec.verbose and not os.environ.get("LOGLEVEL")):
+            elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except ChildFailedError as err:
         lines = condense_failure(err, config.logs_specs.root_log_dir, config.run_id)
         for line in lines:
@@ -273,3 +324,17 @@ def condense_failure(err: ChildFailedError, root_log_dir: str | None = None,
         kind = "traceback" if path.endswith(".json") else "log"
         lines.append(f"loomtrain: full {kind} of rank {rank}: {path}")
     return lines
+
+
+# ------------------------------------------------------------------------------------ _selfcheck
+def cmd_selfcheck(ns: argparse.Namespace) -> int:
+    if in_worker():
+        return worker_main(selfcheck, ns.fail_rank, ns.crash_rank)
+    worker_args = ["_selfcheck"]
+    if ns.fail_rank is not None:
+        worker_args += ["--fail-rank", str(ns.fail_rank)]
+    if ns.crash_rank is not None:
+        worker_args += ["--crash-rank", str(ns.crash_rank)]
+    spec, _ = launch_spec(ns, None)
+    set_omp_threads(spec.nproc_per_node)
+    return launch(spec, worker_args)

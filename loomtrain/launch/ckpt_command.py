@@ -1,15 +1,13 @@
-"""`loomtrain ckpt ACTION ...`: look into, check and convert checkpoints (no training job needed).
+"""`loomtrain ckpt inspect|verify`: look into and check checkpoints (no training job needed).
 
     loomtrain ckpt inspect PATH [--json] [--top N]
     loomtrain ckpt verify PATH [--checksum] [--all]
-    loomtrain ckpt export-hf PATH OUT_DIR [--dtype float32|bfloat16] [--max-shard-size 5GB] [--overwrite]
-    loomtrain ckpt import-deepspeed DS_DIR OUT_DIR --config CONFIG.yaml [--tag TAG] [section.key=value ...]
 
 PATH is a committed checkpoint (`step_NNNNNNNN`) or a checkpoint directory (its newest committed
 one). Errors (a missing path, not a checkpoint, an unreadable one) are one `loomtrain: error:` line
 with exit code 2; `verify` reports a damaged checkpoint as one line and exit code 1, so scripts can
-tell "damaged" from "wrong command". `inspect` and `verify` read JSON only (plus DCP's index through
-the allow-list unpickler), so they are instant and never import transformers.
+tell "damaged" from "wrong command". Both read JSON only (plus DCP's index through the allow-list
+unpickler) and never import transformers; the conversions are in `ckpt_convert`.
 """
 from __future__ import annotations
 
@@ -19,69 +17,9 @@ import json
 import os
 import sys
 
-
-ACTIONS = {
-    "inspect": "step, layout, data position, config, files and largest tensors of a checkpoint",
-    "verify": "check a checkpoint's files against its manifest (sizes; --checksum: also sha256)",
-    "export-hf": "write a checkpoint's model as an HF directory (config.json + safetensors)",
-    "import-deepspeed": "convert a DeepSpeed checkpoint (ZeRO-1/2/3, universal) into a loomtrain checkpoint",
-}
-
-
-def make_parser(parser_cls):
-    """The `ckpt` parser: `parse_intermixed_args(argv)` dispatches on the action word, then parses
-    that action's own options (each action is a plain parser, so options and overrides may come
-    in any order)."""
-    top = parser_cls(prog="loomtrain ckpt", formatter_class=argparse.RawDescriptionHelpFormatter,
-                     usage="loomtrain ckpt ACTION [options]",
-                     description="checkpoint tools:\n" + "\n".join(f"  {a:<17} {h}" for a, h in ACTIONS.items()),
-                     epilog="Run 'loomtrain ckpt ACTION --help' for the options of one action.")
-
-    def parse(argv):
-        argv = list(argv or [])
-        if not argv or argv[0] in ("-h", "--help"):
-            top.print_help(None if argv else sys.stderr)
-            raise SystemExit(0 if argv else 2)
-        if argv[0] not in ACTIONS:
-            top.error(f"unknown action '{argv[0]}' (actions: {', '.join(ACTIONS)})")
-        p = _action_parser(parser_cls, argv[0])
-        ns = p.parse_intermixed_args(argv[1:])
-        ns.action = argv[0]
-        return ns
-
-    top.parse_intermixed_args = parse
-    return top
-
-
-def _action_parser(parser_cls, action: str):
-    p = parser_cls(prog=f"loomtrain ckpt {action}", description=ACTIONS[action])
-    if action == "inspect":
-        p.add_argument("path", metavar="PATH", help="a step_NNNNNNNN directory, or a checkpoint directory")
-        p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-        p.add_argument("--top", type=int, default=8, metavar="N", help="list the N largest tensors (default 8)")
-    elif action == "verify":
-        p.add_argument("path", metavar="PATH", help="a step_NNNNNNNN directory, or a checkpoint directory")
-        p.add_argument("--checksum", action="store_true", help="also compare sha256 (reads every byte)")
-        p.add_argument("--all", action="store_true", help="for a checkpoint directory: every committed "
-                                                          "checkpoint, not only the newest")
-    elif action == "export-hf":
-        p.add_argument("path", metavar="PATH", help="a step_NNNNNNNN directory, or a checkpoint directory")
-        p.add_argument("out_dir", metavar="OUT_DIR", help="the HF model directory to write")
-        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                       help="dtype of the written weights (default float32, the master weights as stored)")
-        p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                       help="split the weights into files of at most SIZE, with an index (default 5GB)")
-        p.add_argument("--overwrite", action="store_true", help="replace an HF model already in OUT_DIR")
-    elif action == "import-deepspeed":
-        p.add_argument("ds_path", metavar="DS_DIR", help="a DeepSpeed save_checkpoint directory (its 'latest' "
-                                                         "tag), a tag directory, or a universal checkpoint")
-        p.add_argument("out_dir", metavar="OUT_DIR", help="the loomtrain checkpoint directory to write "
-                                                          "(resume with checkpoint.resume=OUT_DIR)")
-        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-        p.add_argument("--config", required=True, metavar="CONFIG.yaml",
-                       help="the loomtrain config of the run that will resume (its model must match)")
-        p.add_argument("--tag", default=None, help="the DeepSpeed tag to import (default: its 'latest')")
-    return p
+from loomtrain.checkpoint import format as fmt
+from loomtrain.checkpoint import offline
+from loomtrain.checkpoint.format import CheckpointError
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -116,9 +54,6 @@ def _config_summary(cfg: dict) -> dict:
 
 def inspect(path: str, top: int = 8) -> dict:
     """Everything `ckpt inspect` shows, as a JSON-able dict."""
-    from loomtrain.checkpoint import format as fmt
-    from loomtrain.checkpoint import offline
-
     ckpt = offline.resolve(path)
     manifest, meta = fmt.read_manifest(ckpt), fmt.read_meta(ckpt)
     index = offline.tensor_index(ckpt, meta)
@@ -191,9 +126,6 @@ def verify(ckpt: str, checksum: bool = False) -> str | None:
     """The first problem of committed checkpoint `ckpt` as one line, or None: manifest, file sizes
     (and sha256), meta.json, DCP's index, and that every byte range the index names is inside a
     file the manifest covers."""
-    from loomtrain.checkpoint import format as fmt
-    from loomtrain.checkpoint.format import CheckpointError
-
     try:
         manifest = fmt.read_manifest(ckpt)
     except CheckpointError as exc:
@@ -223,12 +155,7 @@ def verify(ckpt: str, checksum: bool = False) -> str | None:
 
 
 # ----------------------------------------------------------------------------------- commands
-def cmd_ckpt(ns: argparse.Namespace) -> int:
-    return {"inspect": _cmd_inspect, "verify": _cmd_verify, "export-hf": _cmd_export,
-            "import-deepspeed": _cmd_import}[ns.action](ns)
-
-
-def _cmd_inspect(ns) -> int:
+def cmd_inspect(ns: argparse.Namespace) -> int:
     info = inspect(ns.path, top=ns.top)
     if ns.json:
         print(json.dumps(info, indent=1))
@@ -237,10 +164,7 @@ def _cmd_inspect(ns) -> int:
     return 0
 
 
-def _cmd_verify(ns) -> int:
-    from loomtrain.checkpoint import format as fmt
-    from loomtrain.checkpoint import offline
-
+def cmd_verify(ns: argparse.Namespace) -> int:
     newest = offline.resolve(ns.path)
     targets = [newest]
     if ns.all and not os.path.samefile(newest, os.path.abspath(ns.path)):
@@ -255,38 +179,3 @@ def _cmd_verify(ns) -> int:
             failed += 1
             print(f"FAILED {ckpt}: {problem}", file=sys.stderr, flush=True)
     return 1 if failed else 0
-
-
-def _cmd_export(ns) -> int:
-    from loomtrain.checkpoint.hf import export_hf, parse_size
-
-    s = export_hf(ns.path, ns.out_dir, dtype=ns.dtype, max_shard_bytes=parse_size(ns.max_shard_size),
-                  overwrite=ns.overwrite)
-    print(f"exported step {s['step']} of {s['checkpoint']} to {s['out_dir']}: {s['model']}, {s['tensors']} tensors, "
-          f"{human(s['bytes'])} {s['dtype']} in {', '.join(s['files'])}"
-          + (f"; tied {', '.join(s['tied'])} written once" if s["tied"] else "")
-          + ("; tokenizer copied" if s["tokenizer"] else ""))
-    return 0
-
-
-def _cmd_import(ns) -> int:
-    from loomtrain.checkpoint.deepspeed import import_deepspeed
-    from loomtrain.config import load_config
-
-    cfg = load_config(None if ns.config == "-" else ns.config, ns.overrides)
-    s = import_deepspeed(ns.ds_path, ns.out_dir, cfg, tag=ns.tag)
-    src = s["source"]
-    print(f"imported DeepSpeed {src['kind']} ZeRO-{src['zero_stage']} checkpoint ({src['dp_world_size']} ranks, "
-          f"step {s['step']}, deepspeed {src['ds_version']}) into {s['checkpoint']}: {s['model_tensors']} model "
-          f"tensors, optimizer state {s['optimizer_state']}; resume with checkpoint.resume={ns.out_dir}")
-    return 0
-
-
-def main(argv: list[str]) -> int:  # for tests: the same as `loomtrain ckpt ...`
-    from loomtrain.launch.cli import main as cli_main
-
-    return cli_main(["ckpt", *argv])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -8,7 +8,8 @@ clips each length to the context length, plans every batch three ways with the c
 prints the predicted step times: static SP at the degree the context length needs (what a fixed
 Ulysses/ring degree must be set to), the best single degree for each batch, and the heterogeneous
 plan, with the speedups and the planner's own latency. Speedups are ratios of the summed step
-times, i.e. of throughput on the same tokens. Nothing here needs a GPU or torch.
+times, i.e. of throughput on the same tokens. Nothing here needs a GPU or torch: `cli` imports
+this module's options for every command line it parses.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from collections import Counter
 import numpy as np
 
 from loomtrain.errors import LoomError
+from loomtrain.parallel.hetero import CostModel, compare_plans, plan_batch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,8 +111,6 @@ def _check(ns: argparse.Namespace) -> None:
 
 def simulate(ns: argparse.Namespace) -> dict:
     """Plan the sampled batches; the report `cmd_plan` prints (also the JSON output)."""
-    from loomtrain.parallel.hetero import CostModel, compare_plans, plan_batch
-
     _check(ns)
     cost = CostModel.from_json(ns.coeffs) if ns.coeffs else CostModel()
     if ns.gpus_per_node is not None:
@@ -190,8 +190,6 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(report, indent=2))
     else:
-        from loomtrain.parallel.hetero import CostModel
-
         cost = CostModel.from_dict(report["cost_model"])
         g, n = cost.gpus_per_node, report["gpus"]
         degrees = sorted({1, min(g, n), min(2 * g, n), n})

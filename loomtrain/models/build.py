@@ -12,16 +12,18 @@ dp/zero/tp/pp therefore start from bit-identical weights.
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
+import math
 import os
 import zlib
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from loomtrain.config import ModelConfig
 from loomtrain.errors import ConfigError, LoomError
@@ -39,8 +41,6 @@ DEMO_GEOMETRY = {
 
 def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id: int | None = None):
     """The HF config for `model.path` or `model.architecture` + `model.config` overrides."""
-    from transformers import CONFIG_MAPPING, AutoConfig
-
     if mcfg.path is not None:
         base = AutoConfig.from_pretrained(mcfg.path, local_files_only=True)
         cls, overrides = type(base), dict(mcfg.config)
@@ -93,40 +93,64 @@ def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id:
     return hf
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Parameters go to the meta device as modules register them; buffers stay real.
-
-    `torch.device("meta")` alone would also put buffers (rotary `inv_freq`, ...) on meta, and those
-    are computed in the module constructors, which we do not want to re-run.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def build_meta_model(hf_config) -> nn.Module:
-    """An `AutoModelForCausalLM` of this config with every parameter on the meta device."""
-    from transformers import AutoModelForCausalLM
+    """An `AutoModelForCausalLM` of this config with every parameter on the meta device and its
+    buffers real (on the CPU).
 
-    with _parameters_on_meta():
-        try:
+    The model is constructed under `torch.device("meta")` (a thread-local torch function mode, so
+    nothing outside this call is affected); HF ties the shared weights as usual and skips its
+    weight initialisation on meta. Buffers (rotary `inv_freq`, ...) come out on meta as well;
+    `_compute_buffers` gives them storage and values.
+    """
+    try:
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-        except ValueError as exc:
-            raise ConfigError(f"model: transformers cannot build a causal LM for "
-                              f"model_type={hf_config.model_type!r}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"model: transformers cannot build a causal LM for "
+                          f"model_type={hf_config.model_type!r}: {exc}") from None
     if getattr(hf_config, "num_local_experts", 0) or getattr(hf_config, "num_experts", 0):
         raise ConfigError(f"model: {hf_config.model_type} is a mixture-of-experts model; MoE is not supported yet")
+    _compute_buffers(model)
     return model
+
+
+def _unset(buf: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor like `buf` filled with a value no computed buffer holds (NaN, or the integer minimum)."""
+    if buf.dtype.is_floating_point or buf.dtype.is_complex:
+        return torch.full(buf.shape, math.nan, dtype=buf.dtype)
+    if buf.dtype == torch.bool:
+        return torch.zeros(buf.shape, dtype=buf.dtype)
+    return torch.full(buf.shape, torch.iinfo(buf.dtype).min, dtype=buf.dtype)
+
+
+def _still_unset(buf: torch.Tensor) -> bool:
+    if buf.dtype.is_floating_point or buf.dtype.is_complex:
+        return bool(torch.isnan(buf).any())
+    if buf.dtype == torch.bool:
+        return False  # no value to tell "unset" by
+    return bool((buf == torch.iinfo(buf.dtype).min).any())
+
+
+def _compute_buffers(model: nn.Module) -> None:
+    """Give the meta buffers real CPU storage and let the model's own `_init_weights` compute them,
+    as transformers does after its own meta-device construction (`_init_weights` knows how each
+    buffer is derived from the config, e.g. rotary frequencies). A buffer it leaves unset is an error
+    rather than garbage."""
+    owners = []
+    for module in model.modules():
+        names = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        for name in names:
+            module._buffers[name] = _unset(module._buffers[name])
+        if names:
+            owners.append((module, names))
+    with torch.no_grad():
+        for module, _ in owners:
+            model._init_weights(module)
+    for module, names in owners:
+        for name in names:
+            if _still_unset(module._buffers[name]):
+                raise LoomError(f"{type(model).__name__}._init_weights does not compute the buffer "
+                                f"{name} of {type(module).__name__}, so it cannot be built on the meta device")
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
@@ -240,12 +264,9 @@ def init_random(model: nn.Module, seed: int) -> None:
 
 class SafetensorsSource:
     """Full tensors by parameter name from an HF directory (`model.safetensors` or sharded with an
-    index); opens each file lazily and reads one tensor at a time."""
+    index); opens each file when a tensor of it is read, and reads one tensor at a time."""
 
     def __init__(self, path: str, base_prefix: str):
-        from safetensors import safe_open
-
-        self._open = safe_open
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
@@ -268,7 +289,7 @@ class SafetensorsSource:
         return None
 
     def get(self, key: str) -> torch.Tensor:
-        with self._open(self.files[key], "pt") as fh:
+        with safe_open(self.files[key], "pt") as fh:
             return fh.get_tensor(key)
 
 

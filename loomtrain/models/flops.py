@@ -36,6 +36,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
 from loomtrain.errors import LoomError
 
 
@@ -167,9 +172,6 @@ def flop_model_from_module(model, hf_config) -> FlopModel:
     applies it (so a tied lm_head counts although its weight is the embedding's); every
     `nn.Embedding` weight is a lookup table. Attention geometry comes from the config.
     """
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
     matmul = 0
     matmul_ids: set[int] = set()
     embeddings: dict[int, int] = {}
@@ -199,9 +201,6 @@ def flop_model_from_module(model, hf_config) -> FlopModel:
 
 def flop_model_from_meta(hf_config) -> FlopModel:
     """Build the causal LM of `hf_config` on the meta device (no memory) and walk it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)

@@ -14,7 +14,7 @@ def build_optimizer(model: nn.Module, *, zero: int, mesh: Mesh | None, lr: float
     """AdamW over two groups: matrices decay, vectors (norm weights, biases) do not (as Megatron
     and nanoGPT do). ZeRO-1 shards its state with `ZeroRedundancyOptimizer`.
 
-    `fused=True` is the fastest AdamW on both CPU and CUDA here; it also works on DTensor shards.
+    `fused=True`: one kernel for the whole update of a group (CPU and CUDA), DTensor shards included.
     """
     # Groups are also split by layout (plain tensors vs DTensors on one mesh): fused/foreach
     # kernels cannot take a list that mixes them, which plain TP (replicated norms) produces.

@@ -1,0 +1,32 @@
+"""`loomtrain run`: check the launch flags and the config, then start
+the workers through torch's elastic agent; inside a worker, train.
+
+Each worker runs `python -m loomtrain.launch run CONFIG [overrides]`, sees the env torchrun sets
+and trains (`Trainer(cfg).fit()`) instead of launching again. The same happens under a user's own
+`torchrun -m loomtrain.launch run ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from loomtrain.config import load_config
+from loomtrain.launch.agent import launch, launch_spec, set_omp_threads, worker_main
+from loomtrain.launch.spec import in_worker
+from loomtrain.runtime.preflight import preflight
+from loomtrain.runtime.trainer import Trainer
+
+
+def _train(config: str | None, overrides: list[str]) -> None:
+    """Worker body of `run`: load the config and train (the Trainer runs `preflight` itself)."""
+    Trainer(load_config(config, overrides)).fit()
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    if in_worker():
+        return worker_main(_train, ns.config, ns.overrides)
+    cfg = load_config(ns.config, ns.overrides)
+    spec, world_size = launch_spec(ns, os.path.join(cfg.train.output_dir, "logs"))
+    preflight(cfg, world_size=world_size)
+    set_omp_threads(spec.nproc_per_node)
+    return launch(spec, ["run", ns.config or "-", *ns.overrides])
