@@ -50,8 +50,9 @@ follows one LR schedule).
 
 A tensor that several ranks hold identically (a replicated parameter, AdamW's `step`) is written
 once, by the rank chosen to balance bytes. Data files hold tensors in `torch.save` format and
-are read with `torch.load(weights_only=True)` (the manifest's sha256 is the integrity check; the zip
-records' CRC32s are not relied on); `.metadata` is DCP's own pickled index, which loomtrain reads with an allow-list unpickler (`SafeFileSystemReader`: DCP's metadata classes, `torch.Size`,
+are read with `torch.load(weights_only=True)` (the manifest's sha256 is the integrity check; the
+zip records' CRC32s are not relied on); `.metadata` is DCP's own pickled index, which loomtrain
+reads with an allow-list unpickler (`SafeFileSystemReader`: DCP's metadata classes, `torch.Size`,
 dtypes, layouts, paths): nothing in a checkpoint can make the loader run code.
 
 meta.json (UTF-8 JSON object)
