@@ -37,7 +37,6 @@ import queue
 import shutil
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -49,9 +48,6 @@ from loomtrain.checkpoint import format as fmt
 from loomtrain.checkpoint.faults import fault_hook
 from loomtrain.checkpoint.format import CheckpointError
 from loomtrain.checkpoint.hostcopy import HostSlot, assign_owners, chunk_id, local_of, nbytes
-
-# What DCP warns on every save without a process group; a single process is a supported case.
-_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
 @dataclass
@@ -269,12 +265,12 @@ class CheckpointEngine:
         # failure inside a save to all ranks).
         if self._all_ok(ok):
             try:
-                # Files are fsync'ed below, overlapped with hashing them (I/O wait vs CPU).
-                with warnings.catch_warnings():
-                    if not self.distributed:
-                        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING, category=UserWarning)
-                    dcp.save(value_sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False),
-                             process_group=self.group, no_dist=not self.distributed)
+                # Files are fsync'ed below, overlapped with hashing them (I/O wait vs CPU). Without a
+                # process group DCP warns that it saves in one process (once per process, Python's
+                # default); it is not filtered here: `warnings.catch_warnings()` swaps the process's
+                # filter list, which this background thread must not do under the training thread.
+                dcp.save(value_sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=False),
+                         process_group=self.group, no_dist=not self.distributed)
             except Exception as exc:  # noqa: BLE001
                 ok, error = False, f"writing {tmp} failed: {type(exc).__name__}: {exc}"
         elif ok:
