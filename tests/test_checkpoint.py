@@ -9,11 +9,14 @@ import signal
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from harness import case
 from loomtrain.checkpoint import format as fmt
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
-from loomtrain.checkpoint.hostcopy import assign_owners
+from loomtrain.checkpoint.hostcopy import assign_owners, chunk_id, host_dtensor, local_of
 from loomtrain.checkpoint.manager import CheckpointWarning
 from loomtrain.config import load_config
 from loomtrain.errors import ConfigError, LoomError
@@ -341,6 +344,23 @@ def test_assign_owners_balances_and_writes_each_chunk_once():
     assert set(owner) == {a, b, c, ("w", (4,))}
     assert owner[("w", (4,))] == 2 and owner[a] != owner[b]
     assert owner == assign_owners(held)  # deterministic: every rank computes the same map
+
+
+def test_host_dtensor_keeps_spec_on_host(tmp_path):
+    """`host_dtensor` is the one use of DTensor internals (its constructor over a shard's spec):
+    a change in torch that breaks it fails here, not in the middle of a save."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        src = distribute_tensor(torch.arange(12.0).reshape(4, 3), mesh, [Shard(0)])
+        buf = torch.zeros(tuple(local_of(src).shape))
+        host = host_dtensor(buf, src)
+        assert isinstance(host, DTensor) and not host.requires_grad
+        assert host.shape == src.shape and host.placements == src.placements and host.device_mesh == mesh
+        assert host.to_local().data_ptr() == buf.data_ptr() and host.to_local().device.type == "cpu"
+        assert chunk_id("w", src) == ("w", (0, 0)) and chunk_id("b", torch.zeros(3)) == ("b", (0,))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_checkpoint_errors_are_loom_errors():

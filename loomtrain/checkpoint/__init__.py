@@ -4,10 +4,14 @@
 * `engine`   the lazy async engine: host snapshot overlapped with forward/backward, DCP writer
              on its own gloo group, back-pressure
 * `commit`   atomic commit, `latest` pointer, pruning, clean-up of interrupted saves
+* `hostcopy` which rank writes which chunk, and the reused host buffers
+* `signals`, `faults`  stop-and-commit on SIGTERM / Ctrl-C; the crash tests' kill points
 * `state`    what is saved: model/optimizer tensors by HF name (ZeRO-1 included), RNG, schedule
-* `resume`   which checkpoint a run resumes from (preflight-cheap, no torch import)
+* `resume`   which checkpoint a run resumes from (preflight-cheap: reads no tensors)
 * `manager`  `Checkpointer`, a training-loop hook over the `Stateful` parts it is given
              (resume, save requests, the wait before the optimizer step, final commit)
+* `offline`, `hf`, `deepspeed`, `ds_format`  tools without a training job: reading and writing a
+             checkpoint in one process, HF export, DeepSpeed import
 
 May import: `loomtrain.optim`, `loomtrain.data`, `loomtrain.models`, `loomtrain.hooks`,
 `loomtrain.config`, `loomtrain.errors`. It knows nothing of the trainer.

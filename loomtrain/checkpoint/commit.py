@@ -1,5 +1,5 @@
-"""The file operations of a save: every rank's data files (written without zip CRC32s, fsync'ed
-while hashed), then rank 0's atomic commit, the `latest` pointer, pruning and start-up clean-up.
+"""The file operations of a save: every rank's data files (fsync'ed while hashed), then rank 0's
+atomic commit, the `latest` pointer, pruning and start-up clean-up.
 
 Commit of a checkpoint that every rank has written into `step_N.tmp-<id>/` and agreed on:
 
@@ -16,14 +16,16 @@ start removes) or the new one complete: a directory named `step_N` always has it
 """
 from __future__ import annotations
 
-import contextlib
 import errno
+import fcntl
 import os
 import shutil
+import socket
 import sys
 import threading
 
 from loomtrain.checkpoint import format as fmt
+from loomtrain.checkpoint.format import CheckpointError
 
 
 def _fault(fault, phase: str) -> None:
@@ -37,11 +39,6 @@ LOCK_FILE = ".lock"
 def lock_root(root: str):
     """Take `root/.lock` (flock) for as long as the returned file stays open: one job per
     checkpoint directory (a second one would prune or clean up under the first)."""
-    import fcntl
-    import socket
-
-    from loomtrain.checkpoint.format import CheckpointError
-
     fh = open(os.path.join(root, LOCK_FILE), "a+", encoding="utf-8")
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,18 +117,17 @@ def write_manifest(tmp: str, step: int, meta: dict, files: dict[str, dict]) -> N
 
 
 def commit(root: str, tmp: str, step: int, meta: dict, files: dict[str, dict], *, keep: int, run_id: str,
-           fault=None, log=None) -> str:
+           fault=None) -> str:
     """Steps 1-5 above; `files` holds the manifest entries of the data files the ranks wrote.
     Returns the committed directory."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     write_manifest(tmp, step, meta, files)
     _fault(fault, "manifest")
 
     final = os.path.join(root, fmt.step_dir_name(step))
     stale = [(s, p) for s, p in fmt.list_committed(root) if s >= step]
     if any(s > step for s, _ in stale):
-        log(f"loomtrain: checkpoint: removing {', '.join(os.path.basename(p) for s, p in stale if s > step)} "
-            f"(newer than step {step}: left by a run this one did not continue)")
+        print(f"loomtrain: checkpoint: removing {', '.join(os.path.basename(p) for s, p in stale if s > step)} "
+              f"(newer than step {step}: left by a run this one did not continue)", file=sys.stderr, flush=True)
     asides = [_set_aside(p, run_id) for _, p in stale]
     if os.path.exists(final):  # a leftover without manifest under the final name
         asides.append(_set_aside(final, run_id))
@@ -148,23 +144,6 @@ def commit(root: str, tmp: str, step: int, meta: dict, files: dict[str, dict], *
     for aside in asides:
         shutil.rmtree(aside, ignore_errors=True)
     return final
-
-
-@contextlib.contextmanager
-def without_zip_crc32():
-    """torch.save's per-record zip CRC32 is 70-90% of the CPU time of writing a checkpoint on CPU
-    (0.9-2.2 s vs 0.26 s for 0.7 GB here) and buys nothing: torch.load does not check it, and the
-    manifest's sha256 is the integrity check. The switch is process-wide (torch's own
-    `set_crc32_options`): a `torch.save` another thread makes during a checkpoint write gets zero
-    CRCs, which torch.load reads fine."""
-    import torch  # here, not at the top: the offline tools (`loomtrain ckpt inspect`) stay torch-free
-
-    previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(previous)
 
 
 def fsync_and_hash(root: str, names: list[str]) -> dict:

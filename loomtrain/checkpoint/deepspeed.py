@@ -27,8 +27,14 @@ from __future__ import annotations
 import os
 import time
 
+import torch
+
 from loomtrain.checkpoint import format as fmt
+from loomtrain.checkpoint import offline
 from loomtrain.checkpoint.ds_format import DeepSpeedImportError, DeepSpeedState, read_deepspeed
+from loomtrain.checkpoint.hf import build_skeleton, tied_duplicates
+from loomtrain.checkpoint.state import versions
+from loomtrain.optim.schedule import lr_lambda
 
 __all__ = ["DeepSpeedImportError", "DeepSpeedState", "import_deepspeed", "read_deepspeed"]
 
@@ -50,8 +56,6 @@ def _names(keys, limit: int = 3) -> str:
 
 
 def _model_tensors(st: DeepSpeedState, model, prefix: str) -> dict:
-    from loomtrain.checkpoint.hf import tied_duplicates
-
     sd = model.state_dict(keep_vars=True)
     tied = tied_duplicates(model)
     params = {id(p) for p in model.parameters()}
@@ -89,8 +93,6 @@ def _model_tensors(st: DeepSpeedState, model, prefix: str) -> dict:
 
 
 def _optim_tensors(st: DeepSpeedState, model, prefix: str) -> tuple[dict, list[str]]:
-    import torch
-
     out, fresh = {}, []
     for name, p in model.named_parameters():
         ds = prefix + name
@@ -106,11 +108,6 @@ def _optim_tensors(st: DeepSpeedState, model, prefix: str) -> tuple[dict, list[s
 def import_deepspeed(ds_path: str, out_root: str, cfg, tag: str | None = None) -> dict:
     """Convert the DeepSpeed checkpoint `ds_path` into `out_root/step_N` for the model `cfg`
     builds (a loomtrain `Config`); returns a summary. See the module docstring."""
-    from loomtrain.checkpoint import offline
-    from loomtrain.checkpoint.hf import build_skeleton
-    from loomtrain.checkpoint.state import versions
-    from loomtrain.optim.schedule import lr_lambda
-
     st = read_deepspeed(ds_path, tag)
     _, model = build_skeleton(cfg)
     prefix = _prefix(st, [n for n, _ in model.named_parameters()])

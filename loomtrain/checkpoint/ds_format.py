@@ -32,8 +32,11 @@ from __future__ import annotations
 import glob
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
+
+import torch
 
 from loomtrain.errors import LoomError
 
@@ -68,10 +71,6 @@ _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)")
 def load_file(path: str):
     """`torch.load(path, weights_only=True)` with DeepSpeed's inert records allowed; a file that
     wants anything else is refused with one line naming it."""
-    import pickle
-
-    import torch
-
     try:
         with torch.serialization.safe_globals(_SAFE):
             try:
@@ -187,15 +186,11 @@ def _flat_states(base: dict, n: int) -> list[dict]:
 
 
 def _step_tensor(value):
-    import torch
-
     return (value.detach().to(torch.float32).reshape(()) if torch.is_tensor(value)
             else torch.tensor(float(value), dtype=torch.float32))
 
 
 def _read_zero(d: str, st: DeepSpeedState, ms: dict, shapes: list[dict]) -> None:
-    import torch
-
     files = _files(d, "*_optim_states.pt")
     if not files:
         raise DeepSpeedImportError(f"{d}: no *_optim_states.pt files (the fp32 weights live there)")
@@ -268,8 +263,6 @@ def _read_zero(d: str, st: DeepSpeedState, ms: dict, shapes: list[dict]) -> None
 
 
 def _frozen(st: DeepSpeedState, ms: dict, stage: int, d: str) -> None:
-    import torch
-
     frozen = ms.get("frozen_param_shapes") or {}
     if not frozen:
         return

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 
+import psutil
+
 FAULT_ENV = "LOOMTRAIN_CKPT_FAULT"
 FAULT_SCOPE_ENV = "LOOMTRAIN_CKPT_FAULT_SCOPE"
 
@@ -40,8 +42,6 @@ def _kill_launcher_and_workers() -> None:
     """SIGKILL the parent (torchrun's agent) and all its other children (each worker runs in a
     session of its own, so a process-group kill would miss them)."""
     try:
-        import psutil
-
         agent = psutil.Process(os.getppid())
         for proc in agent.children(recursive=True) + [agent]:
             if proc.pid != os.getpid():

@@ -49,9 +49,9 @@ FSDP padding, the parameter-group split of the optimizer (it depends on the layo
 follows one LR schedule).
 
 A tensor that several ranks hold identically (a replicated parameter, AdamW's `step`) is written
-once, by the rank chosen to balance bytes. Data files hold tensors in `torch.save` format (written
-without zip CRC32s: torch.load does not check them, the manifest's sha256 is the integrity check)
-and are read with `torch.load(weights_only=True)`; `.metadata` is DCP's own pickled index, which loomtrain
+once, by the rank chosen to balance bytes. Data files hold tensors in `torch.save` format and
+are read with `torch.load(weights_only=True)` (the manifest's sha256 is the integrity check; the
+zip records' CRC32s are not relied on); `.metadata` is DCP's own pickled index, which loomtrain
 reads with an allow-list unpickler (`SafeFileSystemReader`: DCP's metadata classes, `torch.Size`,
 dtypes, layouts, paths): nothing in a checkpoint can make the loader run code.
 
@@ -59,7 +59,7 @@ meta.json (UTF-8 JSON object)
 ----------------------------
 * ``format`` = "loomtrain-checkpoint", ``format_version`` = 1, ``step`` (int),
   ``created_unix`` (float).
-* ``data``: the data loader's state (`runtime.data.DataLoader.state_dict`): ``samples_consumed``
+* ``data``: the data loader's state (`loomtrain.data.loader.DataLoader.state_dict`): ``samples_consumed``
   (global: samples of the global sequence already trained on), ``tokens_consumed``, ``epoch``,
   ``seq_len``, ``seed``, ``shuffle``, ``source``, ``num_samples_per_epoch``.
 * ``scheduler``: the LR scheduler's `state_dict()` without its lambdas (``last_epoch``,
@@ -104,7 +104,13 @@ import json
 import os
 import pickle
 import re
+import warnings
 from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from loomtrain.errors import LoomError
 
@@ -155,11 +161,6 @@ def parse_step_dir(name: str) -> int | None:
 def is_leftover(name: str) -> bool:
     """A name an interrupted save or prune leaves behind (removed at start-up)."""
     return bool(_LEFTOVER.match(name))
-
-
-def is_committed(path: str) -> bool:
-    return parse_step_dir(os.path.basename(os.path.normpath(path))) is not None and \
-        os.path.isfile(os.path.join(path, MANIFEST_FILE))
 
 
 def list_committed(root: str) -> list[tuple[int, str]]:
@@ -311,8 +312,6 @@ class _AllowListUnpickler(pickle.Unpickler):
         self._where = where
 
     def find_class(self, module: str, name: str):
-        import torch
-
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                          torch.memory_format)):
             return getattr(torch, name)
@@ -354,30 +353,25 @@ def dcp_tensor_index(ckpt: str) -> dict[str, dict]:
     return out
 
 
-def safe_reader(ckpt: str):
-    """A DCP `FileSystemReader` for `ckpt` whose metadata is read by the allow-list unpickler."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's `FileSystemReader` whose `.metadata` is read by the allow-list unpickler."""
 
-    class SafeFileSystemReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            metadata = load_dcp_metadata(str(self.path))
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        metadata = load_dcp_metadata(str(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
+
+def safe_reader(ckpt: str) -> SafeFileSystemReader:
+    """The `FileSystemReader` to give `dcp.load` for `ckpt` (metadata through the allow-list)."""
     return SafeFileSystemReader(ckpt)
 
 
 def read_tensors(ckpt: str, prefix: str | None = None) -> dict:
     """Full (unsharded) CPU tensors of a checkpoint, optionally only keys starting with `prefix`,
     in one process (no process group needed): for tools, exports and tests."""
-    import warnings
-
-    import torch
-    import torch.distributed.checkpoint as dcp
-
     md = load_dcp_metadata(ckpt).state_dict_metadata
     out = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in md.items()
            if hasattr(v, "size") and (prefix is None or k.startswith(prefix))}

@@ -5,13 +5,13 @@
 
 The checkpoint stores the model's own HF parameter names under `model.` (see `format`), so the
 export is a renaming plus a config: the HF config is rebuilt from the run config in meta.json the
-same way the Trainer built it (`runtime.model.build_hf_config`), with the vocabulary taken from the
+same way the Trainer built it (`loomtrain.models.build.build_hf_config`), with the vocabulary taken from the
 stored embedding (the tokenizer directory the run used may be gone). Tied weights (GPT-2's lm_head
 and wte) are written once, under the first name, as `save_pretrained` does: `from_pretrained` ties
 them again. Weights are read one shard at a time, so an export never holds the whole model; files
 over `max_shard_bytes` are split with a `model.safetensors.index.json`, HF's own layout.
 
-Import needs nothing here: `model.path=DIR` loads an HF safetensors directory (runtime/model.py).
+Import needs nothing here: `model.path=DIR` loads an HF safetensors directory (models/build.py).
 """
 from __future__ import annotations
 
@@ -21,10 +21,17 @@ import os
 import re
 import shutil
 
+import torch
+from safetensors.torch import save_file
+
 from loomtrain.checkpoint import format as fmt
 from loomtrain.checkpoint import offline
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
-from loomtrain.errors import LoomError
+from loomtrain.checkpoint.state import mismatch
+from loomtrain.config import from_dict
+from loomtrain.data.tokenizer import build_tokenizer
+from loomtrain.errors import ConfigError, LoomError
+from loomtrain.models.build import build_hf_config, build_meta_model
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -50,9 +57,6 @@ def parse_size(text: str) -> int:
 
 def run_config(ckpt: str, meta: dict):
     """The loomtrain `Config` that wrote the checkpoint (meta.json's `config`)."""
-    from loomtrain.config import from_dict
-    from loomtrain.errors import ConfigError
-
     raw = meta.get("config")
     if not isinstance(raw, dict):
         raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {fmt.META_FILE} has no run config")
@@ -89,8 +93,6 @@ def _detached(raw: dict) -> dict:
 def tokenizer_info(cfg) -> tuple[int | None, int | None]:
     """(vocab_size, eos_id) of the run's tokenizer, as the Trainer sees it; (None, None) when its
     directory is no longer there (the checkpoint's embedding then gives the vocabulary)."""
-    from loomtrain.data.tokenizer import build_tokenizer
-
     try:
         tok = build_tokenizer(cfg.data.tokenizer)
     except (LoomError, OSError, ValueError):
@@ -103,8 +105,6 @@ def build_skeleton(cfg, stored_vocab=None):
 
     `stored_vocab(input_embedding_name) -> rows or None` lets a caller holding tensors override
     the vocabulary (the embedding's row count is what the weights were trained with)."""
-    from loomtrain.models.build import build_hf_config, build_meta_model
-
     vocab, eos = tokenizer_info(cfg)
     hf = build_hf_config(cfg.model, vocab_size=vocab or 1, seq_len=cfg.data.seq_len, eos_id=eos)
     model = build_meta_model(hf)
@@ -133,8 +133,6 @@ def tied_duplicates(model) -> dict[str, str]:
 def match_model(ckpt: str, model, index: dict) -> list[str]:
     """State-dict names of `model`, checked against the checkpoint's `model.*` tensors (same names,
     same shapes, nothing extra); raises one line naming what differs."""
-    from loomtrain.checkpoint.state import mismatch
-
     want = {n: list(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
     have = {k: list(v["shape"]) for k, v in index.items() if k.startswith(fmt.MODEL_PREFIX)}
     problem = mismatch(have, {fmt.MODEL_PREFIX + n: shape for n, shape in want.items()})
@@ -188,9 +186,6 @@ def export_hf(path: str, out_dir: str, dtype: str = "float32", max_shard_bytes: 
               overwrite: bool = False) -> dict:
     """Write the model of checkpoint `path` (a step directory, or a root: its newest) to `out_dir`
     as config.json + safetensors; returns a summary (files, tensors, bytes, tied, tokenizer)."""
-    import torch
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise LoomError(f"--dtype={dtype}: must be one of {', '.join(DTYPES)}")
     torch_dtype = getattr(torch, dtype)

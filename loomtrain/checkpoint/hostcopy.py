@@ -10,31 +10,34 @@ global offset.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def local_of(t: torch.Tensor) -> torch.Tensor:
     """The part of `t` this rank holds: a DTensor's local shard, a plain tensor itself."""
-    from torch.distributed.tensor import DTensor
+    if not isinstance(t, DTensor):
+        return t
+    with torch.no_grad():  # a view of the shard, not a node in the autograd graph
+        return t.to_local()
 
-    return t._local_tensor if isinstance(t, DTensor) else t
+
+def host_dtensor(buf: torch.Tensor, like: DTensor) -> DTensor:
+    """A DTensor with `like`'s mesh, placements and global shape whose local shard is `buf`, kept on
+    the host. `DTensor.from_local` would move `buf` to the mesh's device (CUDA), so this is
+    DTensor's own constructor over `like`'s spec: the one use of DTensor internals here, pinned by
+    `tests/test_checkpoint.py::test_host_dtensor_keeps_spec_on_host`."""
+    return DTensor(buf, like._spec, requires_grad=False)
 
 
 class HostSlot:
     """A tensor this rank copies and writes: its reused host buffer and the value given to DCP."""
 
     def __init__(self, key: str, src: torch.Tensor, pin: bool):
-        from torch.distributed.tensor import DTensor
-
         local = local_of(src)
         self.key = key
         self.shape, self.dtype = tuple(local.shape), local.dtype
         self.buf = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=pin)
-        if isinstance(src, DTensor):
-            # The shard's spec (mesh, placements, global shape) over the host buffer. Not
-            # `DTensor.from_local`: it would move the buffer to the mesh's device (CUDA).
-            self.value = DTensor(self.buf, src._spec, requires_grad=False)
-        else:
-            self.value = self.buf
+        self.value = host_dtensor(self.buf, src) if isinstance(src, DTensor) else self.buf
 
     def matches(self, src: torch.Tensor) -> bool:
         local = local_of(src)
@@ -42,14 +45,11 @@ class HostSlot:
 
 
 def chunk_id(key: str, t: torch.Tensor) -> tuple:
-    """(key, global offset) of the chunk this rank holds: equal ids on two ranks = the same data."""
-    from torch.distributed.tensor import DTensor
-
+    """(key, global offset) of the chunk this rank holds: equal ids on two ranks = the same data.
+    A DTensor's offset is the one DCP itself writes the shard at (`__create_chunk_list__`)."""
     if isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return key, tuple(int(o) for o in offset)
+        (chunk,) = t.__create_chunk_list__()
+        return key, tuple(int(o) for o in chunk.offsets)
     return key, (0,) * t.dim()
 
 

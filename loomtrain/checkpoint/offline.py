@@ -14,6 +14,9 @@ import shutil
 import uuid
 import warnings
 
+import torch
+import torch.distributed.checkpoint as dcp
+
 from loomtrain.checkpoint import commit as commit_lib
 from loomtrain.checkpoint import format as fmt
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
@@ -55,9 +58,6 @@ def tensor_index(ckpt: str, meta: dict | None = None) -> dict[str, dict]:
 def load_tensors(ckpt: str, keys: list[str]) -> dict:
     """Full CPU tensors of `keys` only (DCP reads just the chunks they need), through the safe
     reader. A key the checkpoint lacks, or unreadable data, is a one-line CorruptCheckpointError."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-
     md = fmt.load_dcp_metadata(ckpt).state_dict_metadata
     missing = [k for k in keys if not hasattr(md.get(k), "size")]
     if missing:
@@ -83,8 +83,6 @@ def write_checkpoint(root: str, step: int, tensors: dict, meta: dict) -> str:
     `root/step_NNNNNNNN`, exactly as the training engine lays a checkpoint out (DCP files,
     meta.json with the tensor index, manifest.json last, rename, `latest`). Refuses to replace a
     committed checkpoint of the same step. Returns the committed directory."""
-    import torch.distributed.checkpoint as dcp
-
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, fmt.step_dir_name(step))
     if os.path.exists(final):

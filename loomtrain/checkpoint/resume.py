@@ -1,5 +1,5 @@
 """Where checkpoints go and which one a run resumes from; checks cheap enough for preflight
-(nothing here imports torch)."""
+(directory listings and JSON, no tensor is read)."""
 from __future__ import annotations
 
 import os

@@ -23,10 +23,6 @@ class StopOnSignal:
         self.abort = False  # a second signal: stop now, commit nothing
         self._old: dict = {}
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._old)
-
     def install(self) -> None:
         """Take over SIGTERM and SIGINT (main thread only: a Trainer run from another thread keeps
         the process's handlers)."""

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import transformers
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from loomtrain.version import __version__
 from loomtrain.checkpoint.format import MODEL_PREFIX, OPTIM_PREFIX, CheckpointError
@@ -27,8 +30,6 @@ def clean_name(name: str) -> str:
 
 def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer that holds this rank's state (ZeRO-1: the wrapped local AdamW)."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
     return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
@@ -49,8 +50,6 @@ def param_names(model) -> dict[int, str]:
 def model_entries(model) -> list[tuple[str, torch.Tensor]]:
     """`model.<name>` -> the live tensor (a DTensor shard under FSDP/TP), for every state-dict
     entry of the model or of each of this rank's pipeline stages."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     out, seen = [], set()
     for part in _parts(model):
         for k, v in get_model_state_dict(part).items():
@@ -176,15 +175,8 @@ def restore_rng(entry: dict, device: torch.device) -> None:
 
 
 def versions() -> dict:
-    out = {"loomtrain": __version__, "torch": torch.__version__, "numpy": np.__version__,
-           "python": sys.version.split()[0]}
-    try:
-        import transformers
-
-        out["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        out["transformers"] = None
-    return out
+    return {"loomtrain": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": sys.version.split()[0]}
 
 
 def mismatch(have: dict[str, list], mine: dict[str, list]) -> str | None:

@@ -8,7 +8,7 @@ Order: tensor parallel -> context parallel -> activation checkpointing -> compil
   with FSDP's all-gather hooks outside it, or backward would all-gather each block twice.
 - compile per block after checkpointing so the compiled region includes the recomputation
   decision, and before FSDP so FSDP's hooks are not traced.
-- FSDP last, wrapping blocks and then the root (see parallel.data.apply_fsdp).
+- FSDP last, wrapping blocks and then the root (see data_parallel.apply_fsdp).
 ZeRO-0/1 wrap the whole model in DDP instead; that happens after materialisation (DDP needs real
 tensors to broadcast), so it is returned as a separate step.
 """

@@ -13,10 +13,13 @@ checkpoints and optimizer state stay keyed by the model's own HF names.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from loomtrain.mesh import Mesh
 
@@ -53,13 +56,9 @@ def apply_ddp(model: nn.Module, mesh: Mesh) -> nn.Module:
     """Replicate over all data- and context-parallel ranks (ZeRO-0/1): context ranks hold the same
     weights and see different tokens, so their gradients are averaged like data parallel ones.
     Returns the DDP wrapper; the caller keeps the inner module for names and state."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     device = next(model.parameters()).device
-    # Buffers (rotary tables) are computed identically everywhere: no per-forward sync. Newer
-    # torch renames the switch; older (the GPU image's 2.11) only has broadcast_buffers.
+    # Buffers (rotary tables) are computed identically everywhere: no per-forward sync. The switch
+    # is `forward_sync_buffers` where torch has it, else `broadcast_buffers` (torch 2.11).
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else {"broadcast_buffers": False})
     return DDP(model, process_group=mesh["dp_cp"].get_group(),

@@ -12,6 +12,7 @@ FLOPs and parameters, with the embedding on the first stage and the head on the 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -150,27 +151,43 @@ class StageModule(nn.Module):
 
 @dataclass
 class Timeline:
-    """Per-rank record of what each stage did and when, for the bubble picture."""
+    """Per-rank record of what each stage did and when, for the bubble picture (recorded only
+    while `enabled`)."""
 
     events: list[dict] = field(default_factory=list)
     enabled: bool = False
 
-    def wrap(self, stage: PipelineStage) -> None:
-        for kind, attr in (("F", "forward_one_chunk"), ("B", "backward_one_chunk"), ("W", "backward_weight_one_chunk")):
-            original = getattr(stage, attr)
+    @contextlib.contextmanager
+    def record(self, kind: str, stage: int, chunk: int):
+        if not self.enabled:
+            yield
+            return
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.events.append({"kind": kind, "stage": stage, "mb": chunk, "t0": t0, "t1": time.time()})
 
-            def timed(*args, _original=original, _kind=kind, **kwargs):
-                if not self.enabled:
-                    return _original(*args, **kwargs)
-                t0 = time.time()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    chunk = args[0] if args else next(iter(kwargs.values()), None)
-                    self.events.append({"kind": _kind, "stage": stage.stage_index, "mb": chunk,
-                                        "t0": t0, "t1": time.time()})
 
-            setattr(stage, attr, timed)
+class TimedStage(PipelineStage):
+    """A `PipelineStage` that records each forward (F), full or input backward (B) and weight
+    backward (W) of a micro-batch in `timeline`."""
+
+    def __init__(self, *args, timeline: Timeline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timeline = timeline
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        with self.timeline.record("F", self.stage_index, fwd_chunk_id):
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
+    def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
+        with self.timeline.record("B", self.stage_index, bwd_chunk_id):
+            return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
+        with self.timeline.record("W", self.stage_index, bwd_chunk_id):
+            return super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
 
 
 @dataclass
@@ -199,10 +216,9 @@ class Pipeline:
     def build(cls, parts: list[nn.Module], ids: list[int], n_stages: int, pp_group, device: torch.device,
               schedule: str, n_microbatches: int) -> "Pipeline":
         timeline = Timeline()
-        stages = [PipelineStage(StageModule(part, first=sid == 0), sid, n_stages, device, group=pp_group)
+        stages = [TimedStage(StageModule(part, first=sid == 0), sid, n_stages, device, group=pp_group,
+                             timeline=timeline)
                   for part, sid in zip(parts, ids)]
-        for stage in stages:
-            timeline.wrap(stage)
         pipe = cls(None, ids, n_stages, timeline)
 
         def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

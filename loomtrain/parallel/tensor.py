@@ -79,13 +79,6 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def _find(model: nn.Module, kind: type, exclude: set[int]) -> tuple[str, nn.Module]:
-    for name, module in model.named_modules():
-        if isinstance(module, kind) and id(module) not in exclude:
-            return name, module
-    raise ConfigError(f"parallel.tp: {type(model).__name__} has no {kind.__name__} to parallelise")
-
-
 def _norm_children(block: nn.Module) -> list[str]:
     return [n for n, m in block.named_children() if "norm" in type(m).__name__.lower() or n.endswith("norm")]
 
@@ -182,9 +175,8 @@ def _reject_unsharded_head_dims(block: nn.Module, tp: int) -> None:
 def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
-        for pname, param in module._parameters.items():
-            if param is not None:
-                owners.setdefault(id(param), []).append((module, pname))
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module, pname))
     return [places for places in owners.values() if len(places) > 1]
 
 
@@ -193,4 +185,4 @@ def _retie(ties: list[list[tuple[nn.Module, str]]]) -> None:
     for places in ties:
         first_module, first_name = places[0]
         for module, pname in places[1:]:
-            module._parameters[pname] = first_module._parameters[first_name]
+            setattr(module, pname, getattr(first_module, first_name))

@@ -1,7 +1,8 @@
 """`apply_cp`: route a model's attention through Ulysses or ring attention.
 
-transformers dispatches attention through `AttentionInterface` by the name in
-`config._attn_implementation`; registering ours there changes no model code.
+transformers dispatches attention through `AttentionInterface` by the model's attention
+implementation name; registering ours there and selecting it with `set_attn_implementation`
+changes no model code.
 """
 from __future__ import annotations
 
@@ -27,4 +28,4 @@ def apply_cp(model: nn.Module, cp_mesh, impl: str) -> None:
     for module in model.modules():
         if type(module).__name__.endswith("Attention"):
             setattr(module, GROUP_ATTR, group)
-    model.config._attn_implementation = ULYSSES if impl == "ulysses" else RING
+    model.set_attn_implementation(ULYSSES if impl == "ulysses" else RING)

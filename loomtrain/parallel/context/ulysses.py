@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+# torch's functional-collective all-to-all with autograd: functional collectives are the form
+# torch.compile traces (`parallel.compile` compiles the blocks this runs in).
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from loomtrain.parallel.context.common import GROUP_ATTR, doc_ids, gather_rows
