@@ -33,6 +33,9 @@ class DistEnv:
     device: torch.device
     backend: str | None  # None when running as a single process without a process group
     owns_process_group: bool  # True if we created the default group (and must destroy it)
+    # The job's key-value store (torchrun's), when this process created the group: components
+    # that must agree without a collective that could hang (the exit agreement) use it.
+    store: dist.Store | None = None
 
     @property
     def is_main(self) -> bool:
@@ -58,14 +61,28 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) 
     device = _pick_device(requested_device, local_rank)
     if dist.is_available() and dist.is_initialized():
         return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device,
-                       dist.get_backend(), owns_process_group=False)
+                       dist.get_backend(), owns_process_group=False, store=_job_store(timeout_s))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
         return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend,
-                       owns_process_group=True)
+                       owns_process_group=True, store=store)
     return DistEnv(0, 0, 1, device, None, owns_process_group=False)
+
+
+def _job_store(timeout_s: float) -> dist.Store | None:
+    """A client of the job's store (torchrun's, at MASTER_ADDR:MASTER_PORT) for a process group
+    the caller created; None when the job has no such store."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    try:
+        return dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

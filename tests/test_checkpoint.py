@@ -96,20 +96,13 @@ def test_resume_same_layout_is_bitwise_and_continues_metrics(base, tmp_path):
 def test_keep_prunes_and_buffers_are_reused(tmp_path):
     out = str(tmp_path / "run")
     trainer = Trainer(_cfg(out, "checkpoint.every=1", "checkpoint.keep=2", steps=5)).setup()
-    engine = trainer.checkpointer.engine
-    bufs = []
-    orig = engine._stage
-
-    def stage(job):  # record the host buffers of every save
-        sd = orig(job)
-        bufs.append({k: s.buf.data_ptr() for k, s in engine._slots.items()})
-        return sd
-
-    engine._stage = stage
     trainer.fit()
+    engine = trainer.checkpointer.engine
     assert sorted(os.listdir(_root(out))) == [".lock", "latest", "step_00000004", "step_00000005"]
-    assert len(bufs) == 5 and all(b == bufs[0] for b in bufs), "host buffers must be allocated once and reused"
     assert [r.step for r in engine.records] == [1, 2, 3, 4, 5] and all(r.path for r in engine.records)
+    # host buffers are allocated once, before the first save, and reused by every save
+    assert engine.host_bytes >= engine.records[0].bytes > 0
+    assert [r.allocated_bytes for r in engine.records] == [0] * 5
 
 
 def test_host_buffers_are_allocated_before_the_first_save(tmp_path):
@@ -117,16 +110,15 @@ def test_host_buffers_are_allocated_before_the_first_save(tmp_path):
     background, so the first save's copy does not pay for fresh memory; that save reuses them."""
     trainer = Trainer(_cfg(str(tmp_path / "run"), "checkpoint.every=3", steps=3)).setup()
     engine = trainer.checkpointer.engine
-    assert not engine.prepared
+    assert not engine.prepared and engine.host_bytes == 0
     trainer.train_step()
     trainer.checkpointer.after_step(trainer.loop)
-    assert engine.prepared and engine._prepare.done.wait(60) and not engine.records
-    ptrs = {k: s.buf.data_ptr() for k, s in engine._slots.items()}
-    assert any(k.startswith("model.") for k in ptrs) and any(k.startswith("optim.state.") for k in ptrs)
-    assert all(float(s.buf.abs().sum()) == 0.0 for s in engine._slots.values())  # touched, not yet copied
+    assert engine.prepared and engine.wait_prepared(60) and not engine.records
+    held = engine.host_bytes
+    assert held >= sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     trainer.fit()
     assert [r.step for r in engine.records] == [3] and engine.records[0].path
-    assert {k: s.buf.data_ptr() for k, s in engine._slots.items()} == ptrs
+    assert engine.records[0].allocated_bytes == 0 and engine.host_bytes == held
 
 
 def test_leftovers_removed_and_incomplete_ignored(base, tmp_path):
@@ -240,35 +232,22 @@ def test_metadata_is_never_unpickled_beyond_dcp_classes(base, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_snapshot_holds_pre_step_values(tmp_path):
-    """Save after step 3; the copy to host is held back until step 4 has reached its optimizer
-    step (which changes every parameter), so the optimizer must wait for it: the checkpoint holds
-    the step-3 values although the live tensors change right after the request."""
-    import threading
-    import time
-
+def test_snapshot_holds_pre_step_values(tmp_path, monkeypatch):
+    """Save after step 3 with a copy slow enough that step 4 reaches its optimizer step (which
+    changes every parameter) before the copy is done: the optimizer must wait for it, and the
+    checkpoint holds the step-3 values although the live tensors change right after the request."""
     ref = Trainer(_cfg(str(tmp_path / "ref"), steps=4)).setup()
     for _ in range(3):
         ref.train_step()
     after3 = ref.full_state_dict()
     out = str(tmp_path / "run")
+    # The copy of step 3 stalls for 2 s half-way (a slow copy): training goes on with step 4's
+    # forward and backward and then must wait before its optimizer step changes the parameters.
+    monkeypatch.setenv("LOOMTRAIN_CKPT_FAULT", "copy@3=sleep:2")
     trainer = Trainer(_cfg(out, "checkpoint.every=3", steps=4)).setup()
-    ckpt, engine = trainer.checkpointer, trainer.checkpointer.engine
-    reached = threading.Event()
-    stage, before = engine._stage, ckpt.before_optimizer_step
-
-    def held_stage(job):  # background thread: copy only once the main thread is at the optimizer
-        assert reached.wait(timeout=120)
-        time.sleep(0.2)
-        return stage(job)
-
-    def at_optimizer_step(loop):
-        if loop.step == 3:
-            reached.set()
-        before(loop)
-
-    engine._stage, ckpt.before_optimizer_step = held_stage, at_optimizer_step
+    monkeypatch.delenv("LOOMTRAIN_CKPT_FAULT")
     trainer.fit()
+    engine = trainer.checkpointer.engine
     rec = engine.records[0]
     assert rec.step == 3 and rec.optimizer_wait_s >= 0.2, rec  # the optimizer step really waited
     saved = fmt.read_tensors(os.path.join(_root(out), "step_00000003"), "model.")
@@ -376,19 +355,32 @@ def test_one_job_per_checkpoint_dir(tmp_path):
     assert [s for s, _ in fmt.list_committed(f"{tmp_path}/ck")] == [6]
 
 
-def test_failed_save_is_reported_and_never_committed(tmp_path):
+def test_failed_save_is_reported_and_never_committed(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOMTRAIN_CKPT_FAULT", "copy@2=raise")  # the copy of step 2 fails (a full disk)
     trainer = Trainer(_cfg(str(tmp_path / "run"), "checkpoint.every=2", steps=4)).setup()
-    engine = trainer.checkpointer.engine
-    stage = engine._stage
-
-    def failing(job):
-        if job.step == 2:
-            raise OSError("injected: no space left on device")
-        return stage(job)
-
-    engine._stage = failing
+    monkeypatch.delenv("LOOMTRAIN_CKPT_FAULT")
     with pytest.raises(CheckpointError, match=r"checkpoint of step 2 failed and was not committed: rank 0: "
                                               r"copy to host failed: OSError: injected"):
         trainer.fit()
     root = _root(str(tmp_path / "run"))
     assert fmt.list_committed(root) == [] and not [n for n in os.listdir(root) if fmt.is_leftover(n)]
+
+
+def test_ranks_agree_through_the_job_store_on_an_exception(tmp_path):
+    """2 ranks under torchrun; the data fails on both after step 4: they agree (through the job's
+    store, with no collective that could hang) that step 4 is consistent and commit it, whether
+    the Trainer created the process group or the caller did."""
+    import subprocess
+    import sys
+
+    from harness import ROOT, free_port
+
+    out = str(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", os.path.join(ROOT, "tests", "exit_worker.py"), out,
+           *case("llama", "train.max_steps=6", "parallel.zero=3")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    with open(os.path.join(out, "exit.json"), encoding="utf-8") as fh:
+        assert json.load(fh) == {"trainer_group": [4], "caller_group": [4]}

@@ -63,6 +63,7 @@ class SaveRecord:
     commit_s: float = 0.0
     total_s: float = 0.0
     bytes: int = 0  # bytes this rank copied
+    allocated_bytes: int = 0  # host memory this save had to allocate (0 once buffers are reused)
     path: str | None = None
     error: str | None = None
 
@@ -124,6 +125,15 @@ class CheckpointEngine:
     @property
     def prepared(self) -> bool:
         return self._slots is not None
+
+    def wait_prepared(self, timeout: float | None = None) -> bool:
+        """Wait until the host buffers `prepare` started allocating exist; False on timeout."""
+        return self._prepare is not None and self._prepare.done.wait(timeout)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held for this rank's copies (allocated once, reused by every save)."""
+        return sum(nbytes(slot.buf) for slot in (self._slots or {}).values())
 
     def prepare(self, entries: list[tuple[str, torch.Tensor]]) -> None:
         """Decide who writes what (a collective on the group) and allocate this rank's host buffers
@@ -325,7 +335,7 @@ class CheckpointEngine:
             if self._stream is not None:
                 self._stream.wait_event(job.cuda_event)
             for i, (key, src) in enumerate(owned):
-                slot = self._slot(key, src)
+                slot = self._slot(key, src, job.record)
                 with torch.no_grad():
                     slot.buf.copy_(local_of(src).detach(), non_blocking=self._stream is not None)
                 job.record.bytes += slot.buf.numel() * slot.buf.element_size()
@@ -335,11 +345,14 @@ class CheckpointEngine:
             self._stream.synchronize()
         return {k: self._slots[k].value for k, _ in owned}
 
-    def _slot(self, key: str, src: torch.Tensor) -> HostSlot:
-        """The reused host buffer for `key` (background thread only)."""
+    def _slot(self, key: str, src: torch.Tensor, record: SaveRecord | None = None) -> HostSlot:
+        """The reused host buffer for `key` (background thread only); a save that has to allocate
+        one counts the bytes in its record."""
         slot = self._slots.get(key)
         if slot is None or not slot.matches(src):
             slot = self._slots[key] = HostSlot(key, src, pin=self._stream is not None)
+            if record is not None:
+                record.allocated_bytes += nbytes(slot.buf)
         return slot
 
     def _all_ok(self, ok: bool) -> bool:

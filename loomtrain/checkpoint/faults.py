@@ -1,14 +1,16 @@
-"""Fault injection for the crash tests: kill a process at a named point of a checkpoint save.
+"""Fault injection at named points of a checkpoint save, for the crash and failure tests.
 
-LOOMTRAIN_CKPT_FAULT="PHASE@STEP[@RANK],..." SIGKILLs the process when the save of STEP reaches
-PHASE (copy, staged, written, manifest, renamed, pointer, pruning); LOOMTRAIN_CKPT_FAULT_SCOPE=job
-kills the launcher and all workers instead (the whole job, as a lost node would). Unset, the
-hook is None and costs nothing.
+LOOMTRAIN_CKPT_FAULT="PHASE@STEP[@RANK][=ACTION],..." acts when the save of STEP reaches PHASE
+(copy, staged, written, manifest, renamed, pointer, pruning). ACTION is `kill` (the default:
+SIGKILL this process; with LOOMTRAIN_CKPT_FAULT_SCOPE=job the launcher and all workers, as a lost
+node would), `sleep:SECONDS` (a slow disk or copy), or `raise` (an OSError, as a full disk gives).
+Unset, the hook is None and costs nothing.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import psutil
 
@@ -21,16 +23,24 @@ def fault_hook(rank: int):
     spec = os.environ.get(FAULT_ENV, "").strip()
     if not spec:
         return None
-    points = set()
+    points: dict[tuple[str, int], str] = {}
     for item in spec.split(","):
-        parts = item.strip().split("@")
+        where, _, action = item.strip().partition("=")
+        parts = where.split("@")
         if len(parts) >= 2 and (len(parts) < 3 or int(parts[2]) == rank):
-            points.add((parts[0], int(parts[1])))
+            points[(parts[0], int(parts[1]))] = action or "kill"
 
     whole_job = os.environ.get(FAULT_SCOPE_ENV) == "job"
 
     def fault(phase: str, step: int) -> None:
-        if (phase, step) in points:
+        action = points.get((phase, step))
+        if action is None:
+            return
+        if action.startswith("sleep:"):
+            time.sleep(float(action[len("sleep:"):]))
+        elif action == "raise":
+            raise OSError(f"injected fault at {phase} of step {step}")
+        else:
             if whole_job:  # the launcher (our parent) and every worker at once, as a lost node would
                 _kill_launcher_and_workers()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -349,8 +349,10 @@ class Checkpointer(Hook):
         consistent = not self._updating and self.loop.step == self._consistent_step
         step = self._consistent_step
         if not self._agree_on_exit(consistent, step):
-            self._say(f"checkpoint: not saving after {type(exc).__name__}: not every rank is at a consistent "
-                      "step; the last committed checkpoint stays the newest")
+            why = ("not every rank is at a consistent step" if self.env.store is not None or self.group is None
+                   else "the ranks have no job store to agree through (the process group was created outside loomtrain)")
+            self._say(f"checkpoint: not saving after {type(exc).__name__}: {why}; "
+                      "the last committed checkpoint stays the newest")
             return
         if step <= max(self.last_saved_step, 0):
             return
@@ -363,12 +365,12 @@ class Checkpointer(Hook):
 
     def _agree_on_exit(self, consistent: bool, step: int) -> bool:
         """Every rank reports (consistent, step) through the job's store; True only if all of them
-        arrive within the timeout, consistent and at the same step (no collective that could hang)."""
+        arrive within the timeout, consistent and at the same step (no collective that could hang).
+        Without a store (a process group the caller created) no agreement is possible: False."""
         if self.group is None:
             return consistent
-        try:
-            store = dist.distributed_c10d._get_default_store()
-        except Exception:  # noqa: BLE001
+        store = self.env.store
+        if store is None:
             return False
         world, rank = dist.get_world_size(), dist.get_rank()
         prefix = f"loomtrain/checkpoint/{self.run_id}/exit"
