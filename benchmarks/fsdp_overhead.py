@@ -6,7 +6,7 @@ Relaunches itself under torchrun. Inside one launch it alternates rounds of (loo
 loop) so both see the same machine noise, and reports the median step time of each, excluding
 each round's first two steps (warm-up). The plain loop is what a user would write by hand:
 `AutoModelForCausalLM`, `fully_shard` per block and root, fused AdamW, HF's own loss on the same
-token batches. Goal (issue #2): loomtrain <= 1.05x the plain loop.
+token batches. Goal: loomtrain <= 1.02x the plain loop.
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def worker(a) -> None:
         result["ratio"] = result["loomtrain_step_s"] / result["plain_fsdp2_step_s"]
         print(json.dumps(result))
         print(f"loomtrain {result['loomtrain_step_s'] * 1e3:.1f} ms/step | plain FSDP2 loop "
-              f"{result['plain_fsdp2_step_s'] * 1e3:.1f} ms/step | ratio {result['ratio']:.3f} (goal <= 1.05)")
+              f"{result['plain_fsdp2_step_s'] * 1e3:.1f} ms/step | ratio {result['ratio']:.3f} (goal <= 1.02)")
         if a.json:
             with open(a.json, "w", encoding="utf-8") as fh:
                 json.dump(result, fh, indent=1)
