@@ -77,6 +77,8 @@ def parse_yaml(text: str, source: str):
         raise ConfigError(f"{source}: not valid YAML: {_problem(exc)}") from None
     except RecursionError:
         raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # a scalar the constructor cannot take (4,300-digit int)
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
     try:
         _count_values(value)
     except ConfigError as exc:
