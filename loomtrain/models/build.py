@@ -80,10 +80,10 @@ def _check_geometry(hf, given: dict) -> None:
         value = getattr(hf, name, None)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31:
             user = [k for k in given if aliases.get(k, k) == aliases.get(name, name)]
             key = f"model.config.{user[0]}" if user else f"the model's {name}"
-            raise ConfigError(f"{key}={value!r}: must be a positive integer")
+            raise ConfigError(f"{key}={value!r}: must be a positive integer (at most 2**31)")
     for key, value in given.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"model.config.{key}={value}: must be finite")
