@@ -106,6 +106,9 @@ class TrainConfig:
     log_samples: bool = False
     # Record the pipeline schedule of the last step (pp > 1): pipeline_timeline.json (+ .png).
     trace_pipeline: bool = False
+    # A step whose loss, grad norm or lr is NaN/inf: stop (one line, nothing committed) | skip
+    # (no optimizer step; counted as `skipped_steps` in the metrics record).
+    nonfinite: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class CheckpointConfig:
     resume: str = "none"  # none | auto | PATH (a step_N directory, or a directory of them)
     keep: int = 3  # committed checkpoints kept (the newest ones)
     verify: str = "size"  # on load: size (file sizes against the manifest) | checksum (also sha256)
+    # After SIGTERM/Ctrl-C, further stop signals within this many seconds are the same request
+    # (the agent and the scheduler both deliver it) and are ignored; a later one aborts unsaved.
+    signal_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.verify": ("size", "checksum"),
+    "train.nonfinite": ("stop", "skip"),
 }
 
 
@@ -286,6 +293,8 @@ def check(cfg: Config) -> None:
     for key in ("optim.weight_decay", "optim.warmup_steps", "checkpoint.every"):
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]}: must not be negative")
+    if not 0 <= cfg.checkpoint.signal_grace_s < float("inf"):
+        raise ConfigError(f"checkpoint.signal_grace_s={cfg.checkpoint.signal_grace_s}: must be finite and >= 0")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be within [0, 1]")
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
