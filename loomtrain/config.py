@@ -107,6 +107,9 @@ class TrainConfig:
     log_samples: bool = False
     # Record the pipeline schedule of the last step (pp > 1): pipeline_timeline.json (+ .png).
     trace_pipeline: bool = False
+    # A step whose loss, grad norm or lr is NaN/inf: stop (one line, nothing committed) | skip
+    # (no optimizer step; counted as `skipped_steps` in the metrics record).
+    nonfinite: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ class CheckpointConfig:
     resume: str = "none"  # none | auto | PATH (a step_N directory, or a directory of them)
     keep: int = 3  # committed checkpoints kept (the newest ones)
     verify: str = "size"  # on load: size (file sizes against the manifest) | checksum (also sha256)
+    # After SIGTERM/Ctrl-C, further stop signals within this many seconds are the same request
+    # (the agent and the scheduler both deliver it) and are ignored; a later one aborts unsaved.
+    signal_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.verify": ("size", "checksum"),
+    "train.nonfinite": ("stop", "skip"),
 }
 
 
@@ -323,6 +330,8 @@ def check(cfg: Config) -> None:
     bad_keys = [k for k in cfg.model.config if not isinstance(k, str) or not k.isidentifier()]
     if bad_keys:
         raise ConfigError(f"model.config: {bad_keys[0]!r} is not a field name")
+    if not 0 <= cfg.checkpoint.signal_grace_s < float("inf"):
+        raise ConfigError(f"checkpoint.signal_grace_s={cfg.checkpoint.signal_grace_s}: must be finite and >= 0")
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "

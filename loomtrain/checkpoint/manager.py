@@ -40,7 +40,7 @@ from loomtrain.checkpoint import resume as resume_lib
 from loomtrain.checkpoint import state as st
 from loomtrain.checkpoint.engine import CheckpointEngine
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
-from loomtrain.checkpoint.signals import StopOnSignal
+from loomtrain.checkpoint.signals import NonFiniteError, StopOnSignal
 from loomtrain.config import Config
 from loomtrain.hooks import Hook, LoopState
 from loomtrain.mesh import DistEnv, ParallelDims
@@ -82,7 +82,7 @@ class Checkpointer(Hook):
         self._consistent_step = 0  # the last step whose optimizer update completed
         self._updating = False
         self._data_state = None
-        self.stop = StopOnSignal(env.is_main)
+        self.stop = StopOnSignal(env.is_main, cfg.checkpoint.signal_grace_s)
         self._engine_failed = False
         self._lock_fh = None
 
@@ -318,16 +318,20 @@ class Checkpointer(Hook):
             elif self.engine is not None:
                 self._commit_after_error(exc)
         finally:
-            self.stop.restore()
+            if exc is not None or self.stop.signum is None:
+                self.stop.restore()
             if self.engine is not None:
                 self.engine.close()
             self._release_lock()
             loop.last_checkpoint = self.last_checkpoint
         if exc is None and self.stop.signum is not None:
+            # The handlers stay until this line is out: a late copy of the stop request must not
+            # kill the process between the commit and the message that reports it.
             name = signal.Signals(self.stop.signum).name
             self._say(f"stopped by {name} after step {loop.step}"
                       + (f"; checkpoint {self.engine.last_committed} committed" if self.engine and
                          self.engine.last_committed else ""))
+            self.stop.restore()
             self.stop.reraise()
 
     def _final_commit(self) -> None:
@@ -344,8 +348,8 @@ class Checkpointer(Hook):
             self.engine.wait(timeout=600)
         except CheckpointError:
             self._engine_failed = True
-        if self._engine_failed or isinstance(exc, CheckpointError):
-            return
+        if self._engine_failed or isinstance(exc, (CheckpointError, NonFiniteError)):
+            return  # a failed save or a diverged run: the newest committed checkpoint stays the newest
         consistent = not self._updating and self.loop.step == self._consistent_step
         step = self._consistent_step
         if not self._agree_on_exit(consistent, step):
