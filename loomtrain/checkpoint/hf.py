@@ -11,6 +11,12 @@ and wte) are written once, under the first name, as `save_pretrained` does: `fro
 them again. Weights are read one shard at a time, so an export never holds the whole model; files
 over `max_shard_bytes` are split with a `model.safetensors.index.json`, HF's own layout.
 
+The export is written into a staging directory next to OUT_DIR and swapped in only when complete,
+so a failed read (a damaged checkpoint, a full disk) leaves an existing export as it was; with
+`--overwrite` the old model files are replaced and the directory's other files kept. The
+checkpoint's files are checked against its manifest (sizes and fast checksums) before anything
+is read, and its tensors are read through `safeload`.
+
 Import needs nothing here: `model.path=DIR` loads an HF safetensors directory (models/build.py).
 """
 from __future__ import annotations
