@@ -118,7 +118,7 @@ class CheckpointConfig:
     every: int = 0  # save every N steps (0 = only at the end if dir is set)
     resume: str = "none"  # none | auto | PATH (a step_N directory, or a directory of them)
     keep: int = 3  # committed checkpoints kept (the newest ones)
-    verify: str = "size"  # on load: size (file sizes against the manifest) | checksum (also sha256)
+    verify: str = "fast"  # on load: fast (sizes + the manifest's fast checksum) | size | checksum (sha256)
     # After SIGTERM/Ctrl-C, further stop signals within this many seconds are the same request
     # (the agent and the scheduler both deliver it) and are ignored; a later one aborts unsaved.
     signal_grace_s: float = 30.0
@@ -151,7 +151,7 @@ _CHOICES = {
     "parallel.sequence_scheduler": ("static", "hetero"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
-    "checkpoint.verify": ("size", "checksum"),
+    "checkpoint.verify": ("fast", "size", "checksum", "sha256"),
     "train.nonfinite": ("stop", "skip"),
 }
 
