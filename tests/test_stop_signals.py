@@ -122,7 +122,7 @@ def test_repeated_stop_signal_commits_the_promised_checkpoint(tmp_path, how, sig
     committed = fmt.list_committed(os.path.join(out, "ckpt"))
     assert committed and os.path.abspath(committed[0][1]) == os.path.abspath(path), (committed, path)
     man = fmt.read_manifest(path)
-    assert fmt.verify_files(path, man, sorted(man["files"]), checksum=True) is None
+    assert fmt.verify_files(path, man, sorted(man["files"]), check="sha256") is None
 
     # Resumable: the next start continues from exactly that checkpoint.
     step = committed[0][0]
