@@ -16,6 +16,7 @@ setup(
         "tqdm",
         "pyarrow",
         "tensorboard",
+        "xxhash",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "matplotlib", "deepspeed", "import-linter"],

@@ -10,15 +10,16 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import yaml
-
 from loomtrain.errors import ConfigError
+from loomtrain.yamlio import parse_yaml, read_yaml_file
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warmup + decay; `grad_clip` <= 0 disables clipping."""
+    """AdamW with warmup + decay; `grad_clip=0` disables clipping."""
 
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -106,6 +107,9 @@ class TrainConfig:
     log_samples: bool = False
     # Record the pipeline schedule of the last step (pp > 1): pipeline_timeline.json (+ .png).
     trace_pipeline: bool = False
+    # A step whose loss, grad norm or lr is NaN/inf: stop (one line, nothing committed) | skip
+    # (no optimizer step; counted as `skipped_steps` in the metrics record).
+    nonfinite: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,10 @@ class CheckpointConfig:
     every: int = 0  # save every N steps (0 = only at the end if dir is set)
     resume: str = "none"  # none | auto | PATH (a step_N directory, or a directory of them)
     keep: int = 3  # committed checkpoints kept (the newest ones)
-    verify: str = "size"  # on load: size (file sizes against the manifest) | checksum (also sha256)
+    verify: str = "fast"  # on load: fast (sizes + the manifest's fast checksum) | size | checksum (sha256)
+    # After SIGTERM/Ctrl-C, further stop signals within this many seconds are the same request
+    # (the agent and the scheduler both deliver it) and are ignored; a later one aborts unsaved.
+    signal_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ class Config:
         return from_dict(_merge(self.to_dict(), sections))
 
 
+_INT64 = 2**63
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
@@ -143,7 +151,8 @@ _CHOICES = {
     "parallel.sequence_scheduler": ("static", "hetero"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
-    "checkpoint.verify": ("size", "checksum"),
+    "checkpoint.verify": ("fast", "size", "checksum", "sha256"),
+    "train.nonfinite": ("stop", "skip"),
 }
 
 
@@ -172,9 +181,14 @@ def _section_class(name: str) -> type:
 
 
 def _unknown(kind: str, key: str, known: list[str]) -> ConfigError:
+    key = str(key)
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
     return ConfigError(f"unknown {kind} '{key}'{hint}")
+
+
+# Decimal floats as people write them, with or without a dot or an exponent (`3e-4`, `1.5E3`).
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -194,6 +208,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # `3e-4`: YAML 1.1 reads a float without a dot as a string
         if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if base in (Mapping, dict, collections.abc.Mapping) and isinstance(value, Mapping):
@@ -238,10 +254,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         parts = dotted.strip().split(".")
         if len(parts) < 2 or not all(parts):
             raise ConfigError(f"override '{item}': the key must be section.key (e.g. train.max_steps=5)")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': cannot parse the value ({exc.problem})") from None
+        value = parse_yaml(text, f"override '{item}'") if text.strip() else None
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -257,14 +270,44 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raw = read_yaml_file(path)
+        if raw is None:
+            raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+# Ranges of numeric keys: (key, lowest, lowest allowed?, highest, highest allowed?, what it means).
+# Every float must also be finite: a NaN passes every comparison, so it would slip through them.
+_RANGES = (
+    ("optim.lr", 0.0, False, math.inf, False, "finite and positive"),
+    ("optim.eps", 0.0, False, math.inf, False, "finite and positive"),
+    ("optim.beta1", 0.0, True, 1.0, False, "within [0, 1)"),
+    ("optim.beta2", 0.0, True, 1.0, False, "within [0, 1)"),
+    ("optim.weight_decay", 0.0, True, math.inf, False, "finite and not negative"),
+    ("optim.grad_clip", 0.0, True, math.inf, False, "finite and not negative (0 disables clipping)"),
+    ("optim.min_lr_ratio", 0.0, True, 1.0, True, "within [0, 1]"),
+    ("data.max_corpus_mb", 0.0, False, 2.0**40, True, "a positive size in MiB (at most 2**40)"),
+    ("train.peak_tflops", 0.0, False, math.inf, False, "finite and positive (or null to measure it)"),
+    ("optim.warmup_steps", 0, True, _INT64, False, "not negative"),
+    ("checkpoint.every", 0, True, _INT64, False, "not negative (0 saves only at the end)"),
+    ("parallel.hetero_tokens_per_rank", 0, True, _INT64, False, "not negative (0 = data.seq_len)"),
+    ("train.seed", -_INT64, True, _INT64, False, "within the 64-bit integer range"),
+)
+
+
+def _check_ranges(flat: dict) -> None:
+    for key, value in flat.items():
+        if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+            raise ConfigError(f"{key}={value}: beyond the 64-bit integer range")
+    for key, low, low_ok, high, high_ok, meaning in _RANGES:
+        value = flat[key]
+        if value is None:
+            continue
+        inside = (value >= low if low_ok else value > low) and (value <= high if high_ok else value < high)
+        if not (math.isfinite(value) and inside):
+            raise ConfigError(f"{key}={value}: must be {meaning}")
 
 
 def check(cfg: Config) -> None:
@@ -280,14 +323,15 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"{key}={flat[key]}: must be at least 1")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard={cfg.parallel.dp_shard}: must be -1 (fill) or at least 1")
-    for key in ("optim.lr", "optim.eps"):
-        if flat[key] <= 0:
-            raise ConfigError(f"{key}={flat[key]}: must be positive")
-    for key in ("optim.weight_decay", "optim.warmup_steps", "checkpoint.every"):
-        if flat[key] < 0:
-            raise ConfigError(f"{key}={flat[key]}: must not be negative")
-    if not 0 <= cfg.optim.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be within [0, 1]")
+    _check_ranges(flat)
+    for key in ("train.output_dir", "checkpoint.dir"):
+        if flat[key] is not None and (not flat[key].strip() or "\0" in flat[key]):
+            raise ConfigError(f"{key}={flat[key]!r}: must be a directory path")
+    bad_keys = [k for k in cfg.model.config if not isinstance(k, str) or not k.isidentifier()]
+    if bad_keys:
+        raise ConfigError(f"model.config: {bad_keys[0]!r} is not a field name")
+    if not 0 <= cfg.checkpoint.signal_grace_s < float("inf"):
+        raise ConfigError(f"checkpoint.signal_grace_s={cfg.checkpoint.signal_grace_s}: must be finite and >= 0")
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "

@@ -5,6 +5,7 @@ random points: test_checkpoint_crash.py."""
 import json
 import os
 import pickle
+import re
 import signal
 
 import pytest
@@ -15,9 +16,9 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from harness import case
 from loomtrain.checkpoint import format as fmt
+from loomtrain.checkpoint import safeload
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
 from loomtrain.checkpoint.hostcopy import assign_owners, chunk_id, host_dtensor, local_of
-from loomtrain.checkpoint.manager import CheckpointWarning
 from loomtrain.config import load_config
 from loomtrain.errors import ConfigError, LoomError
 from loomtrain.runtime.trainer import Trainer
@@ -61,7 +62,7 @@ def test_format_on_disk(base):
     assert man["format"] == fmt.FORMAT_NAME and man["format_version"] == fmt.FORMAT_VERSION and man["step"] == 6
     on_disk = sorted(n for n in os.listdir(ckpt) if n != fmt.MANIFEST_FILE)
     assert sorted(man["files"]) == on_disk and ".metadata" in on_disk and "meta.json" in on_disk
-    assert fmt.verify_files(ckpt, man, on_disk, checksum=True) is None
+    assert fmt.verify_files(ckpt, man, on_disk, check="sha256") is None
     meta = fmt.read_meta(ckpt)
     for key in ("step", "data", "scheduler", "optim", "rng", "config", "layout", "versions", "tensors"):
         assert key in meta, key
@@ -73,10 +74,10 @@ def test_format_on_disk(base):
     keys = set(meta["tensors"])
     assert {f"model.{n}" for n in params} <= keys
     assert {f"optim.state.{n}.{f}" for n in params for f in ("step", "exp_avg", "exp_avg_sq")} <= keys
-    saved = fmt.read_tensors(ckpt, "model.")
+    saved = safeload.read_tensors(ckpt, "model.")
     for name, value in params.items():
         assert torch.equal(saved[f"model.{name}"], value), name
-    exp_avg = fmt.read_tensors(ckpt, "optim.state.lm_head.weight.exp_avg")
+    exp_avg = safeload.read_tensors(ckpt, "optim.state.lm_head.weight.exp_avg")
     assert exp_avg["optim.state.lm_head.weight.exp_avg"].abs().sum() > 0
     assert torch.serialization.get_crc32_options()  # the writer's CRC switch is restored after each save
 
@@ -142,8 +143,8 @@ def test_leftovers_removed_and_incomplete_ignored(base, tmp_path):
     assert [s for s, _ in fmt.list_committed(root)] == [6, 4]
 
 
-@pytest.mark.parametrize("damage,verify", [("truncate", "size"), ("bitflip", "checksum")])
-def test_damaged_newest_falls_back_with_warning(base, tmp_path, damage, verify):
+@pytest.mark.parametrize("damage,verify", [("truncate", "size"), ("bitflip", "checksum"), ("bitflip", "fast")])
+def test_damaged_newest_falls_back_with_warning(base, tmp_path, capfd, damage, verify):
     out, _, result = base
     import shutil
 
@@ -159,15 +160,18 @@ def test_damaged_newest_falls_back_with_warning(base, tmp_path, damage, verify):
             byte = fh.read(1)
             fh.seek(-1, os.SEEK_CUR)
             fh.write(bytes([byte[0] ^ 0x10]))
-    with pytest.warns(CheckpointWarning, match=r"step_00000006 is damaged \(__0_0\.distcp: "
-                      + ("size" if damage == "truncate" else "sha256")):
-        trainer, resumed = _fit(str(tmp_path / "run"), f"checkpoint.dir={root}", "checkpoint.resume=auto",
-                                f"checkpoint.verify={verify}")
+    capfd.readouterr()
+    trainer, resumed = _fit(str(tmp_path / "run"), f"checkpoint.dir={root}", "checkpoint.resume=auto",
+                            f"checkpoint.verify={verify}")
+    warned = [line for line in capfd.readouterr().err.splitlines() if "damaged" in line]
+    check = {"truncate": "size", "checksum": "sha256", "fast": r"(xxh3_64|crc32)"}[damage if verify == "size" else verify]
+    assert len(warned) == 1 and re.match(r"loomtrain: warning: checkpoint .*step_00000006 is damaged "
+                                         rf"\(__0_0\.distcp: {check}", warned[0]), warned  # one line, once
     assert trainer.checkpointer.resumed_from.endswith("step_00000004")
     assert resumed.losses == result.losses[4:]  # and it went on from there, bitwise
     fresh = os.path.join(root, "step_00000006")  # the damaged one was replaced by this run's own
     man = fmt.read_manifest(fresh)
-    assert fmt.verify_files(fresh, man, sorted(man["files"]), checksum=True) is None
+    assert fmt.verify_files(fresh, man, sorted(man["files"]), check="sha256") is None
     # The explicit path of a damaged checkpoint is an error, not a fallback.
     if damage == "truncate":
         shutil.copyfile(os.path.join(_root(out), "step_00000006", "__0_0.distcp"), shard)
@@ -182,7 +186,7 @@ def test_bitflip_is_not_caught_by_size_only(base, tmp_path):
     out, _, _ = base
     ckpt = os.path.join(_root(out), "step_00000002")
     man = fmt.read_manifest(ckpt)
-    assert fmt.verify_files(ckpt, man, sorted(man["files"]), checksum=False) is None
+    assert fmt.verify_files(ckpt, man, sorted(man["files"]), check="size") is None
 
 
 def test_model_mismatch_names_parameters(base, tmp_path):
@@ -219,7 +223,7 @@ def test_metadata_is_never_unpickled_beyond_dcp_classes(base, tmp_path):
     out, _, _ = base
     ckpt = str(tmp_path / "step_00000002")
     shutil.copytree(os.path.join(_root(out), "step_00000002"), ckpt)
-    assert fmt.load_dcp_metadata(ckpt).state_dict_metadata  # DCP's own metadata passes
+    assert safeload.load_dcp_metadata(ckpt).state_dict_metadata  # DCP's own metadata passes
 
     class Evil:
         def __reduce__(self):
@@ -228,7 +232,7 @@ def test_metadata_is_never_unpickled_beyond_dcp_classes(base, tmp_path):
     with open(os.path.join(ckpt, ".metadata"), "wb") as fh:
         pickle.dump(Evil(), fh)
     with pytest.raises(CorruptCheckpointError, match="refusing to unpickle"):
-        fmt.load_dcp_metadata(ckpt)
+        safeload.load_dcp_metadata(ckpt)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -250,7 +254,7 @@ def test_snapshot_holds_pre_step_values(tmp_path, monkeypatch):
     engine = trainer.checkpointer.engine
     rec = engine.records[0]
     assert rec.step == 3 and rec.optimizer_wait_s >= 0.2, rec  # the optimizer step really waited
-    saved = fmt.read_tensors(os.path.join(_root(out), "step_00000003"), "model.")
+    saved = safeload.read_tensors(os.path.join(_root(out), "step_00000003"), "model.")
     after4 = trainer.full_state_dict()
     for name, value in after3.items():
         assert torch.equal(saved[f"model.{name}"], value), name

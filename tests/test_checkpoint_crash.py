@@ -176,7 +176,7 @@ def _check_committed(root):
     committed = fmt.list_committed(root)
     for step, path in committed:
         man = fmt.read_manifest(path)
-        problem = fmt.verify_files(path, man, sorted(man["files"]), checksum=True)
+        problem = fmt.verify_files(path, man, sorted(man["files"]), check="sha256")
         assert problem is None, f"{path} looks committed but is damaged: {problem}"
         assert fmt.read_meta(path)["step"] == step
     return committed[0][0] if committed else 0

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from harness import BASE, ROOT, case, free_port
 from loomtrain.checkpoint import format as fmt
+from loomtrain.checkpoint import safeload
 from loomtrain.config import load_config
 from loomtrain.launch import cli
 from loomtrain.runtime.trainer import Trainer
@@ -111,7 +112,7 @@ def test_export_bf16_sharded(runs, tmp_path):
     assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.bfloat16)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    stored = fmt.read_tensors(step1, "model.")
+    stored = safeload.read_tensors(step1, "model.")
     for name, value in hf.state_dict().items():
         assert value.dtype == torch.bfloat16 and torch.equal(value, stored["model." + name].to(torch.bfloat16)), name
     # An existing HF model is not overwritten silently.
@@ -130,9 +131,11 @@ def test_export_without_the_runs_data_or_tokenizer(runs, tmp_path):
     shutil.copytree(os.path.join(root, "step_00000002"), ckpt_dir)
     meta = fmt.read_meta(ckpt_dir)
     meta["config"]["data"].update(source=str(tmp_path / "gone.jsonl"), tokenizer=str(tmp_path / "gone_tok"))
+    os.remove(os.path.join(ckpt_dir, "meta.json"))  # write_json creates, never overwrites
     fmt.write_json(os.path.join(ckpt_dir, "meta.json"), meta)
     man = fmt.read_manifest(ckpt_dir)
     man["files"]["meta.json"] = fmt.file_entry(os.path.join(ckpt_dir, "meta.json"))
+    os.remove(os.path.join(ckpt_dir, "manifest.json"))
     fmt.write_json(os.path.join(ckpt_dir, "manifest.json"), man)
     out = str(tmp_path / "hf")
     assert ckpt(["export-hf", ckpt_dir, out]) == 0
@@ -183,16 +186,21 @@ def test_verify_sizes_checksums_and_all(runs, tmp_path, capsys):
     assert ckpt(["verify", copy, "--checksum"]) == 0
     assert capsys.readouterr().out.startswith(f"ok {newest} ")
     data = os.path.join(newest, "__0_0.distcp")
-    with open(data, "r+b") as fh:  # flip one bit: sizes still match, sha256 does not
-        fh.seek(os.path.getsize(data) // 2)
-        byte = fh.read(1)
-        fh.seek(-1, os.SEEK_CUR)
-        fh.write(bytes([byte[0] ^ 1]))
-    assert ckpt(["verify", newest]) == 0
-    capsys.readouterr()
+    def flip():  # one bit: sizes still match, checksums do not
+        with open(data, "r+b") as fh:
+            fh.seek(os.path.getsize(data) // 2)
+            byte = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte[0] ^ 1]))
+
+    flip()
     assert ckpt(["verify", newest, "--checksum"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "__0_0.distcp" in err and "sha256" in err, err
+    assert ckpt(["verify", newest]) == 1  # the default fast checksum sees it too
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "__0_0.distcp" in err and ("xxh3_64" in err or "crc32" in err), err
+    flip()
     with open(os.path.join(older, "__0_0.distcp"), "r+b") as fh:
         fh.truncate(100)
     assert ckpt(["verify", copy, "--all"]) == 1
@@ -325,7 +333,7 @@ def test_import_deepspeed_matches_deepspeed(ds_ckpts, spec, universal, tmp_path,
     ckpt_dir = _import(ds_ckpts, src, str(tmp_path / "imported"))
     assert f"ZeRO-{stage} checkpoint (3 ranks, step 2" in capsys.readouterr().out
     assert ckpt(["verify", ckpt_dir, "--checksum"]) == 0
-    saved = fmt.read_tensors(ckpt_dir)
+    saved = safeload.read_tensors(ckpt_dir)
     live = load_file(os.path.join(ds_ckpts, f"{run}.live.safetensors"))
     offline = load_file(os.path.join(ds_ckpts, f"{run}.fp32.safetensors"))
     assert {k for k in saved if k.startswith("model.")} == {f"model.{n}" for n in live}

@@ -172,7 +172,7 @@ def test_checkpoints_written_by_every_layout_are_complete(launches):
         assert [s for s, _ in fmt.list_committed(root)] == [6, 3]
         path = os.path.join(root, "step_00000006")
         man = fmt.read_manifest(path)
-        assert fmt.verify_files(path, man, sorted(man["files"]), checksum=True) is None
+        assert fmt.verify_files(path, man, sorted(man["files"]), check="sha256") is None
         meta = fmt.read_meta(path)
         assert meta["layout"]["world_size"] == ranks and len(meta["rng"]["per_rank"]) == ranks
         # Replicated tensors are written once: no rank writes everything (bytes are balanced).

@@ -7,11 +7,17 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
+import torch.distributed as dist
+
+from harness import free_port
 from loomtrain.errors import LoomError
 from loomtrain.launch import cli, spec
+from loomtrain.launch.agent import torchrun_argv
+from loomtrain.launch.lifecycle import default_rdzv_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
@@ -102,8 +108,6 @@ def test_worker_detection():
 
 
 def test_single_node_rendezvous_is_loopback():
-    from loomtrain.launch.agent import torchrun_argv
-
     argv = torchrun_argv(spec.LaunchSpec(nproc_per_node=4), ["run", "-"])
     endpoint = argv[argv.index("--rdzv-endpoint") + 1]
     host, port = endpoint.rsplit(":", 1)
@@ -112,8 +116,36 @@ def test_single_node_rendezvous_is_loopback():
     assert argv[argv.index("--local-addr") + 1] == "127.0.0.1"
     assert argv[argv.index("--redirects") + 1] == "1:3,2:3,3:3"  # only local rank 0 on the console
     assert argv[-4:] == ["--module", "loomtrain.launch", "run", "-"]
-    multi = torchrun_argv(spec.LaunchSpec(nproc_per_node=2, nnodes="2", rdzv_endpoint="h:1"), ["run", "-"])
+    multi = torchrun_argv(spec.LaunchSpec(nproc_per_node=2, nnodes="2", rdzv_endpoint="h:1", rdzv_id="job7"),
+                          ["run", "-"])
     assert multi[multi.index("--rdzv-endpoint") + 1] == "h:1" and "--local-addr" not in multi
+    assert multi[multi.index("--rdzv-id") + 1] == "job7"
+
+
+def test_rendezvous_id_is_unique_per_launch_unless_shared():
+    one = [torchrun_argv(spec.LaunchSpec(nproc_per_node=1, rdzv_endpoint="127.0.0.1:29400"), ["run", "-"])
+           for _ in range(2)]
+    ids = {argv[argv.index("--rdzv-id") + 1] for argv in one}
+    assert len(ids) == 2 and "loomtrain" not in ids  # a second job cannot join the first one's rendezvous
+    assert default_rdzv_id("mine", 4) == "mine"
+    assert default_rdzv_id(None, 2, {"SLURM_JOB_ID": "812"}) == "loomtrain-812"  # what every node shares
+    with pytest.raises(spec.UsageError, match="--rdzv-id"):
+        default_rdzv_id(None, 2, {})
+
+
+def test_busy_rendezvous_endpoint_is_one_line(tmp_path):
+    # Another job's rendezvous store already listens on the endpoint.
+    port = free_port()
+    other = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    try:
+        start = time.monotonic()
+        proc = loomtrain("_selfcheck", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                         "--log-dir", str(tmp_path), cwd=str(tmp_path), timeout=60)
+        assert time.monotonic() - start < 30
+    finally:
+        del other
+    assert "selfcheck ok" not in proc.stdout  # it did not run inside the other job's rendezvous
+    assert_one_error_line(proc, 2, f"--rdzv-endpoint 127.0.0.1:{port} is in use")
 
 
 def test_help_lists_commands():

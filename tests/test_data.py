@@ -220,7 +220,7 @@ def test_lengths_file(tmp_path):
     good = write(tmp_path / "l.txt", "5\n12\n 7\n")
     assert load_lengths_file(str(good)).tolist() == [5, 12, 7]
     bad = write(tmp_path / "bad.txt", "5\n12\nx\n")
-    with pytest.raises(DataError, match=rf"{bad}:3: b'x' is not an integer"):
+    with pytest.raises(DataError, match=rf"{bad}:3: 'x' is not an integer"):
         load_lengths_file(str(bad))
     neg = write(tmp_path / "neg.txt", "5\n0\n")
     with pytest.raises(DataError, match=rf"{neg}:2: 0 is not a positive length"):

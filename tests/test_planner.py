@@ -270,5 +270,5 @@ def test_read_lengths_rejects_bad_json(tmp_path):
 
     path = tmp_path / "l.json"
     path.write_text("[3, 4, -1]")
-    with pytest.raises(LoomError, match="item 2 is not a positive integer"):
+    with pytest.raises(LoomError, match="item 2 is not a positive 64-bit integer: -1"):
         read_lengths(str(path))

@@ -1,6 +1,8 @@
 """Layout-independent lazy asynchronous checkpoints.
 
-* `format`   the on-disk format (its docstring is the specification) and safe readers
+* `format`   the on-disk format (its docstring is the specification), manifest and meta.json
+* `integrity`  sizes and checksums (fast: xxh3/crc32; sha256) of the files, and their check
+* `safeload` reading DCP's index and tensors so that nothing in a checkpoint runs code
 * `engine`   the lazy async engine: host snapshot overlapped with forward/backward, DCP writer
              on its own gloo group, back-pressure
 * `commit`   atomic commit, `latest` pointer, pruning, clean-up of interrupted saves
@@ -17,7 +19,8 @@ May import: `loomtrain.optim`, `loomtrain.data`, `loomtrain.models`, `loomtrain.
 `loomtrain.config`, `loomtrain.errors`. It knows nothing of the trainer.
 """
 from loomtrain.checkpoint.format import (FORMAT_VERSION, CheckpointError, CorruptCheckpointError,
-                                         list_committed, load_dcp_metadata, read_manifest, read_meta)
+                                         list_committed, read_manifest, read_meta)
+from loomtrain.checkpoint.safeload import load_dcp_metadata
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "CorruptCheckpointError", "list_committed",
            "load_dcp_metadata", "read_manifest", "read_meta"]

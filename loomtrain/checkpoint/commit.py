@@ -3,7 +3,7 @@ atomic commit, the `latest` pointer, pruning and start-up clean-up.
 
 Commit of a checkpoint that every rank has written into `step_N.tmp-<id>/` and agreed on:
 
-1. `meta.json`, then `manifest.json` (sizes + sha256 of every other file) into the temporary
+1. `meta.json`, then `manifest.json` (size, sha256 and fast checksum of every other file) into the temporary
    directory, each fsync'ed, then the directory itself;
 2. committed checkpoints with a step >= N (an abandoned future: the run resumed from an older
    checkpoint, or a damaged one it fell back from) are renamed to `.deleting-<id>`;
@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import socket
+import stat
 import sys
 import threading
 
@@ -38,8 +39,26 @@ LOCK_FILE = ".lock"
 
 def lock_root(root: str):
     """Take `root/.lock` (flock) for as long as the returned file stays open: one job per
-    checkpoint directory (a second one would prune or clean up under the first)."""
-    fh = open(os.path.join(root, LOCK_FILE), "a+", encoding="utf-8")
+    checkpoint directory (a second one would prune or clean up under the first).
+
+    The directory may have been copied, untarred or shared, so the lock file is never trusted: it
+    is opened without following a symlink (a planted `.lock -> victim` is refused, the victim
+    untouched) and only written to when it is a regular file with no other hard link."""
+    path = os.path.join(root, LOCK_FILE)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        why = "a symbolic link" if os.path.islink(path) else f"not openable ({exc.strerror})"
+        raise CheckpointError(f"checkpoint.dir {root}: {LOCK_FILE} is {why}; refusing to use it (remove it if "
+                              "no job is running there)") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"hard-linked {st.st_nlink} times"
+        raise CheckpointError(f"checkpoint.dir {root}: {LOCK_FILE} is {why}; refusing to write to it (remove it "
+                              "if no job is running there)")
+    fh = os.fdopen(fd, "r+", encoding="utf-8")
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -47,9 +66,9 @@ def lock_root(root: str):
             fh.close()  # a file system without locks: go on unguarded
             return None
         fh.seek(0)
-        holder = fh.read().strip() or "another process"
+        holder = fh.read(200).strip().splitlines()[:1] or ["another process"]
         fh.close()
-        raise CheckpointError(f"checkpoint.dir {root} is in use by another job ({holder}); one job per "
+        raise CheckpointError(f"checkpoint.dir {root} is in use by another job ({holder[0]}); one job per "
                               "checkpoint directory") from None
     except Exception:
         fh.close()
@@ -84,7 +103,7 @@ def cleanup_leftovers(root: str) -> list[str]:
 
 def write_latest(root: str, name: str, run_id: str) -> None:
     tmp = os.path.join(root, f"{fmt.LATEST_FILE}.tmp-{run_id}")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with os.fdopen(fmt.create_new(tmp), "w", encoding="utf-8") as fh:
         fh.write(name + "\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -102,7 +121,7 @@ def _set_aside(path: str, run_id: str) -> str:
 
 def write_manifest(tmp: str, step: int, meta: dict, files: dict[str, dict]) -> None:
     """Step 1: `meta.json`, then `manifest.json` over it, DCP's `.metadata` and the data files
-    whose entries (`files`: name -> size, sha256) the writers computed; each fsync'ed, then the
+    whose entries (`files`: name -> size, checksums) the writers computed; each fsync'ed, then the
     directory. Also how an offline writer (an import) finishes its checkpoint."""
     files = dict(files)
     fmt.write_json(os.path.join(tmp, fmt.META_FILE), meta)
@@ -146,9 +165,11 @@ def commit(root: str, tmp: str, step: int, meta: dict, files: dict[str, dict], *
     return final
 
 
-def fsync_and_hash(root: str, names: list[str]) -> dict:
-    """fsync this rank's data files (a second thread: mostly waiting on the disk) while hashing
-    them (this thread: CPU), so that durability and the checksums cost about the longer of the two."""
+def fsync_and_hash(root: str, names: list[str], seconds: dict | None = None) -> dict:
+    """fsync this rank's data files (a second thread: mostly waiting on the disk) while computing
+    their manifest entries, sha256 and the fast checksum in one read (this thread: CPU), so that
+    durability and the checksums cost about the longer of the two. `seconds` receives the time
+    each checksum took."""
     errors: list = []
 
     def sync():
@@ -161,7 +182,7 @@ def fsync_and_hash(root: str, names: list[str]) -> dict:
     syncer = threading.Thread(target=sync, name="loomtrain-checkpoint-fsync", daemon=True)
     syncer.start()
     try:
-        entries = {name: fmt.file_entry(os.path.join(root, name)) for name in names}
+        entries = {name: fmt.file_entry(os.path.join(root, name), seconds) for name in names}
     finally:
         syncer.join()
     if errors:

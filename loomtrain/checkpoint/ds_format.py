@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loomtrain.checkpoint.integrity import open_regular
 from loomtrain.errors import LoomError
 
 
@@ -114,9 +115,21 @@ def _natural(path: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(path))]
 
 
-def locate(path: str, tag: str | None = None) -> tuple[str, str]:
+def _read_pointer(path: str) -> str | None:
+    """The tag a `latest` file names (its first 4 KiB, stripped), None if unreadable."""
+    try:
+        fd = open_regular(path)
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(4096).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def locate(path: str, tag: str | None = None, _followed: bool = False) -> tuple[str, str]:
     """(kind, directory) of the DeepSpeed checkpoint `path` names: a tag directory, a universal
-    directory, or a `save_checkpoint` root (its `latest`, or `tag`)."""
+    directory, or a `save_checkpoint` root (its `latest`, or `tag`). A tag is a directory name of
+    the root, followed once: a `latest` naming '.', '..', a path, or a directory that is itself
+    only a pointer (a loop) is an error, not a recursion."""
     if not os.path.exists(path):
         raise DeepSpeedImportError(f"no DeepSpeed checkpoint at {path}: no such file or directory")
     if not os.path.isdir(path):
@@ -125,18 +138,21 @@ def locate(path: str, tag: str | None = None) -> tuple[str, str]:
         return "universal", path
     if tag is None and glob.glob(os.path.join(path, "*_model_states.pt")):
         return "zero", path
-    if tag is None:
+    if tag is None and not _followed:
         for pointer in ("latest", "latest_universal"):
-            try:
-                with open(os.path.join(path, pointer), encoding="utf-8") as fh:
-                    tag = fh.read().strip()
+            tag = _read_pointer(os.path.join(path, pointer))
+            if tag is not None:
                 break
-            except OSError:
-                continue
+    if tag and (tag in (".", "..") or "/" in tag or os.sep in tag or "\0" in tag):
+        raise DeepSpeedImportError(f"{path}: tag {tag[:80]!r} is not the name of one of its directories (its "
+                                   "'latest' file, or --tag, must name a global_stepN directory)")
     if tag and os.path.isdir(os.path.join(path, tag)):
-        return locate(os.path.join(path, tag))
+        return locate(os.path.join(path, tag), _followed=True)
     if tag:
-        raise DeepSpeedImportError(f"{path}: tag {tag!r} names no directory")
+        raise DeepSpeedImportError(f"{path}: tag {tag[:80]!r} names no directory")
+    if _followed:
+        raise DeepSpeedImportError(f"{path} holds no *_model_states.pt (a tag directory that only points further; "
+                                   "name the directory that holds the checkpoint files)")
     raise DeepSpeedImportError(f"{path} is not a DeepSpeed checkpoint (no *_model_states.pt, no 'latest' file; "
                                "name a save_checkpoint directory or one of its tag directories)")
 
@@ -319,7 +335,18 @@ def _read_universal(d: str, st: DeepSpeedState, ms: dict, shapes: list[dict]) ->
 
 
 def read_deepspeed(path: str, tag: str | None = None) -> DeepSpeedState:
-    """Read a DeepSpeed checkpoint (see the module docstring) into full fp32 tensors."""
+    """Read a DeepSpeed checkpoint (see the module docstring) into full fp32 tensors. Files that
+    load but do not have DeepSpeed's structure are a one-line DeepSpeedImportError."""
+    try:
+        return _read(path, tag)
+    except DeepSpeedImportError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as exc:
+        raise DeepSpeedImportError(f"{path} is not a DeepSpeed checkpoint loomtrain can read ({type(exc).__name__}: "
+                                   f"{(str(exc).splitlines() or [''])[0][:160]})") from None
+
+
+def _read(path: str, tag: str | None) -> DeepSpeedState:
     kind, d = locate(path, tag)
     ms, shapes = _model_states(d)
     st = DeepSpeedState(path=d, kind=kind, stage=0, dp_world_size=1, step=int(ms.get("global_steps") or 0),

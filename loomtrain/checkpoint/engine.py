@@ -9,8 +9,8 @@ Timeline of one checkpoint requested after optimizer step N (main thread | backg
     main: wait_snapshot() right before step N+1's optimizer.step(): blocks only if the copy has
           not finished (the optimizer would change the tensors being copied)
     main: step N+1 optimizer.step() ...  || bg: DCP save of the host copy into step_N.tmp-<id>/
-                                              on the checkpoint's own gloo group, sha256 of this
-                                              rank's files, agree (gather to rank 0), rank 0
+                                              on the checkpoint's own gloo group, sha256 and fast
+                                              checksum of this rank's files, agree (gather to rank 0), rank 0
                                               commits (meta, manifest, rename, latest, prune),
                                               broadcast the outcome
 
@@ -45,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 
 from loomtrain.checkpoint import commit as commit_lib
 from loomtrain.checkpoint import format as fmt
+from loomtrain.checkpoint import integrity, safeload
 from loomtrain.checkpoint.faults import fault_hook
 from loomtrain.checkpoint.format import CheckpointError
 from loomtrain.checkpoint.hostcopy import HostSlot, assign_owners, chunk_id, local_of, nbytes
@@ -59,7 +60,8 @@ class SaveRecord:
     optimizer_wait_s: float = 0.0  # wait_snapshot(): the copy was not done before the optimizer step
     copy_s: float = 0.0
     write_s: float = 0.0  # DCP save of the host copy + fsync/hash of this rank's files (hash_s)
-    hash_s: float = 0.0
+    hash_s: float = 0.0  # fsync + checksums of this rank's files (overlapped; inside write_s)
+    checksum_s: float = 0.0  # of which the fast checksum's share of the CPU (inside hash_s)
     commit_s: float = 0.0
     total_s: float = 0.0
     bytes: int = 0  # bytes this rank copied
@@ -292,7 +294,9 @@ class CheckpointEngine:
             try:
                 prefix = f"__{self.rank}_"
                 names = [n for n in sorted(os.listdir(tmp)) if n.startswith(prefix) and n.endswith(".distcp")]
-                files = commit_lib.fsync_and_hash(tmp, names)
+                seconds: dict = {}
+                files = commit_lib.fsync_and_hash(tmp, names, seconds)
+                rec.checksum_s = seconds.get(integrity.FAST, 0.0)
             except Exception as exc:  # noqa: BLE001
                 ok, error = False, f"syncing/hashing {tmp} failed: {type(exc).__name__}: {exc}"
         rec.hash_s = time.perf_counter() - th
@@ -311,7 +315,7 @@ class CheckpointEngine:
                 try:
                     meta = dict(job.meta)
                     meta["rng"] = {"per_rank": [g["rng"] for g in gathered]}
-                    meta["tensors"] = fmt.dcp_tensor_index(tmp)
+                    meta["tensors"] = safeload.dcp_tensor_index(tmp)
                     all_files = {k: v for g in gathered for k, v in g["files"].items()}
                     path = commit_lib.commit(self.root, tmp, job.step, meta, all_files, keep=self.keep,
                                              run_id=self.run_id,

@@ -50,10 +50,12 @@ follows one LR schedule).
 
 A tensor that several ranks hold identically (a replicated parameter, AdamW's `step`) is written
 once, by the rank chosen to balance bytes. Data files hold tensors in `torch.save` format and
-are read with `torch.load(weights_only=True)` (the manifest's sha256 is the integrity check; the
-zip records' CRC32s are not relied on); `.metadata` is DCP's own pickled index, which loomtrain
-reads with an allow-list unpickler (`SafeFileSystemReader`: DCP's metadata classes, `torch.Size`,
-dtypes, layouts, paths): nothing in a checkpoint can make the loader run code.
+are read with `torch.load(weights_only=True)` (the manifest's checksums are the integrity check;
+the zip records' CRC32s are not relied on). `.metadata` is DCP's own pickled index; every entry
+is a `TensorStorageMetadata` (never DCP's pickled-bytes entries). Readers go through
+`loomtrain.checkpoint.safeload`: an allow-list unpickler, a field-by-field check of the index,
+and a load planner without DCP's byte path, so nothing in a checkpoint can make the loader run
+code; a checkpoint holding a bytes entry is refused.
 
 meta.json (UTF-8 JSON object)
 ----------------------------
@@ -81,37 +83,35 @@ meta.json (UTF-8 JSON object)
 manifest.json
 -------------
 ``{"format": "loomtrain-checkpoint", "format_version": 1, "step": N, "files": {relative name:
-{"size": bytes, "sha256": hex}}}`` covering every other file of the directory (`.metadata`, data
-files, `meta.json`). On load the sizes are always checked (`checkpoint.verify=size`) and the
-checksums too with `checkpoint.verify=checksum`; a checkpoint that fails is reported (file and
-check) and the previous committed one is used instead.
+{"size": bytes, "sha256": hex, FAST: hex}}}`` covering every other file of the directory
+(`.metadata`, data files, `meta.json`), where FAST is ``"xxh3_64"`` (the writer had the `xxhash`
+package) or ``"crc32"``; manifests without it (older writers) stay readable, and are checked
+with sha256 instead (`loomtrain.checkpoint.integrity`). On load (`checkpoint.verify`) the sizes
+and the fast checksum are checked by default (``fast``); ``size`` checks sizes only,
+``checksum`` sha256. A checkpoint that fails any check, or that cannot be read afterwards, is
+reported in one line (file and check) and the previous committed one is used instead; a
+checkpoint named explicitly (`checkpoint.resume=PATH`) is an error instead.
 
 Reading one (no process group needed)
 -------------------------------------
 ``list_committed(root)`` -> [(step, path)] newest first; ``read_manifest(path)``,
-``read_meta(path)`` (JSON); ``verify_files(path, manifest, names, checksum)``;
-``load_dcp_metadata(path)`` (DCP's index, through the allow-list unpickler);
-``dcp_tensor_index(path)`` (that index as meta.json's ``tensors``);
+``read_meta(path)`` (JSON, top-level sections type-checked); ``verify_files(path, manifest,
+names, check)``; in `safeload`: ``load_dcp_metadata(path)`` (DCP's index, checked),
+``dcp_tensor_index(path)`` (that index as meta.json's ``tensors``),
 ``read_tensors(path, prefix="model.")`` -> full CPU tensors by key (an HF export takes the
-``model.`` keys, strips the prefix and drops tied duplicates); ``safe_reader(path)`` is the
-`FileSystemReader` to give `dcp.load` for sharded loads. Resuming a training job is
+``model.`` keys, strips the prefix and drops tied duplicates), ``load(state_dict, path,
+process_group=...)`` for sharded loads. Resuming a training job is
 `loomtrain.checkpoint.manager` (it restores RNG per rank only when the layout is unchanged).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import pickle
 import re
-import warnings
 from typing import Any
 
-import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import StorageMeta
-
+from loomtrain.checkpoint.integrity import FAST_ALGOS, open_regular
+from loomtrain.checkpoint.integrity import file_entry, verify_files  # noqa: F401 -- the manifest's checks
 from loomtrain.errors import LoomError
 
 FORMAT_NAME = "loomtrain-checkpoint"
@@ -145,6 +145,18 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception from deep inside (DCP, torch), for a one-line message."""
     text = str(exc).strip().splitlines()
     return text[0][:limit] if text else ""
+
+
+def describe(exc: BaseException, limit: int = 200) -> str:
+    """'Type: first line' of an exception; for DCP's CheckpointException (which only says which
+    ranks failed) that of the first rank's own exception, 'rank R: Type: first line'."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, wrapped = sorted(failures.items())[0]
+        inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+        if isinstance(inner, BaseException):
+            return f"rank {rank}: {type(inner).__name__}: {first_line(inner, limit)}"
+    return f"{type(exc).__name__}: {first_line(exc, limit)}"
 
 
 # ----------------------------------------------------------------------------------- naming
@@ -189,21 +201,6 @@ def read_latest(root: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------- files
-def sha256_file(path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_entry(path: str) -> dict:
-    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
-
-
 def fsync_path(path: str, strict: bool = False) -> None:
     """fsync a file or directory (directories: so that a rename in it is durable). Errors are
     ignored unless `strict` (a data file that may not reach the disk must fail its save)."""
@@ -223,160 +220,75 @@ def fsync_path(path: str, strict: bool = False) -> None:
         os.close(fd)
 
 
+def create_new(path: str, mode: int = 0o644) -> int:
+    """A write descriptor of a file that did not exist: never follows a symlink planted under the
+    name, never opens someone else's file (O_CREAT | O_EXCL | O_NOFOLLOW)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+
+
 def write_json(path: str, obj: Any) -> None:
     """Write strict JSON and fsync it (the caller renames/commits after)."""
     data = json.dumps(obj, indent=1, allow_nan=False, sort_keys=False)
-    with open(path, "w", encoding="utf-8") as fh:
+    with os.fdopen(create_new(path), "w", encoding="utf-8") as fh:
         fh.write(data + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
+_MAX_JSON_BYTES = 1 << 30
+# Sections of meta.json and the JSON types they must have when present (tools read them blindly).
+_META_SECTIONS = {"data": dict, "scheduler": dict, "optim": dict, "rng": dict, "config": dict, "layout": dict,
+                  "versions": dict, "tensors": dict, "imported_from": (dict, type(None)),
+                  "created_unix": (int, float, type(None))}
+
+
 def _read_json(ckpt: str, name: str) -> dict:
     path = os.path.join(ckpt, name)
     try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
+        fd = open_regular(path)
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(_MAX_JSON_BYTES + 1)
+        if len(raw) > _MAX_JSON_BYTES:
+            raise ValueError(f"larger than {_MAX_JSON_BYTES} bytes")
+        obj = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {name} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {name} is not valid JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digits
+        raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {name} is not valid JSON "
+                                     f"({str(exc)[:200]})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {name} is not a {FORMAT_NAME} file")
     version = obj.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {ckpt}: {name} has format_version {version!r}; this loomtrain "
+    if type(version) is not int or version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {ckpt}: {name} has format_version {str(version)[:40]!r}; this loomtrain "
                               f"reads up to {FORMAT_VERSION} (upgrade loomtrain)")
     return obj
+
+
+def _valid_entry(v) -> bool:
+    return (isinstance(v, dict) and type(v.get("size")) is int and v["size"] >= 0
+            and isinstance(v.get("sha256"), str)
+            and all(isinstance(v[a], str) for a in FAST_ALGOS if a in v))
 
 
 def read_manifest(ckpt: str) -> dict:
     man = _read_json(ckpt, MANIFEST_FILE)
     files = man.get("files")
-    if not isinstance(files, dict) or not files or not all(
-            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
-            for v in files.values()):
+    if not isinstance(files, dict) or not files or not all(_valid_entry(v) for v in files.values()):
         raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {MANIFEST_FILE} has no valid file list")
     for name in files:
-        if os.path.isabs(name) or ".." in name.split("/") or name == MANIFEST_FILE:
-            raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {MANIFEST_FILE} names a bad file {name!r}")
+        if os.path.isabs(name) or ".." in name.split("/") or name == MANIFEST_FILE or "\0" in name:
+            raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {MANIFEST_FILE} names a bad file {name[:80]!r}")
     return man
 
 
 def read_meta(ckpt: str) -> dict:
     meta = _read_json(ckpt, META_FILE)
-    if not isinstance(meta.get("step"), int):
-        raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {META_FILE} has no step")
+    if type(meta.get("step")) is not int or not 0 <= meta["step"] < 1 << 63:
+        raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {META_FILE} has no valid step")
+    for key, kind in _META_SECTIONS.items():
+        if key in meta and not isinstance(meta[key], kind) or isinstance(meta.get(key), bool):
+            raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {META_FILE}'s {key} is a "
+                                         f"{type(meta[key]).__name__}, not a "
+                                         f"{getattr(kind, '__name__', 'number')}")
     return meta
-
-
-def verify_files(ckpt: str, manifest: dict, names: list[str], checksum: bool) -> str | None:
-    """Check `names` (a subset of the manifest's files) against the manifest; returns the first
-    problem as 'FILE: what' or None."""
-    files = manifest["files"]
-    for name in names:
-        want = files[name]
-        path = os.path.join(ckpt, name)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            return f"{name}: missing"
-        if size != want["size"]:
-            return f"{name}: size {size} bytes, manifest says {want['size']} (truncated or overwritten)"
-        if checksum:
-            digest = sha256_file(path)
-            if digest != want["sha256"]:
-                return f"{name}: sha256 {digest[:16]}... does not match the manifest ({want['sha256'][:16]}...)"
-    return None
-
-
-# ------------------------------------------------------------------ reading DCP metadata safely
-_DCP_META_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.distributed.checkpoint.planner": {"WriteItemType", "LoadItemType"},
-    "torch.serialization": {"_get_layout"},
-    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
-    "collections": {"OrderedDict"},
-    "torch": {"Size"},
-}
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-    """Unpickles DCP's metadata dataclasses and nothing else (no arbitrary callables)."""
-
-    def __init__(self, fh, where: str):
-        super().__init__(fh)
-        self._where = where
-
-    def find_class(self, module: str, name: str):
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                         torch.memory_format)):
-            return getattr(torch, name)
-        if name in _DCP_META_CLASSES.get(module, ()):
-            return super().find_class(module, name)
-        raise CorruptCheckpointError(
-            f"corrupt checkpoint {self._where}: {DCP_METADATA_FILE} refers to {module}.{name}, which is "
-            "not part of DCP's metadata; refusing to unpickle it")
-
-
-def load_dcp_metadata(ckpt: str):
-    """DCP's `Metadata` of a checkpoint, through the allow-list unpickler."""
-    path = os.path.join(ckpt, DCP_METADATA_FILE)
-    try:
-        with open(path, "rb") as fh:
-            return _AllowListUnpickler(fh, ckpt).load()
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {DCP_METADATA_FILE} is missing") from None
-    except Exception as exc:  # truncated or garbled pickle
-        raise CorruptCheckpointError(
-            f"corrupt checkpoint {ckpt}: {DCP_METADATA_FILE} cannot be read ({type(exc).__name__}: {exc})") from None
-
-
-def dtype_name(dtype) -> str:
-    """'float32' for torch.float32 (as meta.json's tensor index writes dtypes)."""
-    return str(dtype).replace("torch.", "")
-
-
-def dcp_tensor_index(ckpt: str) -> dict[str, dict]:
-    """`{key: {"shape": [...], "dtype": "float32"}}` of every tensor in DCP's own index (what
-    meta.json's `tensors` holds), read through the allow-list unpickler."""
-    out = {}
-    for key, item in sorted(load_dcp_metadata(ckpt).state_dict_metadata.items()):
-        size, props = getattr(item, "size", None), getattr(item, "properties", None)
-        if size is not None:
-            out[key] = {"shape": list(size), "dtype": dtype_name(props.dtype) if props else None}
-    return out
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's `FileSystemReader` whose `.metadata` is read by the allow-list unpickler."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        metadata = load_dcp_metadata(str(self.path))
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-def safe_reader(ckpt: str) -> SafeFileSystemReader:
-    """The `FileSystemReader` to give `dcp.load` for `ckpt` (metadata through the allow-list)."""
-    return SafeFileSystemReader(ckpt)
-
-
-def read_tensors(ckpt: str, prefix: str | None = None) -> dict:
-    """Full (unsharded) CPU tensors of a checkpoint, optionally only keys starting with `prefix`,
-    in one process (no process group needed): for tools, exports and tests."""
-    md = load_dcp_metadata(ckpt).state_dict_metadata
-    out = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in md.items()
-           if hasattr(v, "size") and (prefix is None or k.startswith(prefix))}
-    if out:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled ..."
-            dcp.load(out, storage_reader=safe_reader(ckpt), no_dist=True)
-    return out

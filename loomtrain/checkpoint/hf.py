@@ -11,6 +11,12 @@ and wte) are written once, under the first name, as `save_pretrained` does: `fro
 them again. Weights are read one shard at a time, so an export never holds the whole model; files
 over `max_shard_bytes` are split with a `model.safetensors.index.json`, HF's own layout.
 
+The export is written into a staging directory next to OUT_DIR and swapped in only when complete,
+so a failed read (a damaged checkpoint, a full disk) leaves an existing export as it was; with
+`--overwrite` the old model files are replaced and the directory's other files kept. The
+checkpoint's files are checked against its manifest (sizes and fast checksums) before anything
+is read, and its tensors are read through `safeload`.
+
 Import needs nothing here: `model.path=DIR` loads an HF safetensors directory (models/build.py).
 """
 from __future__ import annotations
@@ -20,12 +26,13 @@ import json
 import os
 import re
 import shutil
+import uuid
 
 import torch
 from safetensors.torch import save_file
 
 from loomtrain.checkpoint import format as fmt
-from loomtrain.checkpoint import offline
+from loomtrain.checkpoint import offline, safeload
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
 from loomtrain.checkpoint.state import mismatch
 from loomtrain.config import from_dict
@@ -155,17 +162,57 @@ def plan_shards(names: list[str], nbytes: dict[str, int], max_bytes: int) -> lis
     return [s for s in shards if s]
 
 
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+def _model_files(out_dir: str) -> list[str]:
+    """The files of an HF model that an export writes (and an overwrite replaces)."""
+    return sorted(n for n in os.listdir(out_dir) if n == "config.json" or (
+        n.startswith("model") and (n.endswith(".safetensors") or n == INDEX_FILE)))
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Before any work: refuse to overwrite a model without --overwrite."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise LoomError(f"{out_dir} exists and is not a directory")
-    os.makedirs(out_dir, exist_ok=True)
-    old = [n for n in os.listdir(out_dir) if n == "config.json" or (n.startswith("model") and
-                                                                    (n.endswith(".safetensors") or n == INDEX_FILE))]
+    old = _model_files(out_dir) if os.path.isdir(out_dir) else []
     if old and not overwrite:
-        raise LoomError(f"{out_dir} already holds an HF model ({', '.join(sorted(old)[:3])}); pass --overwrite "
+        raise LoomError(f"{out_dir} already holds an HF model ({', '.join(old[:3])}); pass --overwrite "
                         "or choose an empty directory")
-    for name in old:
-        os.remove(os.path.join(out_dir, name))
+
+
+def _staging_dir(out_dir: str) -> str:
+    """A fresh directory next to `out_dir` (same file system, so the swap is a rename)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        path = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.tmp-{uuid.uuid4().hex[:12]}")
+        os.mkdir(path)  # never an existing directory; the umask's permissions, as the final one gets
+        return path
+    except OSError as exc:
+        raise LoomError(f"cannot write the export next to {out_dir}: {exc.strerror or exc}") from None
+
+
+def _swap_in(staging: str, out_dir: str) -> None:
+    """Put the complete export `staging` in the place of `out_dir`. Files of an existing `out_dir`
+    that are not part of a model (notes, other tools' files) carry over; its old model files go."""
+    out_dir = os.path.abspath(out_dir)
+    if not os.path.lexists(out_dir):
+        os.rename(staging, out_dir)
+        return
+    aside = f"{staging}-old"
+    try:
+        os.rename(out_dir, aside)
+    except OSError as exc:
+        raise LoomError(f"cannot replace {out_dir}: {exc.strerror or exc}") from None
+    try:
+        old_model = set(_model_files(aside))
+        for name in os.listdir(aside):
+            if name not in old_model and not os.path.lexists(os.path.join(staging, name)):
+                os.rename(os.path.join(aside, name), os.path.join(staging, name))
+        os.rename(staging, out_dir)
+    except BaseException:
+        if not os.path.lexists(out_dir):
+            os.rename(aside, out_dir)  # the old export stays where it was
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def copy_tokenizer(cfg, out_dir: str) -> list[str]:
@@ -182,35 +229,8 @@ def copy_tokenizer(cfg, out_dir: str) -> list[str]:
     return copied
 
 
-def export_hf(path: str, out_dir: str, dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-              overwrite: bool = False) -> dict:
-    """Write the model of checkpoint `path` (a step directory, or a root: its newest) to `out_dir`
-    as config.json + safetensors; returns a summary (files, tensors, bytes, tied, tokenizer)."""
-    if dtype not in DTYPES:
-        raise LoomError(f"--dtype={dtype}: must be one of {', '.join(DTYPES)}")
-    torch_dtype = getattr(torch, dtype)
-    ckpt = offline.resolve(path)
-    manifest = fmt.read_manifest(ckpt)
-    meta = fmt.read_meta(ckpt)
-    problem = fmt.verify_files(ckpt, manifest, sorted(manifest["files"]), checksum=False)
-    if problem:
-        raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {problem}")
-    cfg = run_config(ckpt, meta)
-    index = offline.tensor_index(ckpt, meta)
-
-    def stored_rows(name: str):
-        entry = index.get(fmt.MODEL_PREFIX + name)
-        return int(entry["shape"][0]) if entry and entry["shape"] else None
-
-    hf, model = build_skeleton(cfg, stored_rows)
-    names = match_model(ckpt, model, index)
-    tied = tied_duplicates(model)
-    names = [n for n in names if n not in tied]
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    nbytes = {n: itemsize * int(torch.Size(index[fmt.MODEL_PREFIX + n]["shape"]).numel()) for n in names}
-    shards = plan_shards(names, nbytes, max_shard_bytes)
-
-    _prepare_out_dir(out_dir, overwrite)
+def _write_model(ckpt: str, out_dir: str, shards: list[list[str]], nbytes: dict, torch_dtype) -> tuple[list, int]:
+    """The safetensors files (and index) of `shards`, each read from the checkpoint in turn."""
     files, weight_map = [], {}
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -225,11 +245,50 @@ def export_hf(path: str, out_dir: str, dtype: str = "float32", max_shard_bytes: 
         with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as fh:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
         files.append(INDEX_FILE)
-    hf.architectures = [type(model).__name__]
-    hf.dtype = dtype
-    hf.save_pretrained(out_dir)
-    files.append("config.json")
-    tokenizer = copy_tokenizer(cfg, out_dir)
+    return files, total
+
+
+def export_hf(path: str, out_dir: str, dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              overwrite: bool = False) -> dict:
+    """Write the model of checkpoint `path` (a step directory, or a root: its newest) to `out_dir`
+    as config.json + safetensors; returns a summary (files, tensors, bytes, tied, tokenizer)."""
+    if dtype not in DTYPES:
+        raise LoomError(f"--dtype={dtype}: must be one of {', '.join(DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
+    ckpt = offline.resolve(path)
+    manifest = fmt.read_manifest(ckpt)
+    meta = fmt.read_meta(ckpt)
+    _check_out_dir(out_dir, overwrite)
+    problem = fmt.verify_files(ckpt, manifest, sorted(manifest["files"]), check="fast")
+    if problem:
+        raise CorruptCheckpointError(f"corrupt checkpoint {ckpt}: {problem}")
+    cfg = run_config(ckpt, meta)
+    index = safeload.dcp_tensor_index(ckpt)  # the index the tensors are read by, not meta.json's copy
+
+    def stored_rows(name: str):
+        entry = index.get(fmt.MODEL_PREFIX + name)
+        return int(entry["shape"][0]) if entry and entry["shape"] else None
+
+    hf, model = build_skeleton(cfg, stored_rows)
+    names = match_model(ckpt, model, index)
+    tied = tied_duplicates(model)
+    names = [n for n in names if n not in tied]
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    nbytes = {n: itemsize * int(torch.Size(index[fmt.MODEL_PREFIX + n]["shape"]).numel()) for n in names}
+    shards = plan_shards(names, nbytes, max_shard_bytes)
+
+    staging = _staging_dir(out_dir)
+    try:
+        files, total = _write_model(ckpt, staging, shards, nbytes, torch_dtype)
+        hf.architectures = [type(model).__name__]
+        hf.dtype = dtype
+        hf.save_pretrained(staging)
+        files.append("config.json")
+        tokenizer = copy_tokenizer(cfg, staging)
+        _swap_in(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return {"checkpoint": ckpt, "step": meta["step"], "out_dir": os.path.abspath(out_dir), "dtype": dtype,
             "model": type(model).__name__, "tensors": len(names), "bytes": total, "files": files + tokenizer,
             "tied": sorted(tied), "tokenizer": tokenizer}

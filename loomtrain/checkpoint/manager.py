@@ -5,7 +5,7 @@ schedule, the data position, the loop's step counter), and where this rank sits 
 it never sees the trainer. Its points:
 
     after_setup             own gloo group, clean-up of interrupted saves, resume (verify ->
-                            fall back -> load into the current layout)
+                            load into the current layout; either failing -> the previous one)
     begin_fit               take over SIGTERM / Ctrl-C
     before_optimizer_step   wait for the in-flight host copy (the parameters change next)
     after_step              request a save every `checkpoint.every` steps; agree on a stop
@@ -26,21 +26,21 @@ import signal
 import sys
 import time
 import uuid
-import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from loomtrain.checkpoint import commit as commit_lib
 from loomtrain.checkpoint import format as fmt
 from loomtrain.checkpoint import resume as resume_lib
+from loomtrain.checkpoint import safeload
 from loomtrain.checkpoint import state as st
 from loomtrain.checkpoint.engine import CheckpointEngine
 from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
-from loomtrain.checkpoint.signals import StopOnSignal
+from loomtrain.checkpoint.signals import NonFiniteError, StopOnSignal
 from loomtrain.config import Config
 from loomtrain.hooks import Hook, LoopState
 from loomtrain.mesh import DistEnv, ParallelDims
@@ -49,10 +49,6 @@ from loomtrain.mesh import DistEnv, ParallelDims
 # all arrive (they are stuck in a collective, or dead) it gives up and exits without saving.
 EXIT_AGREEMENT_TIMEOUT_S = 30.0
 _GROUP_TIMEOUT_S = 1800.0
-
-
-class CheckpointWarning(UserWarning):
-    pass
 
 
 class Checkpointer(Hook):
@@ -82,7 +78,7 @@ class Checkpointer(Hook):
         self._consistent_step = 0  # the last step whose optimizer update completed
         self._updating = False
         self._data_state = None
-        self.stop = StopOnSignal(env.is_main)
+        self.stop = StopOnSignal(env.is_main, cfg.checkpoint.signal_grace_s)
         self._engine_failed = False
         self._lock_fh = None
 
@@ -172,21 +168,28 @@ class Checkpointer(Hook):
                 self._say(f"checkpoint: nothing to resume in {self.root}; starting at step 0")
             return
         problems = []
-        for step, path in candidates:
+        for _, path in candidates:
             problem = self._verify(path)
             if problem is None:
-                self._load(path)
-                return
+                problem = self._try_load(path)
+                if problem is None:
+                    return
             if explicit:
                 raise CorruptCheckpointError(f"corrupt checkpoint {path}: {problem}")
             problems.append(f"{os.path.basename(path)}: {problem}")
             if self.is_main:
-                warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to the previous one",
-                              CheckpointWarning, stacklevel=2)
-                print(f"loomtrain: warning: checkpoint {path} is damaged ({problem}); "
-                      "falling back to the previous one", file=sys.stderr, flush=True)
+                print(f"loomtrain: warning: checkpoint {path} is damaged ({problem}); falling back to the previous "
+                      "one", file=sys.stderr, flush=True)
         raise CorruptCheckpointError(f"no usable checkpoint in {os.path.dirname(candidates[0][1])}: "
                                      + "; ".join(problems))
+
+    def _agree(self, problem: str | None) -> str | None:
+        """The first rank's problem, the same on every rank (None: every rank is fine)."""
+        if self.group is None:
+            return problem
+        found: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(found, problem, group=self.group)
+        return next((p for p in found if p is not None), None)
 
     def _verify(self, path: str) -> str | None:
         """Distributed check of a checkpoint's files against its manifest (each rank checks a share);
@@ -197,38 +200,55 @@ class Checkpointer(Hook):
             fmt.read_meta(path)
             names = sorted(manifest["files"])
             rank, world = (dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group else (0, 1)
-            problem = fmt.verify_files(path, manifest, names[rank::world],
-                                       checksum=self.cfg.checkpoint.verify == "checksum")
+            problem = fmt.verify_files(path, manifest, names[rank::world], check=self.cfg.checkpoint.verify)
         except CheckpointError as exc:
             problem = fmt.problem(exc)
-        if self.group is None:
-            return problem
-        found: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(found, problem, group=self.group)
-        return next((p for p in found if p is not None), None)
+        return self._agree(problem)
 
-    def _load(self, path: str) -> None:
+    def _try_load(self, path: str) -> str | None:
+        """Load a verified checkpoint; what verification cannot see (an index that does not parse,
+        data DCP cannot read, bad meta.json fields) is returned as the problem, agreed by every
+        rank, so the caller falls back (the next candidate overwrites every key a failed load wrote)."""
+        problem = None
+        try:
+            note = self._load(path)
+        except CorruptCheckpointError as exc:
+            problem = fmt.problem(exc)
+        except CheckpointException as exc:  # a BaseException: DCP's failure on some rank
+            problem = f"reading its tensors failed ({fmt.describe(exc)})"
+        problem = self._agree(problem)
+        if problem is None:
+            self._say(note)
+        return problem
+
+    def _load(self, path: str) -> str:
+        """Load `path` into this rank's parts; returns the line that says so."""
         start = time.perf_counter()
         meta = fmt.read_meta(path)
-        md = fmt.load_dcp_metadata(path).state_dict_metadata
+        md = safeload.tensor_entries(safeload.load_dcp_metadata(path))
         st.init_optimizer_state(self.optimizer)
         targets = self._entries()
         self._check_match(path, md, targets)
         try:
-            dcp.load(dict(targets), storage_reader=fmt.safe_reader(path), process_group=self.group,
-                     no_dist=self.group is None)
+            safeload.load(dict(targets), path, process_group=self.group)
+        except CheckpointError:
+            raise
         except Exception as exc:  # noqa: BLE001 -- one line naming the checkpoint
             raise CorruptCheckpointError(f"corrupt checkpoint {path}: reading its tensors failed "
-                                         f"({type(exc).__name__}: {fmt.first_line(exc)})") from exc
-        self.data.load_state_dict(meta["data"])
-        st.restore_scheduler(self.lr_scheduler, self.optimizer, meta.get("scheduler") or {})
-        self._restore_rng(meta)
+                                         f"({fmt.describe(exc)})") from exc
+        try:
+            self.data.load_state_dict(meta["data"])
+            st.restore_scheduler(self.lr_scheduler, self.optimizer, meta.get("scheduler") or {})
+            self._restore_rng(meta)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"corrupt checkpoint {path}: {fmt.META_FILE} cannot be restored "
+                                         f"({type(exc).__name__}: {fmt.first_line(exc, 200)})") from None
         self.loop.load_state_dict({"step": int(meta["step"])})
         self.last_saved_step = self.loop.step
         self.resumed_from = path
-        layout = meta.get("layout", {})
-        self._say(f"checkpoint: resumed from {path} (step {self.loop.step}, {layout.get('world_size', '?')} ranks, "
-                  f"zero {layout.get('zero', '?')}) in {time.perf_counter() - start:.1f} s")
+        layout = meta.get("layout") or {}
+        return (f"checkpoint: resumed from {path} (step {self.loop.step}, {layout.get('world_size', '?')} ranks, "
+                f"zero {layout.get('zero', '?')}) in {time.perf_counter() - start:.1f} s")
 
     def _check_match(self, path: str, md: dict, targets: list) -> None:
         """Every tensor the job needs must be in the checkpoint with the same global shape, and the
@@ -239,7 +259,7 @@ class Checkpointer(Hook):
             dist.all_gather_object(every, mine, group=self.group)
             for other in every:
                 mine.update(other)
-        have = {k: list(getattr(v, "size", [])) for k, v in md.items() if hasattr(v, "size")}
+        have = {k: list(v.size) for k, v in md.items()}
         problem = st.mismatch(have, mine)
         if problem:
             raise CheckpointError(f"checkpoint {path} does not match the model: {problem}")
@@ -318,16 +338,20 @@ class Checkpointer(Hook):
             elif self.engine is not None:
                 self._commit_after_error(exc)
         finally:
-            self.stop.restore()
+            if exc is not None or self.stop.signum is None:
+                self.stop.restore()
             if self.engine is not None:
                 self.engine.close()
             self._release_lock()
             loop.last_checkpoint = self.last_checkpoint
         if exc is None and self.stop.signum is not None:
+            # The handlers stay until this line is out: a late copy of the stop request must not
+            # kill the process between the commit and the message that reports it.
             name = signal.Signals(self.stop.signum).name
             self._say(f"stopped by {name} after step {loop.step}"
                       + (f"; checkpoint {self.engine.last_committed} committed" if self.engine and
                          self.engine.last_committed else ""))
+            self.stop.restore()
             self.stop.reraise()
 
     def _final_commit(self) -> None:
@@ -344,8 +368,8 @@ class Checkpointer(Hook):
             self.engine.wait(timeout=600)
         except CheckpointError:
             self._engine_failed = True
-        if self._engine_failed or isinstance(exc, CheckpointError):
-            return
+        if self._engine_failed or isinstance(exc, (CheckpointError, NonFiniteError)):
+            return  # a failed save or a diverged run: the newest committed checkpoint stays the newest
         consistent = not self._updating and self.loop.step == self._consistent_step
         step = self._consistent_step
         if not self._agree_on_exit(consistent, step):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sysconfig
 from typing import Iterator
 
@@ -195,23 +196,50 @@ def _file_lengths_key(path: str) -> tuple[str, int, int]:
     return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
+_INT64_MAX = 2**63 - 1
+_INT_LINE = re.compile(r"[+-]?[0-9]+")
+
+
+def _lengths_text_error(raw: bytes, path: str) -> str | None:
+    """Why `raw` is not a text file (NUL bytes or not UTF-8), or None."""
+    if b"\0" in raw:
+        return (f"data.lengths: {path} is a binary file (NUL byte at offset {raw.index(bytes(1))}); "
+                "expected one positive integer per line")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"data.lengths: {path} is not UTF-8 text (offset {exc.start}); expected one positive integer per line"
+    return None
+
+
 @functools.lru_cache(maxsize=4)
 def _read_lengths(path: str, mtime_ns: int, size: int) -> np.ndarray:
-    with open(path, "rb") as fh:
-        lines = fh.read().splitlines()
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise DataError(f"data.lengths: cannot read {path} ({exc.strerror})") from None
+    problem = _lengths_text_error(raw, path)
+    if problem:
+        raise DataError(problem)
+    lines = raw.splitlines()
     if not lines:
         raise DataError(f"data.lengths: {path} is empty (expected one positive integer per line)")
     try:
         arr = np.array(lines).astype(np.int64)  # numpy parses the byte strings in C
     except (ValueError, OverflowError):
-        for lineno, line in enumerate(lines, 1):  # slow path only to name the bad line
-            try:
-                int(line)
-            except (ValueError, OverflowError):
-                raise DataError(
-                    f"data.lengths: {path}:{lineno}: {line[:40]!r} is not an integer "
-                    "(expected one positive integer per line)") from None
-        raise
+        arr = None
+    if arr is None:  # slow path only to name the bad line
+        for lineno, line in enumerate(lines, 1):
+            text = line.strip().decode()
+            if not _INT_LINE.fullmatch(text):
+                raise DataError(f"data.lengths: {path}:{lineno}: {text[:40]!r} is not an integer "
+                                "(expected one positive integer per line)")
+            if text.startswith("-") or not text.strip("+0"):
+                raise DataError(f"data.lengths: {path}:{lineno}: {text[:40]} is not a positive length")
+            if len(text.lstrip("+")) > 19 or int(text) > _INT64_MAX:  # (int() refuses 4,300 digits)
+                raise DataError(f"data.lengths: {path}:{lineno}: {text[:40]} is beyond the 64-bit integer range")
+        raise DataError(f"data.lengths: {path}: not one integer per line")
     bad = np.flatnonzero(arr <= 0)
     if bad.size:
         raise DataError(f"data.lengths: {path}:{bad[0] + 1}: {arr[bad[0]]} is not a positive length")

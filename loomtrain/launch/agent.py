@@ -10,6 +10,8 @@ Worker side: `worker_main()` runs under `@record` with an error handler that als
 in the error file (`extraInfo.loomtrain`), so the launcher can tell a user error (print its message)
 from a crash (print the exception and where the traceback is).
 
+Stop signals and the rendezvous id/endpoint: `loomtrain.launch.lifecycle`.
+
 Also the launch flags' checks (`launch_spec`) and the hidden `loomtrain _selfcheck` command, a
 gloo all_reduce through the same agent that tests use to exercise launching without a Trainer.
 """
@@ -26,7 +28,6 @@ import socket
 import sys
 import time
 import traceback
-import uuid
 from typing import Iterator
 
 import torch
@@ -43,7 +44,8 @@ from torch.distributed.launcher.api import elastic_launch
 from torch.distributed.run import config_from_args, determine_local_world_size, get_args_parser
 
 from loomtrain.errors import LoomError
-from loomtrain.launch.spec import LaunchSpec, UsageError, in_worker, parse_nnodes
+from loomtrain.launch.lifecycle import AgentSignals, default_rdzv_id, hold_endpoint, without_stop_signals
+from loomtrain.launch.spec import LaunchSpec, UsageError, in_worker, one_line, parse_nnodes
 
 # Set by the launcher for its workers: they leave the one-line error message to the launcher.
 LAUNCHER_ENV = "LOOMTRAIN_LAUNCHER"
@@ -153,7 +155,7 @@ def launch_spec(ns: argparse.Namespace, default_log_dir: str | None) -> tuple[La
     if ns.max_restarts < 0:
         raise UsageError(f"--max-restarts={ns.max_restarts}: must not be negative")
     spec = LaunchSpec(nproc_per_node=nproc, nnodes=ns.nnodes, node_rank=ns.node_rank,
-                      rdzv_endpoint=ns.rdzv_endpoint, rdzv_id=ns.rdzv_id,
+                      rdzv_endpoint=ns.rdzv_endpoint, rdzv_id=default_rdzv_id(ns.rdzv_id, max_nodes),
                       max_restarts=ns.max_restarts, log_dir=ns.log_dir or default_log_dir,
                       verbose=ns.verbose)
     return spec, nproc * min_nodes
@@ -163,11 +165,6 @@ def set_omp_threads(nproc: int) -> None:
     """Share the CPUs among the local workers unless the user chose OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // nproc))
-
-
-def one_line(text: str, limit: int = 400) -> str:
-    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -184,14 +181,14 @@ def torchrun_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:
     if max_nodes == 1 and not spec.rdzv_endpoint:
         # Single node: c10d rendezvous and the workers' store on loopback only.
         argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-                 "--rdzv-id", spec.rdzv_id or uuid.uuid4().hex, "--local-addr", "127.0.0.1"]
+                 "--rdzv-id", default_rdzv_id(spec.rdzv_id, 1), "--local-addr", "127.0.0.1"]
     elif spec.node_rank is not None and min_nodes == max_nodes:
         # Fixed node count with explicit node ranks: torchrun's static rendezvous.
         argv += ["--rdzv-backend", "static", "--rdzv-endpoint", spec.rdzv_endpoint,
-                 "--node-rank", str(spec.node_rank), "--rdzv-id", spec.rdzv_id or "loomtrain"]
+                 "--node-rank", str(spec.node_rank), "--rdzv-id", default_rdzv_id(spec.rdzv_id, max_nodes)]
     else:
         argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint,
-                 "--rdzv-id", spec.rdzv_id or "loomtrain"]
+                 "--rdzv-id", default_rdzv_id(spec.rdzv_id, max_nodes)]
     if spec.nproc_per_node > 1:
         # Local rank 0 talks to the console; the others write <log_dir>/<run>/attempt_K/<rank>/.
         argv += ["--redirects", ",".join(f"{r}:3" for r in range(1, spec.nproc_per_node))]
@@ -233,6 +230,12 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
         config, cmd, cmd_args = config_from_args(args)
     except ValueError as exc:
         raise LoomError(f"invalid launch options: {exc}") from None
+    config.signals_to_handle = without_stop_signals(config.signals_to_handle)
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ and args.shutdown_timeout is None:
+        config.shutdown_timeout = spec.shutdown_timeout_s  # time for the workers' final commit
+    store = hold_endpoint(spec)
+    stops = AgentSignals(spec.stop_grace_s)
+    stops.install()
     try:
         with _quiet_torch_logs(not spec.verbose and not os.environ.get("LOGLEVEL")):
             elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
@@ -250,6 +253,9 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
         print(f"loomtrain: error: rendezvous failed: {type(exc).__name__}: {one_line(str(exc))}",
               file=sys.stderr, flush=True)
         return 1
+    finally:
+        stops.restore()
+        del store
     return 0
 
 

@@ -1,13 +1,14 @@
 """`loomtrain ckpt inspect|verify`: look into and check checkpoints (no training job needed).
 
     loomtrain ckpt inspect PATH [--json] [--top N]
-    loomtrain ckpt verify PATH [--checksum] [--all]
+    loomtrain ckpt verify PATH [--checksum] [--all]     sizes + fast checksums; --checksum: sha256
 
 PATH is a committed checkpoint (`step_NNNNNNNN`) or a checkpoint directory (its newest committed
 one). Errors (a missing path, not a checkpoint, an unreadable one) are one `loomtrain: error:` line
 with exit code 2; `verify` reports a damaged checkpoint as one line and exit code 1, so scripts can
-tell "damaged" from "wrong command". Both read JSON only (plus DCP's index through the allow-list
-unpickler) and never import transformers; the conversions are in `ckpt_convert`.
+tell "damaged" from "wrong command". Both read JSON only (plus DCP's index through `safeload`),
+take nothing in meta.json on trust (a field of the wrong kind is shown as unknown), and never
+import transformers; the conversions are in `ckpt_convert`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import sys
 
 from loomtrain.checkpoint import format as fmt
-from loomtrain.checkpoint import offline
+from loomtrain.checkpoint import integrity, offline, safeload
 from loomtrain.checkpoint.format import CheckpointError
 
 
@@ -43,17 +44,37 @@ def _nbytes(entry: dict) -> int:
 
 
 def _config_summary(cfg: dict) -> dict:
-    model, data = cfg.get("model") or {}, cfg.get("data") or {}
-    par, optim, train = cfg.get("parallel") or {}, cfg.get("optim") or {}, cfg.get("train") or {}
-    return {"model": model.get("path") or model.get("architecture"), "model_config": model.get("config") or {},
-            "dtype": model.get("dtype"), "data_source": data.get("source"), "tokenizer": data.get("tokenizer"),
-            "seq_len": data.get("seq_len"), "global_batch_size": data.get("global_batch_size"),
-            "parallel": {k: par.get(k) for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp", "zero")},
-            "lr": optim.get("lr"), "max_steps": train.get("max_steps"), "seed": train.get("seed")}
+    model, data = _dict(cfg.get("model")), _dict(cfg.get("data"))
+    par, optim, train = _dict(cfg.get("parallel")), _dict(cfg.get("optim")), _dict(cfg.get("train"))
+    return {"model": _plain(model.get("path") or model.get("architecture")),
+            "model_config": {str(k)[:80]: _plain(v) for k, v in _dict(model.get("config")).items()},
+            "dtype": _plain(model.get("dtype")), "data_source": _plain(data.get("source")),
+            "tokenizer": _plain(data.get("tokenizer")), "seq_len": _plain(data.get("seq_len")),
+            "global_batch_size": _plain(data.get("global_batch_size")),
+            "parallel": {k: _plain(par.get(k)) for k in ("dp_replicate", "dp_shard", "tp", "pp", "cp", "zero")},
+            "lr": _plain(optim.get("lr")), "max_steps": _plain(train.get("max_steps")),
+            "seed": _plain(train.get("seed"))}
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _plain(value, limit: int = 200):
+    """A meta.json value as inspect shows it: numbers, strings, booleans and None as they are
+    (strings cut to `limit`), anything else (lists, objects) as None."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 1 << 63 else None
+    return None
 
 
 def inspect(path: str, top: int = 8) -> dict:
-    """Everything `ckpt inspect` shows, as a JSON-able dict."""
+    """Everything `ckpt inspect` shows, as a JSON-able dict. meta.json is trusted for nothing:
+    every field shown is taken only when it has the expected kind."""
     ckpt = offline.resolve(path)
     manifest, meta = fmt.read_manifest(ckpt), fmt.read_meta(ckpt)
     index = offline.tensor_index(ckpt, meta)
@@ -62,11 +83,18 @@ def inspect(path: str, top: int = 8) -> dict:
     model = [k for k in index if k.startswith(fmt.MODEL_PREFIX)]
     optim = [k for k in index if k.startswith(fmt.OPTIM_PREFIX)]
     largest = sorted(index, key=lambda k: (-sizes[k], k))[:max(0, top)]
+    layout = _dict(meta.get("layout"))
+    src = _dict(meta.get("imported_from"))
+    created = meta.get("created_unix")
     return {
         "path": ckpt, "step": meta["step"], "format_version": meta.get("format_version"),
-        "created_unix": meta.get("created_unix"), "layout": meta.get("layout") or {}, "data": meta.get("data") or {},
-        "config": _config_summary(meta.get("config") or {}), "versions": meta.get("versions") or {},
-        "imported_from": meta.get("imported_from"),
+        "created_unix": created if isinstance(created, (int, float)) and 0 <= created < 1e11 else None,
+        "layout": {**{k: _plain(layout[k]) for k in ("world_size", "zero", "device", "dp_size") if k in layout},
+                   "degrees": {str(k)[:40]: _plain(v) for k, v in _dict(layout.get("degrees")).items()}},
+        "data": {str(k)[:80]: _plain(v) for k, v in _dict(meta.get("data")).items()},
+        "config": _config_summary(_dict(meta.get("config"))),
+        "versions": {str(k)[:40]: _plain(v) for k, v in _dict(meta.get("versions")).items()},
+        "imported_from": {str(k)[:80]: _plain(v) for k, v in src.items()} if src else None,
         "files": files, "files_bytes": sum(files.values()),
         "tensors": {"count": len(index), "bytes": sum(sizes.values()), "model_count": len(model),
                     "model_bytes": sum(sizes[k] for k in model), "optim_count": len(optim),
@@ -122,33 +150,33 @@ def _print_inspect(info: dict) -> None:
             print(f"  {e['key']:<{key_w}}  {str(e['shape']):<14} {e['dtype']:<9} {human(e['bytes']):>10}")
 
 
-def verify(ckpt: str, checksum: bool = False) -> str | None:
+def verify(ckpt: str, check="fast") -> str | None:
     """The first problem of committed checkpoint `ckpt` as one line, or None: manifest, file sizes
-    (and sha256), meta.json, DCP's index, and that every byte range the index names is inside a
-    file the manifest covers."""
+    and checksums (`check`: size, fast or sha256), meta.json, DCP's index (checked as every loader
+    checks it), and that every byte range the index names is inside a file the manifest covers."""
     try:
         manifest = fmt.read_manifest(ckpt)
     except CheckpointError as exc:
         return fmt.problem(exc)
-    problem = fmt.verify_files(ckpt, manifest, sorted(manifest["files"]), checksum=checksum)
+    problem = fmt.verify_files(ckpt, manifest, sorted(manifest["files"]), check=check)
     if problem:
         return problem
     try:
         meta = fmt.read_meta(ckpt)
-        md = fmt.load_dcp_metadata(ckpt)
+        md = safeload.load_dcp_metadata(ckpt)
     except CheckpointError as exc:
         return fmt.problem(exc)
     if meta["step"] != manifest.get("step"):
-        return f"meta.json says step {meta['step']}, manifest.json step {manifest.get('step')}"
+        return f"meta.json says step {meta['step']}, manifest.json step {str(manifest.get('step'))[:40]}"
     dir_step = fmt.parse_step_dir(os.path.basename(ckpt))
     if dir_step is not None and dir_step != meta["step"]:
         return f"the directory is named for step {dir_step} but holds step {meta['step']}"
     files = manifest["files"]
-    for item in (getattr(md, "storage_data", None) or {}).values():
-        name = str(getattr(item, "relative_path", ""))
+    for item in md.storage_data.values():
+        name = item.relative_path
         if name not in files:
-            return f"{fmt.DCP_METADATA_FILE} refers to {name or '?'}, which the manifest does not cover"
-        end = int(getattr(item, "offset", 0)) + int(getattr(item, "length", 0))
+            return f"{fmt.DCP_METADATA_FILE} refers to {name}, which the manifest does not cover"
+        end = item.offset + item.length
         if end > files[name]["size"]:
             return f"{fmt.DCP_METADATA_FILE} reads {name} up to byte {end}, past its {files[name]['size']} bytes"
     return None
@@ -169,12 +197,13 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     targets = [newest]
     if ns.all and not os.path.samefile(newest, os.path.abspath(ns.path)):
         targets = [p for _, p in fmt.list_committed(os.path.abspath(ns.path))]
+    check = "sha256" if ns.checksum else "fast"
     failed = 0
     for ckpt in targets:
-        problem = verify(ckpt, checksum=ns.checksum)
+        problem = verify(ckpt, check=check)
         if problem is None:
             n = len(fmt.read_manifest(ckpt)["files"])
-            print(f"ok {ckpt} ({n} files, {'sizes and sha256' if ns.checksum else 'sizes'} match the manifest)")
+            print(f"ok {ckpt} ({n} files, {integrity.describe(check)} match the manifest)")
         else:
             failed += 1
             print(f"FAILED {ckpt}: {problem}", file=sys.stderr, flush=True)

@@ -35,7 +35,7 @@ COMMANDS = {
 }
 CKPT_ACTIONS = {
     "inspect": "step, layout, data position, config, files and largest tensors of a checkpoint",
-    "verify": "check a checkpoint's files against its manifest (sizes; --checksum: also sha256)",
+    "verify": "check a checkpoint's files against its manifest (sizes and the fast checksum; --checksum: sha256)",
     "export-hf": "write a checkpoint's model as an HF directory (config.json + safetensors)",
     "import-deepspeed": "convert a DeepSpeed checkpoint (ZeRO-1/2/3, universal) into a loomtrain checkpoint",
 }
@@ -76,7 +76,9 @@ def _add_launch_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default=None, metavar="HOST:PORT",
                    help="rendezvous endpoint (required for more than one node; "
                         "default for one node: 127.0.0.1:<free port>)")
-    g.add_argument("--rdzv-id", "--rdzv_id", default=None, metavar="ID", help="rendezvous/job id")
+    g.add_argument("--rdzv-id", "--rdzv_id", default=None, metavar="ID",
+                   help="rendezvous/job id, the same on every node (default: a fresh id for one node; "
+                        "for several nodes the scheduler's job id, e.g. SLURM_JOB_ID, else required)")
     g.add_argument("--max-restarts", "--max_restarts", type=int, default=0, metavar="K",
                    help="restart the worker group up to K times on failure (default 0)")
     g.add_argument("--log-dir", default=None, metavar="DIR",

@@ -49,27 +49,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise LoomError(f"--lengths: cannot read {path} ({exc.strerror})") from None
+    if bytes(1) in raw:
+        raise LoomError(f"{path}: a binary file (NUL byte at offset {raw.index(bytes(1))}); expected lengths "
+                        "as text, one per line or a JSON list")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LoomError(f"{path}: not UTF-8 text (offset {exc.start}); expected lengths as text, one per line "
+                        "or a JSON list") from None
+
+
 def read_lengths(path: str) -> np.ndarray:
-    """Positive integer lengths from FILE (one per line; blank lines skipped) or a JSON list."""
+    """Positive integer lengths (below 2**63) from FILE (one per line; blank lines skipped) or a JSON list."""
     if not os.path.isfile(path):
         raise LoomError(f"--lengths: no such file: {path}")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
             raise LoomError(f"{path}: not a valid JSON list ({exc.msg} at line {exc.lineno})") from None
+        except RecursionError:
+            raise LoomError(f"{path}: not a JSON list of lengths (nested too deeply)") from None
+        if not isinstance(values, list):
+            raise LoomError(f"{path}: not a JSON list of lengths")
         bad = [(i, v) for i, v in enumerate(values)
-               if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+               if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= _INT64_MAX]
         if bad:
-            raise LoomError(f"{path}: item {bad[0][0]} is not a positive integer: {bad[0][1]!r}")
+            raise LoomError(f"{path}: item {bad[0][0]} is not a positive 64-bit integer: {str(bad[0][1])[:40]}")
         arr = np.asarray(values, dtype=np.int64)
     else:
         lines = [(n, s.strip()) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
         for n, s in lines:  # str.isdigit is fast enough for millions of lines, and names the bad one
-            if not (s.isascii() and s.isdigit()) or int(s) < 1:
+            if not (s.isascii() and s.isdigit()) or int(s[:20]) < 1:
                 raise LoomError(f"{path}:{n}: not a positive integer: {s[:40]!r}")
+            if len(s) > 19 or int(s) > _INT64_MAX:  # (int() of 4,300 digits or more raises)
+                raise LoomError(f"{path}:{n}: {s[:40]} is beyond the 64-bit integer range")
         arr = np.array([s for _, s in lines]).astype(np.int64) if lines else np.zeros(0, np.int64)
     if arr.size == 0:
         raise LoomError(f"{path}: no lengths in the file")

@@ -15,17 +15,21 @@ def read_metrics(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise LoomError(f"no metrics file at {path} (is this a run's train.output_dir?)")
     rows, bad = [], 0
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1  # e.g. a line cut short by a crash
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise LoomError(f"{path}: cannot read the metrics ({exc.strerror})") from None
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            bad += 1  # e.g. a line cut short by a crash, or a file that is not metrics at all
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     if not rows:
         raise LoomError(f"{path}: no metrics records" + (f" ({bad} unreadable lines)" if bad else ""))
     return rows
@@ -49,6 +53,8 @@ def summarize(rows: list[dict]) -> list[tuple[str, str]]:
     by_step: dict = {}
     for i, row in enumerate(rows):
         step = row.get("step", i + 1)
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
+            step = i + 1  # a record damaged by hand or by the disk keeps its place
         by_step.pop(step, None)
         by_step[step] = row
     rows = list(by_step.values())

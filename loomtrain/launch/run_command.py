@@ -27,6 +27,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         return worker_main(_train, ns.config, ns.overrides)
     cfg = load_config(ns.config, ns.overrides)
     spec, world_size = launch_spec(ns, os.path.join(cfg.train.output_dir, "logs"))
-    preflight(cfg, world_size=world_size)
+    spec.stop_grace_s = cfg.checkpoint.signal_grace_s  # the workers absorb repeats for as long
+    preflight(cfg, world_size=world_size, log_dir=spec.log_dir)
     set_omp_threads(spec.nproc_per_node)
     return launch(spec, ["run", ns.config or "-", *ns.overrides])

@@ -43,6 +43,10 @@ class LaunchSpec:
     max_restarts: int = 0
     log_dir: str | None = None
     verbose: bool = False
+    # After the first SIGTERM/SIGINT: repeats within `stop_grace_s` are absorbed, and the workers
+    # get up to `shutdown_timeout_s` to commit their checkpoint before the agent SIGKILLs them.
+    stop_grace_s: float = 30.0
+    shutdown_timeout_s: int = 300
 
 
 def parse_nnodes(nnodes: str) -> tuple[int, int]:
@@ -55,3 +59,8 @@ def parse_nnodes(nnodes: str) -> tuple[int, int]:
     if len(parts) > 2 or not 0 < lo <= hi:
         raise UsageError(f"--nnodes={nnodes}: expected N or MIN:MAX with 0 < MIN <= MAX")
     return lo, hi
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

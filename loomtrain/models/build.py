@@ -21,12 +21,13 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from huggingface_hub.errors import StrictDataclassError
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from loomtrain.config import ModelConfig
 from loomtrain.errors import ConfigError, LoomError
+from loomtrain.models.weights import SafetensorsSource, one_line
 
 # Geometry of the demo model. Filled into model.config for keys the user did not set, so that
 # `architecture: llama` alone gives a model a CPU can train (HF's defaults are 7B parameters).
@@ -39,10 +40,71 @@ DEMO_GEOMETRY = {
 }
 
 
+# Sizes of the model's geometry (under any of their HF names): each must be a positive integer.
+_SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim",
+                "n_embd", "n_layer", "n_head", "n_positions", "n_inner")
+# What HF's config classes raise for a value they cannot take.
+_HF_CONFIG_ERRORS = (StrictDataclassError, TypeError, ValueError, KeyError, AttributeError, OverflowError)
+
+
+def _read_config_json(path: str) -> dict:
+    """`model.path`'s config.json as a mapping with a model_type transformers knows."""
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file, "rb") as fh:
+            fields = json.loads(fh.read().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"model.path: cannot read {file} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"model.path: {file} is not UTF-8 text (offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model.path: {file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise ConfigError(f"model.path: {file} is nested too deeply") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"model.path: {file} must hold a JSON object, got {type(fields).__name__}")
+    model_type = fields.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        raise ConfigError(f"model.path: {file} has model_type={model_type!r}, which this transformers does not know"
+                          + (f" (did you mean {', '.join(close)}?)" if close else "")
+                          if model_type is not None else f"model.path: {file} has no model_type")
+    return fields
+
+
+def _check_geometry(hf, given: dict) -> None:
+    """Positive integer sizes, finite numbers: HF accepts hidden_size=-64 and fails much later."""
+    aliases = getattr(hf, "attribute_map", None) or {}
+    for name in _SIZE_FIELDS:
+        value = getattr(hf, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31:
+            user = [k for k in given if aliases.get(k, k) == aliases.get(name, name)]
+            key = f"model.config.{user[0]}" if user else f"the model's {name}"
+            raise ConfigError(f"{key}={value!r}: must be a positive integer (at most 2**31)")
+    for key, value in given.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"model.config.{key}={value}: must be finite")
+
+
+def _make_config(cls, path: str | None, fields: dict):
+    try:
+        return cls.from_dict(fields) if path is not None else cls(**fields)
+    except _HF_CONFIG_ERRORS as exc:
+        where = f"model.path={path} (config.json + model.config)" if path is not None else "model.config"
+        raise ConfigError(f"{where}: {cls.__name__} refuses the values: {one_line(exc)}") from None
+
+
 def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id: int | None = None):
     """The HF config for `model.path` or `model.architecture` + `model.config` overrides."""
     if mcfg.path is not None:
-        base = AutoConfig.from_pretrained(mcfg.path, local_files_only=True)
+        cls = CONFIG_MAPPING[_read_config_json(mcfg.path)["model_type"]]
+        try:
+            base = AutoConfig.from_pretrained(mcfg.path, local_files_only=True)
+        except (OSError, *_HF_CONFIG_ERRORS) as exc:
+            raise ConfigError(f"model.path: {mcfg.path}/config.json: {one_line(exc)}") from None
         cls, overrides = type(base), dict(mcfg.config)
     else:
         arch = mcfg.architecture
@@ -79,9 +141,10 @@ def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id:
     if mcfg.path is not None:
         fields = base.to_dict()
         fields.update(overrides)
-        hf = cls.from_dict(fields)
+        hf = _make_config(cls, mcfg.path, fields)
     else:
-        hf = cls(**overrides)
+        hf = _make_config(cls, None, overrides)
+    _check_geometry(hf, dict(mcfg.config))
     hf._attn_implementation = mcfg.attn_implementation
     if hf.vocab_size < vocab_size:
         raise ConfigError(f"model vocab_size={hf.vocab_size} is smaller than the tokenizer's {vocab_size}; "
@@ -173,11 +236,12 @@ def _module_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+def _copy_full_into(param: torch.Tensor, full: torch.Tensor, name: str = "?") -> None:
     """Write the slice of `full` that this rank owns into `param` (a plain tensor or a DTensor)."""
     full = full.to(dtype=param.dtype)
     if tuple(full.shape) != tuple(param.shape):
-        raise LoomError(f"shape mismatch: checkpoint tensor {tuple(full.shape)} vs model {tuple(param.shape)}")
+        raise LoomError(f"shape mismatch for tensor {name}: {list(full.shape)} in the checkpoint, "
+                        f"{list(param.shape)} in the model")
     with torch.no_grad():
         if isinstance(param, DTensor):
             local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
@@ -257,58 +321,22 @@ def init_random(model: nn.Module, seed: int) -> None:
             if torch.isnan(full).any():
                 raise LoomError(f"{type(model).__name__}._init_weights left {unit_name} parameter {n} "
                                 "uninitialised; start from model.path or pass an initialised model instance")
-            _copy_full_into(p, full)
+            _copy_full_into(p, full, f"{unit_name}.{n}")
             done.add(id(p))
     torch.set_rng_state(rng_state)
 
 
-class SafetensorsSource:
-    """Full tensors by parameter name from an HF directory (`model.safetensors` or sharded with an
-    index); opens each file when a tensor of it is read, and reads one tensor at a time."""
-
-    def __init__(self, path: str, base_prefix: str):
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as fh:
-                weight_map = json.load(fh)["weight_map"]
-            self.files = {k: os.path.join(path, f) for k, f in weight_map.items()}
-        elif os.path.isfile(single):
-            with safe_open(single, "pt") as fh:
-                self.files = {k: single for k in fh.keys()}
-        else:
-            raise LoomError(f"model.path={path}: no model.safetensors or model.safetensors.index.json "
-                            "(only safetensors weights are loaded: they cannot run code when read)")
-        self.prefix = base_prefix + "." if base_prefix else ""
-
-    def key_for(self, name: str) -> str | None:
-        if name in self.files:
-            return name
-        if self.prefix and name.startswith(self.prefix) and name[len(self.prefix):] in self.files:
-            return name[len(self.prefix):]
-        return None
-
-    def get(self, key: str) -> torch.Tensor:
-        with safe_open(self.files[key], "pt") as fh:
-            return fh.get_tensor(key)
-
-
 def load_safetensors(model: nn.Module, path: str) -> None:
-    """Fill every parameter from the HF directory; a parameter with no tensor is an error."""
+    """Fill every parameter from the HF directory (`check_weights` has vetted names and shapes)."""
     source = SafetensorsSource(path, getattr(model, "base_model_prefix", ""))
-    missing = []
     for name, param in model.named_parameters():
         key = source.key_for(name)
         if key is None:
-            missing.append(name)
-            continue
-        _copy_full_into(param, source.get(key))
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise LoomError(f"model.path={path}: {len(missing)} parameters have no tensor in the checkpoint: {shown}")
+            raise LoomError(f"model.path={path}: parameter {name} has no tensor in the checkpoint")
+        _copy_full_into(param, source.get(key), key)
 
 
 def load_from_instance(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Fill the parallelised copy of a user's model instance from that instance's full tensors."""
     for name, param in model.named_parameters():
-        _copy_full_into(param, state[name])
+        _copy_full_into(param, state[name], name)

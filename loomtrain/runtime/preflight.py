@@ -2,16 +2,25 @@
 
 The launcher runs `preflight` once before spawning workers and every worker runs it again (it
 is cheap: no weights are read), so a user's own `torchrun -m loomtrain.launch` gets the same
-one-line errors. Checks that need the model look at its HF config only.
+one-line errors. Checks that need the model look at its HF config, its meta-device build and the
+safetensors headers of `model.path` only. Every directory the run will write (output, checkpoints,
+logs) is tried with a real file, so a read-only or mistyped path fails here rather than after
+start-up or at the first save.
 """
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+
 from loomtrain.checkpoint.resume import check_config as check_checkpoint_config
+from loomtrain.checkpoint.resume import checkpoint_root, saving_enabled
 from loomtrain.config import Config, resolve_degrees
 from loomtrain.data.sources import check_source
 from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import ConfigError
 from loomtrain.models.build import build_hf_config, build_meta_model, find_blocks
+from loomtrain.models.weights import SafetensorsSource, check_weights, listed
 from loomtrain.parallel.hetero.costmodel import CostModel
 from loomtrain.parallel.pipeline import stages_per_rank
 from loomtrain.parallel.tensor import layer_plan
@@ -32,6 +41,57 @@ def validate_model_layout(hf_config, degrees: dict[str, int]) -> None:
         raise ConfigError(f"parallel.cp={cp} x tp={tp} does not divide num_attention_heads={heads}")
     if layers is not None and pp > layers:
         raise ConfigError(f"parallel.pp={pp} exceeds the model's num_hidden_layers={layers}")
+
+
+# Set by loomtrain's launcher in its workers' environment (`launch.agent.LAUNCHER_ENV`): the
+# launcher has run preflight and printed its warnings already.
+_LAUNCHER_ENV = "LOOMTRAIN_LAUNCHER"
+
+
+def _warn_once(message: str) -> None:
+    """Print a warning in the process that talks to the user: the launcher, or rank 0 of a user's
+    own torchrun (not again from every worker of ours)."""
+    if not os.environ.get(_LAUNCHER_ENV) and os.environ.get("RANK", "0") == "0":
+        print(f"loomtrain: warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_writable_dir(key: str, path: str) -> None:
+    """`path` is, or can be created as, a directory this process can write files in.
+
+    The nearest existing ancestor must be a directory, and a temporary file is created and
+    removed in it: permission bits do not tell (root, ACLs, read-only mounts, root-squashed NFS).
+    """
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "is" if probe == os.path.abspath(path) else f"would be created under {probe}, which is"
+        raise ConfigError(f"{key}={path}: {what} not a directory")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".loomtrain-write-check-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"{key}={path}: cannot write in {probe} ({reason})") from None
+
+
+def _check_output_paths(cfg: Config, log_dir: str | None) -> None:
+    check_writable_dir("train.output_dir", cfg.train.output_dir)
+    if saving_enabled(cfg):
+        check_writable_dir("checkpoint.dir", checkpoint_root(cfg))
+    if log_dir:
+        check_writable_dir("--log-dir", log_dir)
+
+
+def _check_weights(cfg: Config, hf_config) -> None:
+    """Names and shapes of `model.path`'s tensors against the model, from the headers alone."""
+    meta = build_meta_model(hf_config)
+    source = SafetensorsSource(cfg.model.path, getattr(meta, "base_model_prefix", ""))
+    unused = check_weights(meta, source, cfg.model.path, deliberate=bool(cfg.model.config))
+    if unused:
+        _warn_once(f"model.path={cfg.model.path}: {len(unused)} tensors are not used by the model as model.config "
+                   f"changes it, and are ignored: {listed(unused)}")
 
 
 def _check_pipeline(cfg: Config, hf_config, pp: int, dp: int) -> None:
@@ -56,8 +116,9 @@ def _check_pipeline(cfg: Config, hf_config, pp: int, dp: int) -> None:
                           "lower data.micro_batch_size or raise data.global_batch_size")
 
 
-def preflight(cfg: Config, world_size: int) -> dict[str, int]:
-    """Raise a ConfigError/DataError naming the problem, or return the resolved degrees."""
+def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[str, int]:
+    """Raise a ConfigError/DataError naming the problem, or return the resolved degrees.
+    `log_dir`: the launcher's per-rank log directory, checked for writability with the others."""
     degrees = resolve_degrees(cfg.parallel, world_size)
     dp = degrees["dp_replicate"] * degrees["dp_shard"]
     per_step = dp * cfg.data.micro_batch_size
@@ -65,11 +126,14 @@ def preflight(cfg: Config, world_size: int) -> dict[str, int]:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of data-parallel size {dp}"
             f" x data.micro_batch_size={cfg.data.micro_batch_size} = {per_step}")
+    _check_output_paths(cfg, log_dir)
     check_source(cfg.data)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     hf_config = build_hf_config(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.data.seq_len,
                                 eos_id=tokenizer.eos_id)
     validate_model_layout(hf_config, degrees)
+    if cfg.model.path is not None:
+        _check_weights(cfg, hf_config)
     tp = degrees["tp"]
     if tp > 1 and cfg.parallel.zero < 2 and dp > 1:
         raise ConfigError(f"parallel.zero={cfg.parallel.zero} with parallel.tp={tp}: DDP cannot reduce "

@@ -15,6 +15,7 @@ The loop is `train_step` repeated; everything else is a component on the hook po
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from loomtrain.checkpoint.manager import Checkpointer
+from loomtrain.checkpoint.signals import NonFiniteError
 from loomtrain.config import Config
 from loomtrain.data.loader import DataLoader
 from loomtrain.data.tokenizer import build_tokenizer
@@ -74,6 +76,7 @@ class Trainer:
         self._user_hooks: list[Hook] = []
         self.checkpointer: Checkpointer | None = None
         self.metrics: MetricsLogger | None = None
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or grad norm (train.nonfinite=skip)
 
     @property
     def step(self) -> int:
@@ -223,9 +226,11 @@ class Trainer:
         params = [p for module in self.model_parts for p in module.parameters()]
         grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, pp_group=self.pp_group)
         lr = self.scheduler.get_last_lr()[0]
+        skip = self._nonfinite(loop.step + 1, result.loss, float(grad_norm), lr)
         hooks.call("before_optimizer_step", loop)
-        self.optimizer.step()
-        self.scheduler.step()
+        if not skip:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loop.step += 1
         hooks.call("after_optimizer_step", loop)
@@ -239,7 +244,27 @@ class Trainer:
             flops_exact=result.exact_flops, world_size=env.world_size,
             peak_flops_per_device=self.peak_flops, peak_mem_gb=peak_memory_gb(env.device),
             valid_tokens=result.valid_tokens, samples_consumed=self.loader.samples_consumed,
-            **self.runner.metrics())
+            skipped_steps=self.skipped_steps, **self.runner.metrics())
+
+    def _nonfinite(self, step: int, loss: float, grad_norm: float, lr: float) -> bool:
+        """Before the optimizer step: a NaN/inf loss or gradient norm (the same global numbers on
+        every rank, so every rank decides alike) stops the run with `NonFiniteError`, so that
+        the parameters stay the last good ones and nothing is committed; with
+        `train.nonfinite=skip` the step is skipped instead (True). A non-finite learning rate
+        would poison every step, so it always stops."""
+        bad = [f"{name} {value}" for name, value in (("loss", loss), ("grad norm", grad_norm), ("lr", lr))
+               if not math.isfinite(value)]
+        if not bad:
+            return False
+        if self.cfg.train.nonfinite == "skip" and math.isfinite(lr):
+            self.skipped_steps += 1
+            if self.env.is_main:
+                print(f"loomtrain: warning: step {step}: non-finite {', '.join(bad)}: step skipped "
+                      f"({self.skipped_steps} so far)", flush=True)
+            return True
+        raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}; stopped before the optimizer step, "
+                             "nothing committed (the newest checkpoint is the last good state; lower optim.lr, "
+                             "set optim.grad_clip, or train.nonfinite=skip)")
 
     def fit(self) -> FitResult:
         """Train to `train.max_steps`, log every step, print a summary; returns the curve."""
