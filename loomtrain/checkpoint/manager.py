@@ -239,7 +239,8 @@ class Checkpointer(Hook):
         try:
             self.data.load_state_dict(meta["data"])
             st.restore_scheduler(self.lr_scheduler, self.optimizer, meta.get("scheduler") or {})
-            self._restore_rng(meta)
+            st.restore_or_derive_rng(meta, self.env, st.layout_degrees(self.dims), seed=self.cfg.train.seed,
+                                     dp_rank=self.dp_rank)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as exc:
             raise CorruptCheckpointError(f"corrupt checkpoint {path}: {fmt.META_FILE} cannot be restored "
                                          f"({type(exc).__name__}: {fmt.first_line(exc, 200)})") from None
@@ -264,17 +265,6 @@ class Checkpointer(Hook):
         if problem:
             raise CheckpointError(f"checkpoint {path} does not match the model: {problem}")
 
-    def _restore_rng(self, meta: dict) -> None:
-        env = self.env
-        per_rank = (meta.get("rng") or {}).get("per_rank") or []
-        layout = meta.get("layout") or {}
-        same_layout = (layout.get("world_size") == env.world_size and layout.get("degrees") == _degrees(self.dims)
-                       and len(per_rank) == env.world_size)
-        if same_layout:
-            st.restore_rng(per_rank[env.rank], env.device)
-        else:  # another layout: per-rank streams cannot carry over; derive them from seed, rank and step
-            torch.manual_seed(self.cfg.train.seed + 7919 * self.dp_rank + 104729 * int(meta["step"]))
-
     # ----------------------------------------------------------------------------- saving
     def _meta(self, step: int) -> dict:
         env = self.env
@@ -287,7 +277,8 @@ class Checkpointer(Hook):
                       "param_groups": st.optimizer_groups(self.model_parts, self.optimizer)},
             "rng": {"rank": env.rank, "dp_rank": self.dp_rank, **st.capture_rng(env.device)},
             "config": self.cfg.to_dict(),
-            "layout": {"world_size": env.world_size, "degrees": _degrees(self.dims), "dp_size": self.dp_size,
+            "layout": {"world_size": env.world_size, "degrees": st.layout_degrees(self.dims),
+                       "dp_size": self.dp_size,
                        "zero": self.cfg.parallel.zero, "device": env.device.type},
             "versions": st.versions(),
         }
@@ -416,6 +407,3 @@ class Checkpointer(Hook):
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
         return box[0]
 
-
-def _degrees(d: ParallelDims) -> dict:
-    return {"dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "cp": d.cp, "tp": d.tp, "pp": d.pp}

@@ -174,6 +174,26 @@ def restore_rng(entry: dict, device: torch.device) -> None:
     random.setstate((version, tuple(internal), py_gauss))
 
 
+def restore_or_derive_rng(meta: dict, env, degrees: dict, *, seed: int, dp_rank: int) -> None:
+    """Each rank's RNG streams after a resume: restored exactly when the checkpoint was written by
+    the same layout (same world size and degrees, one stream per rank); on any other layout the
+    per-rank streams cannot carry over, so they are derived from the seed, data-parallel rank and
+    step, the same way on every rank that shares them."""
+    per_rank = (meta.get("rng") or {}).get("per_rank") or []
+    layout = meta.get("layout") or {}
+    if (layout.get("world_size") == env.world_size and layout.get("degrees") == degrees
+            and len(per_rank) == env.world_size):
+        restore_rng(per_rank[env.rank], env.device)
+    else:
+        torch.manual_seed(seed + 7919 * dp_rank + 104729 * int(meta["step"]))
+
+
+def layout_degrees(dims) -> dict:
+    """The parallel degrees a checkpoint's layout records (and a resume compares)."""
+    return {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "cp": dims.cp, "tp": dims.tp,
+            "pp": dims.pp}
+
+
 def versions() -> dict:
     return {"loomtrain": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": np.__version__, "python": sys.version.split()[0]}
