@@ -77,6 +77,8 @@ def assert_error(result, *needles: str) -> str:
     ("model.config.hidden_size=-64", ["model.config.hidden_size=-64", "positive integer"]),
     ("model.config.hidden_size=abc", ["model.config", "hidden_size", "'abc'"]),
     ("model.config.num_hidden_layers=0", ["model.config.num_hidden_layers=0", "positive integer"]),
+    # found by tests/test_config_fuzz.py: Llama's config derives head_dim by dividing by it
+    ("model.config.num_attention_heads=0", ["model.config.num_attention_heads=0", "positive integer"]),
     ("model.config.rms_norm_eps=.nan", ["model.config.rms_norm_eps=nan", "finite"]),
     ("train.max_steps=" + "9" * 5000, ["train.max_steps"]),
 ])
@@ -193,6 +195,8 @@ def _hf_run(path, tmp_path, *extra):
     ("no_type", {"config_text": b'{"hidden_size": 8}'}, ["has no model_type"]),
     ("unknown_type", {"config_text": b'{"model_type": "llamma"}'}, ["model_type='llamma'", "llama"]),
     ("bad_field", {"config_text": b'{"model_type": "llama", "hidden_size": "wide"}'}, ["hidden_size", "'wide'"]),
+    ("zero_heads", {"config_text": b'{"model_type": "llama", "num_attention_heads": 0}'},
+     ["config.json", "division"]),
     ("truncated", {"truncate": True}, ["model.safetensors", "not a readable safetensors file", "truncated"]),
 ])
 def test_broken_model_directories(main, hf_dir, tmp_path, name, kwargs, needles):

@@ -44,8 +44,9 @@ DEMO_GEOMETRY = {
 _SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim",
                 "n_embd", "n_layer", "n_head", "n_positions", "n_inner")
-# What HF's config classes raise for a value they cannot take.
-_HF_CONFIG_ERRORS = (StrictDataclassError, TypeError, ValueError, KeyError, AttributeError, OverflowError)
+# What HF's config classes raise for a value they cannot take (ArithmeticError: a zero size in a
+# config.json reaches a division in the class's own __init__).
+_HF_CONFIG_ERRORS = (StrictDataclassError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError)
 
 
 def _read_config_json(path: str) -> dict:
@@ -73,6 +74,18 @@ def _read_config_json(path: str) -> dict:
     return fields
 
 
+def _bad_size(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31
+
+
+def _check_given_sizes(given: dict, aliases: dict) -> None:
+    """The user's size overrides, before the config class sees them: its __init__ derives fields
+    from them (Llama: head_dim = hidden_size // num_attention_heads) and would divide by zero."""
+    for key, value in given.items():
+        if (key in _SIZE_FIELDS or aliases.get(key) in _SIZE_FIELDS) and value is not None and _bad_size(value):
+            raise ConfigError(f"model.config.{key}={value!r}: must be a positive integer (at most 2**31)")
+
+
 def _check_geometry(hf, given: dict) -> None:
     """Positive integer sizes, finite numbers: HF accepts hidden_size=-64 and fails much later."""
     aliases = getattr(hf, "attribute_map", None) or {}
@@ -80,7 +93,7 @@ def _check_geometry(hf, given: dict) -> None:
         value = getattr(hf, name, None)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31:
+        if _bad_size(value):
             user = [k for k in given if aliases.get(k, k) == aliases.get(name, name)]
             key = f"model.config.{user[0]}" if user else f"the model's {name}"
             raise ConfigError(f"{key}={value!r}: must be a positive integer (at most 2**31)")
@@ -136,6 +149,7 @@ def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id:
             close = difflib.get_close_matches(key, known, n=1)
             raise ConfigError(f"model.config.{key}: not a field of {cls.__name__}"
                               + (f" (did you mean '{close[0]}'?)" if close else ""))
+    _check_given_sizes(dict(mcfg.config), getattr(base, "attribute_map", None) or {})
     # Build the config class with the overrides rather than setting attributes afterwards: fields
     # derived in __init__ (Llama's head_dim = hidden_size / num_attention_heads) must see them.
     if mcfg.path is not None:
