@@ -47,6 +47,9 @@ class DataConfig:
     text_field: str = "text"  # JSONL key / Parquet column holding the document text
     shuffle: bool = True
     max_corpus_mb: float = 64.0  # cap on text read from the embedded corpus or a directory
+    # token shards (`data.source` = a `loomtrain data prepare` directory or a Megatron .bin/.idx
+    # dataset): take whole documents in a seeded order before packing (tokens never reorder)
+    shuffle_documents: bool = False
 
 
 @dataclass(frozen=True)
@@ -344,7 +347,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"data.lengths={lengths!r}: must be fixed, longtail or file:PATH")
     if lengths.startswith("file:") and not os.path.isfile(lengths[5:]):
         raise ConfigError(f"data.lengths: length file not found: {lengths[5:]}")
-    if cfg.data.source not in ("embedded", "synthetic") and not os.path.exists(cfg.data.source):
+    if cfg.data.source not in ("embedded", "synthetic") and not os.path.exists(cfg.data.source) \
+            and not os.path.isfile(cfg.data.source + ".idx"):  # a Megatron dataset is named by its prefix
         raise ConfigError(f"data.source: no such file or directory: {cfg.data.source}")
     if cfg.data.tokenizer is not None and not os.path.isdir(cfg.data.tokenizer):
         raise ConfigError(f"data.tokenizer: not a directory: {cfg.data.tokenizer}")

@@ -27,6 +27,8 @@ import torch
 
 from loomtrain.config import DataConfig
 from loomtrain.errors import ConfigError, DataError
+from loomtrain.data.permute import WindowedPermutation
+from loomtrain.data.prepared import PreparedCorpus, is_token_source, open_dataset
 from loomtrain.data.sources import is_text_source, load_lengths_file, read_documents
 from loomtrain.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -227,16 +229,20 @@ class DataLoader:
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.seq_len = cfg.seq_len
         self._pos = 0
-        self._perms: dict[int, np.ndarray] = {}
-        if is_text_source(cfg):
-            self.corpus: TextCorpus | SyntheticCorpus = TextCorpus(cfg, self.tokenizer)
+        self._perms: dict[int, WindowedPermutation] = {}
+        if is_token_source(cfg.source):
+            self.corpus: TextCorpus | SyntheticCorpus | PreparedCorpus = PreparedCorpus(
+                open_dataset(cfg.source, self.tokenizer), cfg.seq_len, self.tokenizer.vocab_size, seed=seed,
+                shuffle_documents=cfg.shuffle_documents)
+        elif is_text_source(cfg):
+            self.corpus = TextCorpus(cfg, self.tokenizer)
         else:
             self.corpus = SyntheticCorpus(cfg, self.tokenizer.vocab_size, seed)
 
     # -- global sample sequence ------------------------------------------------------------
     @property
     def num_samples_per_epoch(self) -> int | None:
-        return self.corpus.num_samples if isinstance(self.corpus, TextCorpus) else None
+        return getattr(self.corpus, "num_samples", None)
 
     def sample_location(self, g: int) -> tuple[int, int]:
         """(epoch, row) of global sample g; synthetic samples are their own row in epoch 0."""
@@ -247,12 +253,12 @@ class DataLoader:
         if not self.cfg.shuffle:
             return epoch, i
         perm = self._perms.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        if perm is None:  # = rng([seed, epoch]).permutation(n) below 2**20 rows; constant memory above
+            perm = WindowedPermutation(n, (self.seed, epoch))
             if len(self._perms) >= 2:  # a step spans at most two epochs at a time
                 self._perms.pop(min(self._perms))
             self._perms[epoch] = perm
-        return epoch, int(perm[i])
+        return epoch, perm[i]
 
     def samples(self, sample_ids: list[int]) -> MicroBatch:
         """The rows of any global samples (independent of the loader's position)."""

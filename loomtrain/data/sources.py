@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loomtrain.config import DataConfig
+from loomtrain.data.prepared import PreparedCorpus, is_token_source, open_dataset
+from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
@@ -35,8 +37,8 @@ _MB = 1 << 20  # data.max_corpus_mb counts MiB of UTF-8 text
 
 
 def is_text_source(cfg: DataConfig) -> bool:
-    """True for sources made of text (everything except `synthetic`)."""
-    return cfg.source != "synthetic"
+    """True for sources made of text (not `synthetic`, not token shards)."""
+    return cfg.source != "synthetic" and not is_token_source(cfg.source)
 
 
 def embedded_root() -> str:
@@ -262,6 +264,10 @@ def check_source(cfg: DataConfig) -> None:
     if cfg.source == "synthetic":
         if cfg.lengths.startswith("file:"):
             load_lengths_file(cfg.lengths[5:])
+        return
+    if is_token_source(cfg.source):  # headers, sizes, manifest and tokenizer: O(shards), not O(tokens)
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        PreparedCorpus(open_dataset(cfg.source, tokenizer), cfg.seq_len, tokenizer.vocab_size)
         return
     files, _ = _source_files(cfg)
     if cfg.source != "embedded" and not files:

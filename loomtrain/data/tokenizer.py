@@ -8,6 +8,8 @@ expose only that (plus `decode`, for humans), so the loader never touches
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -26,6 +28,8 @@ class Tokenizer(Protocol):
     pad_id: int
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
+
+    def fingerprint(self) -> dict: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -47,6 +51,11 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]
+
+    def fingerprint(self) -> dict:
+        """What prepared shards record to recognise the tokenizer that made them."""
+        return {"name": "byte", "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "hash": hashlib.sha256(b"loomtrain ByteTokenizer v1").hexdigest()[:16]}
 
     def decode(self, ids: Sequence[int]) -> str:
         """Bytes back to text; EOS/PAD (and anything else >= 256) are dropped, bad UTF-8 replaced."""
@@ -108,6 +117,18 @@ class HFTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]
+
+    def fingerprint(self) -> dict:
+        """Name, sizes and a hash of the full tokenizer definition (vocabulary, merges,
+        normalisation, pre-tokenisation, special tokens): two directories that encode alike
+        hash alike wherever they are, and a changed merge or normaliser changes the hash."""
+        if self._backend is not None and hasattr(self._backend, "to_str"):
+            definition = self._backend.to_str()
+        else:
+            definition = json.dumps(sorted(self._tok.get_vocab().items()))
+        digest = hashlib.sha256(f"{type(self._tok).__name__}\n{self.eos_id}\n{definition}".encode()).hexdigest()
+        return {"name": os.path.basename(os.path.normpath(self.path)), "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id, "hash": digest[:16]}
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).ravel()])

@@ -1,0 +1,239 @@
+"""Token shards on disk: Megatron's indexed format (`.bin` + `.idx`), memory-mapped, plus our manifest.
+
+Why Megatron's format for our own shards: it is the one pre-training data already comes in, so a
+single reader serves both `loomtrain data prepare` output and data Megatron prepared, and our
+shards stay readable by Megatron. A shard is
+
+    NAME.bin   token ids, back to back (uint16 when every id fits, else int32 - Megatron has no
+               uint32 code, and int32 holds any real vocabulary)
+    NAME.idx   b"MMIDIDX\\0\\0", version u64 = 1, dtype code u8, sequence count n u64, document
+               count d u64, then int32 lengths[n], int64 byte pointers[n], int64 document
+               indices[d] (sequence numbers where documents begin; first 0, last n)
+
+and `manifest.json` (ours) names the shards in order with their counts, sizes and XXH3-64
+checksums, the tokenizer's name, vocabulary size and fingerprint, and the token dtype. Our
+shards store one sequence per document, EOS included, so a reader never appends anything.
+
+Opening a shard reads its 34-byte header and checks the file sizes it implies (a truncated or
+padded file is one line, at start-up, at any corpus size); the arrays are `np.memmap`s, so
+opening costs the same for 10^8 and 10^10 tokens and only the pages a row touches are read.
+Checksums read every byte, so they are checked by `loomtrain data verify`, not at every start.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from loomtrain.errors import DataError
+
+MAGIC = b"MMIDIDX\x00\x00"
+HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+               7: np.float32, 8: np.uint16}
+_TOKEN_CODES = (1, 3, 4, 5, 8)  # integer codes a token file may use (int8 holds no vocabulary)
+MANIFEST = "manifest.json"
+FORMAT = "loomtrain-token-shards"
+VERSION = 1
+_HASH_CHUNK = 16 << 20
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (half the bytes), else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def code_of(dtype: np.dtype) -> int:
+    for code, dt in DTYPE_CODES.items():
+        if np.dtype(dt) == np.dtype(dtype):
+            return code
+    raise ValueError(f"no Megatron dtype code for {dtype}")
+
+
+def file_xxh3(path: str) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ writing
+def write_shard(prefix: str, docs: list[np.ndarray], dtype: np.dtype) -> dict:
+    """Write `docs` (token arrays, EOS already in) as PREFIX.bin/.idx; return the manifest entry.
+
+    Both files go to temporary names first and are renamed into place, so a crash never leaves a
+    complete-looking shard behind (`data prepare` resumes from what was renamed).
+    """
+    dtype = np.dtype(dtype)
+    lengths = np.fromiter((d.size for d in docs), dtype=np.int64, count=len(docs))
+    if lengths.size and lengths.max() >= 1 << 31:
+        raise DataError(f"{prefix}: a document of {int(lengths.max())} tokens exceeds the format's 2**31-1")
+    pointers = np.zeros(len(docs), dtype=np.int64)
+    if len(docs) > 1:
+        pointers[1:] = np.cumsum(lengths[:-1]) * dtype.itemsize
+    for suffix in (".bin", ".idx"):
+        tmp = prefix + suffix + ".tmp"
+        with open(tmp, "wb") as fh:
+            if suffix == ".bin":
+                for d in docs:
+                    fh.write(np.ascontiguousarray(d, dtype=dtype).tobytes())
+            else:
+                fh.write(MAGIC + struct.pack("<Q", 1) + struct.pack("<B", code_of(dtype)))
+                fh.write(struct.pack("<Q", len(docs)) + struct.pack("<Q", len(docs) + 1))
+                fh.write(lengths.astype(np.int32).tobytes())
+                fh.write(pointers.tobytes())
+                fh.write(np.arange(len(docs) + 1, dtype=np.int64).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, prefix + suffix)
+    name = os.path.basename(prefix)
+    return {"name": name, "documents": int(len(docs)), "tokens": int(lengths.sum()),
+            "bin_bytes": os.path.getsize(prefix + ".bin"), "idx_bytes": os.path.getsize(prefix + ".idx"),
+            "bin_xxh3": file_xxh3(prefix + ".bin"), "idx_xxh3": file_xxh3(prefix + ".idx")}
+
+
+def write_manifest(out_dir: str, shards: list[dict], *, tokenizer: dict, dtype: np.dtype,
+                   extra: dict | None = None) -> dict:
+    """manifest.json listing the non-empty `shards` in order (written last, atomically)."""
+    kept = [s for s in shards if s["documents"]]
+    manifest = {"format": FORMAT, "version": VERSION, "tokenizer": tokenizer,
+                "dtype": np.dtype(dtype).name, "eos_appended": True,
+                "documents": sum(s["documents"] for s in kept), "tokens": sum(s["tokens"] for s in kept),
+                "shards": kept, **(extra or {})}
+    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+    return manifest
+
+
+# ------------------------------------------------------------------------------------ reading
+@dataclass
+class IndexedShard:
+    """One memory-mapped `.bin`/`.idx` pair. Documents d in [0, num_documents)."""
+
+    prefix: str
+    dtype: np.dtype
+    num_sequences: int
+    num_documents: int
+    num_tokens: int
+    lengths: np.ndarray  # int32[n] (memmap)
+    pointers: np.ndarray  # int64[n] byte offsets (memmap)
+    doc_index: np.ndarray  # int64[d + 1] sequence numbers (memmap)
+    tokens: np.ndarray  # dtype[num_tokens] (memmap)
+
+    def doc_starts(self, d0: int, d1: int) -> np.ndarray:
+        """Token offsets where documents d0..d1 begin (d1 may be num_documents: the end)."""
+        seq = np.asarray(self.doc_index[d0:d1 + 1], dtype=np.int64)
+        out = np.full(seq.shape, self.num_tokens, dtype=np.int64)
+        inside = seq < self.num_sequences
+        out[inside] = np.asarray(self.pointers[seq[inside]], dtype=np.int64) // self.dtype.itemsize
+        return out
+
+
+def _read_header(idx: str) -> tuple[int, int, int, int]:
+    try:
+        with open(idx, "rb") as fh:
+            head = fh.read(HEADER_BYTES)
+    except OSError as exc:
+        raise DataError(f"data.source: cannot read {idx} ({exc.strerror})") from None
+    if len(head) < HEADER_BYTES or not head.startswith(MAGIC):
+        raise DataError(f"data.source: {idx} is not a Megatron indexed dataset index (no MMIDIDX header)")
+    off = len(MAGIC)
+    (version,) = struct.unpack_from("<Q", head, off)
+    (code,) = struct.unpack_from("<B", head, off + 8)
+    n, d = struct.unpack_from("<QQ", head, off + 9)
+    if version != 1:
+        raise DataError(f"data.source: {idx} has index version {version}; only version 1 is known")
+    if code not in _TOKEN_CODES:
+        raise DataError(f"data.source: {idx} stores dtype code {code}, not integer token ids")
+    return code, n, d, os.path.getsize(idx)
+
+
+def open_shard(prefix: str) -> IndexedShard:
+    """Map PREFIX.idx and PREFIX.bin; any size that disagrees with the header is one DataError."""
+    idx, bin_path = prefix + ".idx", prefix + ".bin"
+    for path in (idx, bin_path):
+        if not os.path.isfile(path):
+            raise DataError(f"data.source: missing shard file {path}")
+    code, n, d, idx_size = _read_header(idx)
+    want = HEADER_BYTES + 12 * n + 8 * d
+    if idx_size != want:
+        what = "multimodal (sequence modes), which is not supported" if idx_size == want + n else \
+            f"{idx_size} bytes where its header implies {want}: truncated or corrupt"
+        raise DataError(f"data.source: {idx} is {what}")
+    if n == 0 or d < 2:
+        raise DataError(f"data.source: {idx} holds no documents")
+    dtype = np.dtype(DTYPE_CODES[code])
+    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=HEADER_BYTES, shape=(n,))
+    pointers = np.memmap(idx, dtype=np.int64, mode="r", offset=HEADER_BYTES + 4 * n, shape=(n,))
+    doc_index = np.memmap(idx, dtype=np.int64, mode="r", offset=HEADER_BYTES + 12 * n, shape=(d,))
+    end = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize
+    bin_size = os.path.getsize(bin_path)
+    if bin_size != end:
+        raise DataError(f"data.source: {bin_path} is {bin_size} bytes where its index implies {end}: "
+                        f"{'truncated' if bin_size < end else 'corrupt'} (prepare it again)")
+    if int(doc_index[0]) != 0 or int(doc_index[-1]) != n or int(pointers[0]) != 0:
+        raise DataError(f"data.source: {idx} has an inconsistent document index (corrupt)")
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(end // dtype.itemsize,))
+    return IndexedShard(prefix, dtype, n, d - 1, end // dtype.itemsize, lengths, pointers, doc_index, tokens)
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except OSError as exc:
+        raise DataError(f"data.source: cannot read {path} ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"data.source: {path} is not valid JSON ({exc})") from None
+    keys = ("format", "version", "tokenizer", "dtype", "shards", "documents", "tokens")
+    if not isinstance(manifest, dict) or any(k not in manifest for k in keys) or manifest["format"] != FORMAT:
+        raise DataError(f"data.source: {path} is not a loomtrain shard manifest")
+    if manifest["version"] != VERSION:
+        raise DataError(f"data.source: {path} has format version {manifest['version']}; this loomtrain reads {VERSION}")
+    return manifest
+
+
+def is_prepared_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def megatron_prefixes(path: str) -> list[str] | None:
+    """Shard prefixes of a Megatron dataset named by `path`, or None if it is not one.
+
+    `path` may be a prefix (`corpus_text_document`), its `.bin`/`.idx`, or a directory of
+    `.idx`/`.bin` pairs without a manifest (all of them, in sorted order).
+    """
+    for suffix in (".idx", ".bin"):
+        if path.endswith(suffix) and os.path.isfile(path):
+            return [path[:-len(suffix)]]
+    if os.path.isfile(path + ".idx"):
+        return [path]
+    if os.path.isdir(path) and not is_prepared_dir(path):
+        found = sorted(os.path.join(path, f[:-4]) for f in os.listdir(path) if f.endswith(".idx"))
+        return found or None
+    return None
+
+
+def verify_checksums(directory: str) -> list[str]:
+    """Problems found by re-hashing every shard of a prepared directory (empty list: all good)."""
+    manifest = read_manifest(directory)
+    problems = []
+    for entry in manifest["shards"]:
+        for suffix in ("bin", "idx"):
+            path = os.path.join(directory, f"{entry['name']}.{suffix}")
+            if not os.path.isfile(path):
+                problems.append(f"{path}: missing")
+            elif os.path.getsize(path) != entry[f"{suffix}_bytes"]:
+                problems.append(f"{path}: {os.path.getsize(path)} bytes, manifest says {entry[f'{suffix}_bytes']}")
+            elif file_xxh3(path) != entry[f"{suffix}_xxh3"]:
+                problems.append(f"{path}: checksum differs from the manifest (corrupt)")
+    return problems
