@@ -19,7 +19,7 @@ setup(
         "xxhash",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "matplotlib", "deepspeed", "import-linter"],
+        "test": ["pytest", "hypothesis", "matplotlib", "deepspeed", "import-linter", "datasets", "megatron-core"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["loomtrain = loomtrain.launch.cli:main"]},

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from harness import case, reference, run_cases
+from harness import ROOT, case, reference, run_cases
 from loomtrain.config import DataConfig
 from loomtrain.data.loader import DataLoader
 from loomtrain.data.permute import WindowedPermutation
+from loomtrain.data.prepare import PrepareOptions, prepare
 from loomtrain.data.prepared import PreparedCorpus, open_dataset
 from loomtrain.data.shards import token_dtype, write_manifest, write_shard
 from loomtrain.data.tokenizer import ByteTokenizer, build_tokenizer
@@ -192,3 +198,90 @@ def test_training_on_shards_matches_text_and_resumes_across_dp(tmp_path):
     assert [m["step"] for m in metrics] == [3, 4]
     for a, b in zip(resumed[-2:], ref_losses[2:], strict=True):
         assert abs(a - b) <= 1e-5 * abs(b)
+
+
+# ------------------------------------------------------------------------------ data prepare
+def mixed_corpus(root):
+    """Text files, a JSONL file and a Parquet file (with row groups) interleaved by name."""
+    src, docs = corpus_dir(root, n=24)
+    lines = [json.dumps({"text": f"json line {i} " + "beta " * (i % 7)}) for i in range(40)]
+    (root / "corpus" / "d05b.jsonl").write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n", encoding="utf-8")
+    table = pa.table({"text": [f"parquet row {i} " + "gamma " * (i % 5) for i in range(30)] + [None, "  "]})
+    pq.write_table(table, str(root / "corpus" / "d11b.parquet"), row_group_size=8)
+    return src
+
+
+def tree_bytes(path):
+    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
+def test_prepare_is_the_text_path_deterministic_and_resumable(tmp_path):
+    src = mixed_corpus(tmp_path)
+    one = prepare(PrepareOptions((src,), str(tmp_path / "w1"), workers=1, progress=False, task_bytes=300))
+    two = prepare(PrepareOptions((src,), str(tmp_path / "w2"), workers=2, progress=False, task_bytes=300))
+    assert len(one.manifest["shards"]) > 8  # JSONL split by byte ranges, Parquet by row groups
+    assert tree_bytes(tmp_path / "w1") == tree_bytes(tmp_path / "w2")  # same bytes, any worker count
+    text, prepared = loader(src), loader(str(tmp_path / "w1"))
+    assert text.num_samples_per_epoch == prepared.num_samples_per_epoch
+    assert_same_samples(text, prepared, list(range(2 * text.num_samples_per_epoch)))
+    # interrupted: the manifest and two shards never got written; the rerun does only those
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "w1", cut)
+    os.remove(cut / "manifest.json")
+    os.remove(cut / "shard_00002.bin")
+    os.remove(cut / "shard_00005.done.json")
+    again = prepare(PrepareOptions((src,), str(cut), workers=2, progress=False, task_bytes=300))
+    assert (again.shards_written, again.shards_skipped) == (2, len(one.manifest["shards"]) - 2 + (
+        len(json.load(open(cut / "plan.json"))["tasks"]) - len(one.manifest["shards"])))
+    assert tree_bytes(cut) == tree_bytes(tmp_path / "w1")
+    # the same directory for other inputs, or another tokenizer: refused
+    with pytest.raises(DataError, match="holds a preparation of other inputs"):
+        prepare(PrepareOptions((src, src), str(cut), progress=False, task_bytes=300))
+
+
+def test_prepare_hf_datasets_and_pretokenised_ids(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="HF datasets is in the test extras")
+    tok_dir = hf_tokenizer_dir(tmp_path)
+    tok = build_tokenizer(tok_dir)
+    texts = [f"hello world {i} " + "the quick brown fox " * (i % 4) for i in range(25)]
+    ids = [tok.encode(t).tolist() for t in texts]
+    ids[3] = ids[3] + [tok.eos_id]  # already closed: kept as it is, not closed twice
+    ds = datasets.Dataset.from_dict({"text": texts, "input_ids": ids})
+    datasets.DatasetDict({"train": ds.select(range(20)), "test": ds.select(range(20, 25))}).save_to_disk(
+        str(tmp_path / "hf"))
+    (tmp_path / "ids.jsonl").write_text("\n".join(json.dumps({"input_ids": x}) for x in ids), encoding="utf-8")
+    outs = {}
+    for name, src, field in (("arrow_text", "hf", "text"), ("arrow_ids", "hf", "input_ids"),
+                             ("jsonl_ids", "ids.jsonl", "input_ids")):
+        outs[name] = prepare(PrepareOptions((str(tmp_path / src),), str(tmp_path / name), tokenizer=tok_dir,
+                                            field=field, progress=False)).manifest
+    expected = [x if x[-1] == tok.eos_id else x + [tok.eos_id] for x in ids]
+    for name in outs:
+        ds_ = open_dataset(str(tmp_path / name), tok)
+        corpus = PreparedCorpus(ds_, 8, tok.vocab_size)
+        tokens, starts = corpus.read(0, corpus.num_tokens)
+        assert [p.tolist() for p in np.split(tokens, starts)] == expected, name
+    assert [len(outs[n]["shards"]) for n in outs] == [2, 2, 1]  # a DatasetDict: one shard per split file
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"input_ids": [1, 2, 10**6]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl: token id 1000000 is outside the tokenizer's vocabulary") as info:
+        prepare(PrepareOptions((str(tmp_path / "bad.jsonl"),), str(tmp_path / "bad"), tokenizer=tok_dir,
+                               field="input_ids", progress=False))
+    _one_line(info)
+
+
+def test_cli_prepare_verify_and_train(tmp_path):
+    """`loomtrain data prepare` + `data verify` as a user runs them, then a short run on the shards."""
+    src, _ = corpus_dir(tmp_path, n=40)
+    out = str(tmp_path / "shards")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    lt = [sys.executable, "-m", "loomtrain.launch"]
+    proc = subprocess.run(lt + ["data", "prepare", src, "--out", out, "--workers", "2", "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "Train with data.source=" in proc.stdout, proc.stderr
+    proc = subprocess.run(lt + ["data", "verify", out], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "checksums match" in proc.stdout, proc.stderr
+    with open(os.path.join(out, "shard_00000.bin"), "r+b") as fh:
+        fh.write(b"\xff\xff")  # same size, other bytes: only a checksum sees it
+    proc = subprocess.run(lt + ["data", "verify", out], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("prepare it again"), proc.stderr
+    assert "checksum differs" in proc.stderr

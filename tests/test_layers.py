@@ -101,8 +101,9 @@ def test_command_line_parses_without_torch():
 
 
 def test_every_command_has_a_handler():
-    names = {c for c in cli.COMMANDS if c != "ckpt"} | {"_selfcheck"}
+    names = {c for c in cli.COMMANDS if c not in ("ckpt", "data")} | {"_selfcheck"}
     names |= {f"ckpt {a}" for a in cli.CKPT_ACTIONS}
+    names |= {f"data {a}" for a in cli.DATA_ACTIONS}
     assert set(cli.HANDLERS) == names
     for target in cli.HANDLERS.values():
         module, _, function = target.partition(":")

@@ -5,6 +5,7 @@
     loomtrain report RUN_DIR [--plot]
     loomtrain plan --lengths FILE --gpus N --context-len L ...   (see plan_command.py)
     loomtrain ckpt inspect|verify|export-hf|import-deepspeed ...
+    loomtrain data prepare SOURCE... --out DIR [--tokenizer DIR] [--workers N] | data verify DIR
 
 This module parses: it holds every command's options (`plan`'s come from `plan_command`, which
 needs no torch) and nothing else. `HANDLERS` then names, for each command, the function that
@@ -32,6 +33,7 @@ COMMANDS = {
     "report": "summarize RUN_DIR/metrics.jsonl (steps, loss, tokens/s, MFU, memory); --plot draws it",
     "plan": "predict step times of static, best single-degree and heterogeneous sequence parallelism",
     "ckpt": "checkpoint tools: inspect, verify, export-hf, import-deepspeed",
+    "data": "data tools: prepare (tokenise once into memory-mapped shards), verify",
 }
 CKPT_ACTIONS = {
     "inspect": "step, layout, data position, config, files and largest tensors of a checkpoint",
@@ -51,6 +53,13 @@ HANDLERS = {
     "ckpt verify": "loomtrain.launch.ckpt_command:cmd_verify",
     "ckpt export-hf": "loomtrain.launch.ckpt_convert:cmd_export_hf",
     "ckpt import-deepspeed": "loomtrain.launch.ckpt_convert:cmd_import_deepspeed",
+    "data prepare": "loomtrain.launch.data_command:cmd_prepare",
+    "data verify": "loomtrain.launch.data_command:cmd_verify",
+}
+DATA_ACTIONS = {
+    "prepare": "tokenise text, Markdown, code, JSONL, Parquet or HF save_to_disk datasets into token shards "
+               "(train with data.source=OUT)",
+    "verify": "re-hash every shard of a prepared directory against its manifest",
 }
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)+=")
 
@@ -168,6 +177,37 @@ def _parse_ckpt(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+def _parse_data(argv: list[str]) -> argparse.Namespace:
+    """`data ACTION [options]`, like `ckpt`."""
+    top = Parser(prog="loomtrain data", usage="loomtrain data ACTION [options]",
+                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                 description="data tools:\n" + "\n".join(f"  {a:<8} {h}" for a, h in DATA_ACTIONS.items()))
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help(None if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    if argv[0] not in DATA_ACTIONS:
+        top.error(f"unknown action '{argv[0]}' (actions: {', '.join(DATA_ACTIONS)})")
+    p = Parser(prog=f"loomtrain data {argv[0]}", description=DATA_ACTIONS[argv[0]])
+    if argv[0] == "prepare":
+        p.add_argument("sources", nargs="+", metavar="SOURCE",
+                       help="files or directories (.txt .md .py .rst, .jsonl, .parquet, HF save_to_disk "
+                            "directories), or 'embedded'")
+        p.add_argument("--out", required=True, metavar="DIR", help="the shard directory to write (or resume)")
+        p.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="a local HF tokenizer directory (default: the byte-level tokenizer)")
+        p.add_argument("--workers", type=int, default=1, metavar="N", help="tokenising processes (default 1)")
+        p.add_argument("--field", default="text", metavar="NAME",
+                       help="JSONL key / column with the text or a list of token ids (default text)")
+        p.add_argument("--ext", default="", metavar=".c,.rs,...",
+                       help="more file suffixes to read as text (default .txt .md .py .rst)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    else:
+        p.add_argument("path", metavar="DIR", help="a directory written by 'loomtrain data prepare'")
+    ns = p.parse_intermixed_args(argv[1:])
+    ns.action = argv[0]
+    return ns
+
+
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     """`[CONFIG|-] [overrides]` -> (config path or None, overrides)."""
     if args and (args[0] == "-" or not _OVERRIDE.match(args[0])):
@@ -193,6 +233,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     command = argv[0]
     if command == "ckpt":
         ns = _parse_ckpt(argv[1:])
+    elif command == "data":
+        ns = _parse_data(argv[1:])
     else:
         ns = _command_parser(command).parse_intermixed_args(argv[1:])
     ns.command = command
@@ -203,7 +245,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def handler(ns: argparse.Namespace):
     """The function `HANDLERS` names for this parsed command line (its module imported now)."""
-    name = f"ckpt {ns.action}" if ns.command == "ckpt" else ns.command
+    name = f"{ns.command} {ns.action}" if ns.command in ("ckpt", "data") else ns.command
     module, _, function = HANDLERS[name].partition(":")
     return getattr(importlib.import_module(module), function)
 
