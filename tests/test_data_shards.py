@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -285,3 +286,72 @@ def test_cli_prepare_verify_and_train(tmp_path):
     proc = subprocess.run(lt + ["data", "verify", out], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("prepare it again"), proc.stderr
     assert "checksum differs" in proc.stderr
+
+
+# -------------------------------------------------------------------------- Megatron datasets
+def _megatron_docs(rng, n=25):
+    """Documents as lists of sequences (Megatron's sentence split), ids < 258, each doc ends in EOS."""
+    docs = []
+    for _ in range(n):
+        seqs = [rng.integers(0, 256, size=int(rng.integers(1, 30))).tolist() for _ in range(int(rng.integers(1, 4)))]
+        seqs[-1].append(BYTE.eos_id)
+        docs.append(seqs)
+    return docs
+
+
+def _expected_stream(docs):
+    flat = [sum(seqs, []) for seqs in docs]
+    return np.concatenate([np.asarray(d) for d in flat]), np.cumsum([len(d) for d in flat])[:-1].tolist()
+
+
+def test_megatron_core_builder_files_read_token_for_token(tmp_path):
+    try:
+        import torch
+        from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+    except ImportError as exc:  # pragma: no cover - megatron-core is in the test extras
+        pytest.skip(f"megatron-core cannot be imported here: {exc}")
+    docs = _megatron_docs(np.random.default_rng(0))
+    prefix = str(tmp_path / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for k, seqs in enumerate(docs):
+        if k % 2:  # both ways Megatron's tools write: whole documents, and item by item
+            builder.add_document(torch.tensor(sum(seqs, [])), [len(s) for s in seqs])
+        else:
+            for s in seqs:
+                builder.add_item(torch.tensor(s))
+            builder.end_document()
+    builder.finalize(prefix + ".idx")
+    theirs = IndexedDataset(prefix)
+    ds = open_dataset(prefix, BYTE)
+    assert ds.num_documents == len(docs) and ds.shards[0].num_sequences == len(theirs)
+    corpus = PreparedCorpus(ds, 16, BYTE.vocab_size)
+    tokens, starts = corpus.read(0, corpus.num_tokens)
+    assert tokens.tolist() == np.concatenate([theirs[i] for i in range(len(theirs))]).tolist()
+    want_tokens, want_starts = _expected_stream(docs)
+    assert tokens.tolist() == want_tokens.tolist() and starts == want_starts
+    # the loader takes the prefix, the .idx or the .bin, and trains on it like any prepared data
+    for name in (prefix, prefix + ".idx", prefix + ".bin", str(tmp_path)):
+        dl = loader(name, seq_len=16, shuffle=False)
+        mb = dl.samples([0, 1, 2])
+        assert mb.input_ids[1].tolist() == tokens[16:32].tolist()
+        assert dl.num_samples_per_epoch == (len(want_tokens) - 1) // 16
+
+
+def test_handwritten_megatron_index_of_the_documented_format(tmp_path):
+    """MMIDIDX written byte by byte from the format description (int32 ids, multi-sequence docs)."""
+    docs = _megatron_docs(np.random.default_rng(1), n=12)
+    seqs = [s for d in docs for s in d]
+    lengths = [len(s) for s in seqs]
+    pointers = np.concatenate(([0], np.cumsum(lengths)[:-1])) * 4
+    doc_index = np.concatenate(([0], np.cumsum([len(d) for d in docs])))
+    prefix = tmp_path / "hand"
+    (tmp_path / "hand.bin").write_bytes(np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs]).tobytes())
+    (tmp_path / "hand.idx").write_bytes(
+        b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", 4) + struct.pack("<Q", len(seqs))
+        + struct.pack("<Q", len(doc_index)) + np.asarray(lengths, dtype=np.int32).tobytes()
+        + np.asarray(pointers, dtype=np.int64).tobytes() + np.asarray(doc_index, dtype=np.int64).tobytes())
+    corpus = PreparedCorpus(open_dataset(str(prefix), BYTE), 8, BYTE.vocab_size)
+    tokens, starts = corpus.read(0, corpus.num_tokens)
+    want_tokens, want_starts = _expected_stream(docs)
+    assert tokens.tolist() == want_tokens.tolist() and starts == want_starts
+    assert all(corpus.document(i).tolist() == sum(docs[i], [])[:9] for i in range(len(docs)))
