@@ -50,6 +50,8 @@ class DataConfig:
     # token shards (`data.source` = a `loomtrain data prepare` directory or a Megatron .bin/.idx
     # dataset): take whole documents in a seeded order before packing (tokens never reorder)
     shuffle_documents: bool = False
+    # several token sources with weights, {path: weight}; when set it replaces data.source
+    mix: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,11 @@ def check(cfg: Config) -> None:
     if cfg.data.source not in ("embedded", "synthetic") and not os.path.exists(cfg.data.source) \
             and not os.path.isfile(cfg.data.source + ".idx"):  # a Megatron dataset is named by its prefix
         raise ConfigError(f"data.source: no such file or directory: {cfg.data.source}")
+    for path, weight in cfg.data.mix.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise ConfigError(f"data.mix: the weight of {path} is {weight!r}; must be a finite positive number")
+        if not os.path.exists(str(path)) and not os.path.isfile(f"{path}.idx"):
+            raise ConfigError(f"data.mix: no such file or directory: {path}")
     if cfg.data.tokenizer is not None and not os.path.isdir(cfg.data.tokenizer):
         raise ConfigError(f"data.tokenizer: not a directory: {cfg.data.tokenizer}")
     if cfg.model.path is not None and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):

@@ -15,14 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness import ROOT, case, reference, run_cases
-from loomtrain.config import DataConfig
+from loomtrain.config import DataConfig, load_config
 from loomtrain.data.loader import DataLoader
+from loomtrain.data.mix import PERIOD, schedule, slot_counts
 from loomtrain.data.permute import WindowedPermutation
 from loomtrain.data.prepare import PrepareOptions, prepare
 from loomtrain.data.prepared import PreparedCorpus, open_dataset
 from loomtrain.data.shards import token_dtype, write_manifest, write_shard
 from loomtrain.data.tokenizer import ByteTokenizer, build_tokenizer
-from loomtrain.errors import DataError
+from loomtrain.errors import ConfigError, DataError
 from test_data import hf_tokenizer_dir
 
 BYTE = ByteTokenizer()
@@ -180,19 +181,27 @@ def test_bad_shards_get_one_clear_line(tmp_path):
 
 # ------------------------------------------------------- real runs: text == shards, dp resume
 def test_training_on_shards_matches_text_and_resumes_across_dp(tmp_path):
-    """One 2-rank gloo launch (4 steps; and 2 steps with a checkpoint) against one process: the
-    text path and the shards train identically, and 2 ranks -> 1 rank resume continues exactly."""
+    """One 2-rank gloo launch (4 steps; 2 steps with a checkpoint; a shuffled mix) against one
+    process: the text path and the shards train identically, a data.mix run on 2 ranks matches one
+    process, and 2 ranks -> 1 rank resume continues exactly."""
     src, docs = corpus_dir(tmp_path, n=40)
     shards = shards_from_docs(tmp_path / "shards", docs, per_shard=7)
     base = case("llama", f"data.source={shards}", "data.lengths=fixed", "train.max_steps=4")
+    other = shards_from_docs(tmp_path / "other", [d[::-1] for d in docs], per_shard=9)
+    mix = base + [f"data.mix={{{shards}: 2, {other}: 1}}", "data.shuffle_documents=true"]
     ckpt = str(tmp_path / "ckpt")
     run_cases(2, {"dp2": base, "dp2_half": base + ["train.max_steps=2", "checkpoint.every=2",
-                                                    f"checkpoint.dir={ckpt}"]}, str(tmp_path / "mp"))
+                                                    f"checkpoint.dir={ckpt}"], "dp2_mix": mix}, str(tmp_path / "mp"))
     ref_losses, _ = reference(base, str(tmp_path / "ref"))
     text_losses, _ = reference(base + [f"data.source={src}"], str(tmp_path / "text"))
     assert text_losses == ref_losses  # same samples, same process: bit-identical
     dp2 = json.load(open(tmp_path / "mp" / "dp2.json"))["losses"]
     for a, b in zip(dp2, ref_losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    mix_ref, _ = reference(mix, str(tmp_path / "mix"))
+    mix_dp2 = json.load(open(tmp_path / "mp" / "dp2_mix.json"))["losses"]
+    assert mix_ref != ref_losses
+    for a, b in zip(mix_dp2, mix_ref, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b)
     resumed, _ = reference(base + [f"checkpoint.dir={ckpt}", "checkpoint.resume=auto"], str(tmp_path / "resumed"))
     metrics = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
@@ -355,3 +364,44 @@ def test_handwritten_megatron_index_of_the_documented_format(tmp_path):
     want_tokens, want_starts = _expected_stream(docs)
     assert tokens.tolist() == want_tokens.tolist() and starts == want_starts
     assert all(corpus.document(i).tolist() == sum(docs[i], [])[:9] for i in range(len(docs)))
+
+
+# ------------------------------------------------------------------------------------ data.mix
+def test_mix_schedule_is_proportional_and_exact():
+    counts = slot_counts([3, 1, 0.25])
+    assert counts.sum() == PERIOD and np.allclose(counts / PERIOD, [3 / 4.25, 1 / 4.25, 0.25 / 4.25], atol=2 / PERIOD)
+    src, rank = schedule(counts)
+    for c in range(3):  # each source's slots ranked 0, 1, 2, ... in order
+        assert rank[src == c].tolist() == list(range(counts[c]))
+    prefix = np.stack([np.cumsum(src == c) for c in range(3)], 1)
+    share = np.arange(1, PERIOD + 1)[:, None] * counts[None] / PERIOD
+    assert np.abs(prefix - share).max() <= 1.0  # every prefix holds the sources in proportion
+    with pytest.raises(DataError, match="finite and positive"):
+        slot_counts([1, 0])
+
+
+def test_mix_of_prepared_sources(tmp_path):
+    a = shards_from_docs(tmp_path / "a", ["a" * int(n) for n in np.random.default_rng(0).integers(5, 40, 30)])
+    b = shards_from_docs(tmp_path / "b", ["b" * int(n) for n in np.random.default_rng(1).integers(5, 40, 30)])
+    cfg = load_config(None, [f"data.mix={{{a}: 3, {b}: 1}}", "data.seq_len=8", "data.global_batch_size=4",
+                             "data.micro_batch_size=2"]).data
+    assert dict(cfg.mix) == {a: 3, b: 1}
+    dl = DataLoader(cfg, BYTE, seed=7)
+    n = {c: dl.corpus.sources[c].num_samples for c in (0, 1)}
+    ids = list(range(3 * PERIOD))
+    mb = dl.samples(ids)
+    letters = [set(BYTE.decode(row.tolist())) for row in mb.input_ids]
+    which = [0 if s <= {"a"} else 1 if s <= {"b"} else -1 for s in letters]
+    assert -1 not in which and abs(which.count(0) / len(ids) - 0.75) < 2e-3
+    # each source walks through its own rows: every row once per epoch, epochs in new orders
+    per_source = {c: [dl.corpus.locate(g)[1] for g in ids if dl.corpus.locate(g)[0] == c] for c in (0, 1)}
+    for c in (0, 1):
+        assert per_source[c] == list(range(len(per_source[c])))
+        rows = [dl.corpus._row_of(c, j) for j in range(2 * n[c])]
+        assert sorted(rows[:n[c]]) == list(range(n[c])) and rows[:n[c]] != rows[n[c]:]
+    again = DataLoader(cfg, BYTE, seed=7).samples(ids[:50])
+    assert (again.input_ids == mb.input_ids[:50]).all()
+    with pytest.raises(ConfigError, match="data.mix: the weight of"):
+        load_config(None, [f"data.mix={{{a}: 0}}"])
+    with pytest.raises(ConfigError, match="data.mix: no such file"):
+        load_config(None, [f"data.mix={{{tmp_path / 'nope'}: 1}}"])

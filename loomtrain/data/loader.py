@@ -27,6 +27,7 @@ import torch
 
 from loomtrain.config import DataConfig
 from loomtrain.errors import ConfigError, DataError
+from loomtrain.data.mix import MixCorpus
 from loomtrain.data.permute import WindowedPermutation
 from loomtrain.data.prepared import PreparedCorpus, is_token_source, open_dataset
 from loomtrain.data.sources import is_text_source, load_lengths_file, read_documents
@@ -230,14 +231,19 @@ class DataLoader:
         self.seq_len = cfg.seq_len
         self._pos = 0
         self._perms: dict[int, WindowedPermutation] = {}
-        if is_token_source(cfg.source):
-            self.corpus: TextCorpus | SyntheticCorpus | PreparedCorpus = PreparedCorpus(
-                open_dataset(cfg.source, self.tokenizer), cfg.seq_len, self.tokenizer.vocab_size, seed=seed,
-                shuffle_documents=cfg.shuffle_documents)
+        if cfg.mix:
+            self.corpus: TextCorpus | SyntheticCorpus | PreparedCorpus | MixCorpus = MixCorpus(
+                [self._prepared(path) for path in cfg.mix], list(cfg.mix.values()), seed=seed, shuffle=cfg.shuffle)
+        elif is_token_source(cfg.source):
+            self.corpus = self._prepared(cfg.source)
         elif is_text_source(cfg):
             self.corpus = TextCorpus(cfg, self.tokenizer)
         else:
             self.corpus = SyntheticCorpus(cfg, self.tokenizer.vocab_size, seed)
+
+    def _prepared(self, path: str) -> PreparedCorpus:
+        return PreparedCorpus(open_dataset(str(path), self.tokenizer), self.cfg.seq_len, self.tokenizer.vocab_size,
+                              seed=self.seed, shuffle_documents=self.cfg.shuffle_documents)
 
     # -- global sample sequence ------------------------------------------------------------
     @property
@@ -314,6 +320,7 @@ class DataLoader:
         return {"samples_consumed": self._pos, "tokens_consumed": self.tokens_consumed,
                 "epoch": self.epoch, "seq_len": self.seq_len, "seed": self.seed,
                 "shuffle": bool(self.cfg.shuffle), "source": self.cfg.source,
+                **({"mix": {str(k): v for k, v in self.cfg.mix.items()}} if self.cfg.mix else {}),
                 "num_samples_per_epoch": self.num_samples_per_epoch}
 
     def load_state_dict(self, sd: dict) -> None:

@@ -38,7 +38,7 @@ _MB = 1 << 20  # data.max_corpus_mb counts MiB of UTF-8 text
 
 def is_text_source(cfg: DataConfig) -> bool:
     """True for sources made of text (not `synthetic`, not token shards)."""
-    return cfg.source != "synthetic" and not is_token_source(cfg.source)
+    return not cfg.mix and cfg.source != "synthetic" and not is_token_source(cfg.source)
 
 
 def embedded_root() -> str:
@@ -261,6 +261,11 @@ def check_source(cfg: DataConfig) -> None:
     Reading stops at the first non-empty document, so this costs one file read in the common
     case. For `synthetic`, the `file:` length distribution (if any) is parsed and validated.
     """
+    if cfg.mix:  # every source of the mix, as below
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        for path in cfg.mix:
+            PreparedCorpus(open_dataset(str(path), tokenizer), cfg.seq_len, tokenizer.vocab_size)
+        return
     if cfg.source == "synthetic":
         if cfg.lengths.startswith("file:"):
             load_lengths_file(cfg.lengths[5:])
