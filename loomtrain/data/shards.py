@@ -63,6 +63,31 @@ def file_xxh3(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ writing
+def write_index(path: str, lengths: np.ndarray, dtype: np.dtype) -> None:
+    """PATH (.idx) for documents of `lengths` tokens stored back to back, one sequence each."""
+    dtype, lengths = np.dtype(dtype), np.asarray(lengths, dtype=np.int64)
+    if lengths.size and lengths.max() >= 1 << 31:
+        raise DataError(f"{path}: a document of {int(lengths.max())} tokens exceeds the format's 2**31-1")
+    pointers = np.zeros(lengths.size, dtype=np.int64)
+    if lengths.size > 1:
+        pointers[1:] = np.cumsum(lengths[:-1]) * dtype.itemsize
+    with open(path, "wb") as fh:
+        fh.write(MAGIC + struct.pack("<Q", 1) + struct.pack("<B", code_of(dtype)))
+        fh.write(struct.pack("<Q", lengths.size) + struct.pack("<Q", lengths.size + 1))
+        fh.write(lengths.astype(np.int32).tobytes())
+        fh.write(pointers.tobytes())
+        fh.write(np.arange(lengths.size + 1, dtype=np.int64).tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def shard_entry(prefix: str, documents: int, tokens: int) -> dict:
+    """The manifest entry of a written shard (sizes and checksums read back from disk)."""
+    return {"name": os.path.basename(prefix), "documents": int(documents), "tokens": int(tokens),
+            "bin_bytes": os.path.getsize(prefix + ".bin"), "idx_bytes": os.path.getsize(prefix + ".idx"),
+            "bin_xxh3": file_xxh3(prefix + ".bin"), "idx_xxh3": file_xxh3(prefix + ".idx")}
+
+
 def write_shard(prefix: str, docs: list[np.ndarray], dtype: np.dtype) -> dict:
     """Write `docs` (token arrays, EOS already in) as PREFIX.bin/.idx; return the manifest entry.
 
@@ -71,30 +96,15 @@ def write_shard(prefix: str, docs: list[np.ndarray], dtype: np.dtype) -> dict:
     """
     dtype = np.dtype(dtype)
     lengths = np.fromiter((d.size for d in docs), dtype=np.int64, count=len(docs))
-    if lengths.size and lengths.max() >= 1 << 31:
-        raise DataError(f"{prefix}: a document of {int(lengths.max())} tokens exceeds the format's 2**31-1")
-    pointers = np.zeros(len(docs), dtype=np.int64)
-    if len(docs) > 1:
-        pointers[1:] = np.cumsum(lengths[:-1]) * dtype.itemsize
-    for suffix in (".bin", ".idx"):
-        tmp = prefix + suffix + ".tmp"
-        with open(tmp, "wb") as fh:
-            if suffix == ".bin":
-                for d in docs:
-                    fh.write(np.ascontiguousarray(d, dtype=dtype).tobytes())
-            else:
-                fh.write(MAGIC + struct.pack("<Q", 1) + struct.pack("<B", code_of(dtype)))
-                fh.write(struct.pack("<Q", len(docs)) + struct.pack("<Q", len(docs) + 1))
-                fh.write(lengths.astype(np.int32).tobytes())
-                fh.write(pointers.tobytes())
-                fh.write(np.arange(len(docs) + 1, dtype=np.int64).tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, prefix + suffix)
-    name = os.path.basename(prefix)
-    return {"name": name, "documents": int(len(docs)), "tokens": int(lengths.sum()),
-            "bin_bytes": os.path.getsize(prefix + ".bin"), "idx_bytes": os.path.getsize(prefix + ".idx"),
-            "bin_xxh3": file_xxh3(prefix + ".bin"), "idx_xxh3": file_xxh3(prefix + ".idx")}
+    write_index(prefix + ".idx.tmp", lengths, dtype)
+    with open(prefix + ".bin.tmp", "wb") as fh:
+        for d in docs:
+            fh.write(np.ascontiguousarray(d, dtype=dtype).tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(prefix + ".bin.tmp", prefix + ".bin")
+    os.replace(prefix + ".idx.tmp", prefix + ".idx")
+    return shard_entry(prefix, len(docs), int(lengths.sum()))
 
 
 def write_manifest(out_dir: str, shards: list[dict], *, tokenizer: dict, dtype: np.dtype,
