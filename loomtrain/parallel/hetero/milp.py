@@ -1,0 +1,175 @@
+"""A mixed-integer relaxation of heterogeneous planning, solved with SciPy's HiGHS (`scipy.optimize.milp`).
+
+What it relaxes. A plan is micro-steps; each step holds disjoint aligned groups of ranks; a group of
+degree d runs its sequences one after the other (load = sum of their times + a fixed latency) and
+holds sum ceil(L / d) <= capacity tokens per rank; a step lasts as long as its slowest group plus a
+fixed overhead. The relaxation keeps, per micro-step, only three consequences of that:
+
+* height: the step lasts at least as long as each sequence in it, alone, at its degree;
+* area:   N ranks x the step's height >= the rank-seconds (degree x time) of its sequences;
+* memory: N x capacity >= the rank-tokens (degree x ceil(L / degree)) of its sequences;
+
+and drops alignment and the packing of sequences into groups. Every real plan satisfies these, so
+the optimum of the relaxation -- or any lower bound HiGHS proves on it within its time limit
+(`mip_dual_bound`) -- is a lower bound on every plan's step time.
+
+Only the `long` sequences (those that decide the step heights) are placed with binaries. The rest
+("short") are continuous: their least rank-seconds and least rank-tokens over their feasible degrees
+are poured, as divisible amounts, into the steps of the long ones or into short-only steps (counted
+by an integer, each paying the overhead). Dropping integrality only lowers the optimum, so the bound
+stays valid whatever `long` is; more long sequences make it tighter and slower.
+
+Symmetry: steps are labelled by their first long sequence (its "leader", in the order given), so
+sequence p sits in a step m <= p, and a step exists iff its leader sits in it -- one labelling per
+plan instead of K!.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from loomtrain.errors import LoomError
+
+
+def _scipy():
+    """SciPy, loaded when a bound is solved: an install requirement, but 0.3 s to import, which
+    every `loomtrain` command line would pay (cli imports `plan`'s options), so it is loaded the
+    way cli loads a command's module."""
+    try:
+        opt, sparse = importlib.import_module("scipy.optimize"), importlib.import_module("scipy.sparse")
+    except ImportError:
+        raise LoomError("the planner's lower bound needs SciPy (pip install scipy), "
+                        "or pass --bound-seconds 0 for the analytic bound only") from None
+    return opt.Bounds, opt.LinearConstraint, opt.milp, sparse.coo_matrix
+
+
+@contextmanager
+def _quiet_stdout():
+    """HiGHS's C++ code can print a debug line to file descriptor 1 even with output off, which
+    would corrupt `loomtrain plan --json`; point descriptor 1 at /dev/null while it runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@dataclass(frozen=True)
+class MilpBound:
+    value: float  # proven lower bound on the relaxation's optimum (0.0 when HiGHS gave none)
+    solved: bool  # the relaxation was solved to optimality within the time limit
+    objective: float | None  # best relaxed plan found (an upper bound on the relaxation only)
+
+
+class _Rows:
+    """Sparse constraint rows lo <= A x <= hi, built one row at a time."""
+
+    def __init__(self):
+        self.r, self.c, self.v, self.lo, self.hi = [], [], [], [], []
+
+    def add(self, cols, vals, lo=-np.inf, hi=np.inf):
+        row = len(self.lo)
+        self.r.extend([row] * len(cols))
+        self.c.extend(cols)
+        self.v.extend(vals)
+        self.lo.append(lo)
+        self.hi.append(hi)
+
+    def constraint(self, n_vars):
+        _, LinearConstraint, _, coo_matrix = _scipy()
+        a = coo_matrix((self.v, (self.r, self.c)), shape=(len(self.lo), n_vars)).tocsr()
+        return LinearConstraint(a, np.asarray(self.lo), np.asarray(self.hi))
+
+
+def milp_bound(time, lat, mem, feasible, long, n_ranks: int, capacity: int, overhead: float,
+               time_limit: float) -> MilpBound:
+    """Lower bound on the step time of any plan.
+
+    time[i, k]: seconds of sequence i on a degree-2**k group (without lat[k]); mem[i, k]: its
+    rank-tokens there (2**k x ceil(L / 2**k)); feasible[i, k]: it fits in memory there; `long`:
+    indices placed with binaries (the rest are divisible), in leader order."""
+    time, mem, feasible = np.asarray(time, float), np.asarray(mem, float), np.asarray(feasible, bool)
+    lat = np.asarray(lat, float)
+    n_deg = time.shape[1]
+    width = 2.0 ** np.arange(n_deg)
+    area = time * width[None, :]
+    long = [int(i) for i in long]
+    short = np.setdiff1d(np.arange(time.shape[0]), long)
+    a_short = float(np.where(feasible[short], area[short], np.inf).min(axis=1).sum()) if short.size else 0.0
+    q_short = float(np.where(feasible[short], mem[short], np.inf).min(axis=1).sum()) if short.size else 0.0
+    n_mem = float(n_ranks) * capacity
+    k_long = len(long)
+
+    # variables: y[p, m, k] (binary), then h[m], a[m], q[m], then a_s, q_s, H_s, j (integer)
+    y: dict = {}
+    for p, i in enumerate(long):
+        for m in range(p + 1):
+            for k in np.flatnonzero(feasible[i]):
+                y[p, m, int(k)] = len(y)
+    base = len(y)
+    h = [base + m for m in range(k_long)]
+    a = [base + k_long + m for m in range(k_long)]
+    q = [base + 2 * k_long + m for m in range(k_long)]
+    a_s, q_s, h_s, j = (base + 3 * k_long + t for t in range(4))
+    n_vars = base + 3 * k_long + 4
+    lead = [[y[m, m, k] for k in np.flatnonzero(feasible[long[m]])] for m in range(k_long)]
+
+    cost = np.zeros(n_vars)
+    cost[h] = 1.0
+    cost[h_s] = 1.0
+    cost[j] = overhead
+    for cols in lead:
+        cost[cols] = overhead  # a step exists iff its leader is in it
+
+    rows = _Rows()
+    slots = [[[] for _ in range(k_long)] for _ in range(k_long)]  # slots[p][m]: (col, k)
+    for (p, m, k), col in y.items():
+        slots[p][m].append((col, k))
+    for p, i in enumerate(long):
+        rows.add([c for m in range(p + 1) for c, _ in slots[p][m]], [1.0] * sum(
+            len(slots[p][m]) for m in range(p + 1)), 1.0, 1.0)  # placed exactly once
+        for m in range(p + 1):
+            cols = [c for c, _ in slots[p][m]]
+            if m < p:  # only in an existing step
+                rows.add(cols + lead[m], [1.0] * len(cols) + [-1.0] * len(lead[m]), hi=0.0)
+            rows.add([h[m]] + cols, [1.0] + [-(time[i, k] + lat[k]) for _, k in slots[p][m]], lo=0.0)
+    for m in range(k_long):
+        members = [(c, long[p], k) for p in range(m, k_long) for c, k in slots[p][m]]
+        rows.add([h[m], a[m]] + [c for c, _, _ in members],
+                 [float(n_ranks), -1.0] + [-area[i, k] for _, i, k in members], lo=0.0)  # area
+        coef: dict = {c: -mem[i, k] for c, i, k in members}
+        for c in lead[m]:
+            coef[c] += n_mem
+        rows.add([q[m]] + list(coef), [-1.0] + list(coef.values()), lo=0.0)  # memory
+        rows.add([a[m]] + lead[m], [1.0] + [-a_short] * len(lead[m]), hi=0.0)  # short work: open steps
+    rows.add(a + [a_s], [1.0] * (k_long + 1), lo=a_short)
+    rows.add(q + [q_s], [1.0] * (k_long + 1), lo=q_short)
+    rows.add([h_s, a_s], [float(n_ranks), -1.0], lo=0.0)
+    rows.add([j, q_s], [n_mem, -1.0], lo=0.0)
+    rows.add([j, a_s], [max(a_short, 1.0), -1.0], lo=0.0)  # short-only work needs a step
+
+    Bounds, _, milp, _ = _scipy()
+    integrality = np.zeros(n_vars)
+    integrality[:base] = 1
+    integrality[j] = 1
+    upper = np.full(n_vars, np.inf)
+    upper[:base] = 1.0
+    with _quiet_stdout():
+        res = milp(cost, constraints=rows.constraint(n_vars), integrality=integrality,
+                   bounds=Bounds(np.zeros(n_vars), upper),
+                   options={"time_limit": max(0.05, float(time_limit)), "presolve": True})
+    dual = getattr(res, "mip_dual_bound", None)
+    if res.status == 0 and dual is None:
+        dual = res.fun
+    value = float(dual) if dual is not None and np.isfinite(dual) else 0.0
+    return MilpBound(max(0.0, value), res.status == 0,
+                     float(res.fun) if res.fun is not None else None)
