@@ -6,6 +6,7 @@ that mixes group degrees (long sequences on wide groups, short ones packed on si
 * `planner`       `plan_batch` (greedy + homogeneous portfolio), `local_search` polishes it
 * `executor`      runs a plan: pre-created aligned groups, packed rows, zero-weight filler steps
 * `scheduler`     `HeteroScheduler`, what a training run holds: cost model + planning + executor
+* `memory`        the linear memory model: fixed state + tokens x bytes per token -> tokens per rank
 * `bound`         a lower bound on any plan's step time (analytic + `milp`, SciPy's HiGHS): the gap
 
 Every rank plans the same batch itself; `Plan.fingerprint64` is all-gathered before a plan runs,
