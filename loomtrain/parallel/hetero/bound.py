@@ -48,9 +48,28 @@ class Tables:
     lat: np.ndarray
     mem: np.ndarray
     feasible: np.ndarray
+    per_rank: np.ndarray  # tokens per rank: ceil(L / 2**k)
+
+
+def _dff(tau: np.ndarray, capacity: int, alone: np.ndarray, j_max: int = 24) -> np.ndarray:
+    """Tokens per rank to charge each sequence at one degree, so that the charges of any group's
+    sequences still sum to <= capacity: a dual feasible function of bin packing (Fekete and
+    Schepers 2001, u^(j)(x) = x if (j+1)x is whole, else floor((j+1)x) / j, for x = tokens /
+    capacity), one j for the whole degree (the one charging the batch most), and the whole
+    capacity for a sequence nothing else fits beside. Charges above the tokens count memory that
+    fragmentation makes unusable (e.g. three 0.27 x capacity sequences fill a group)."""
+    best, best_sum = tau.astype(np.float64), float(tau.sum())
+    for j in range(1, j_max + 1):
+        scaled = (j + 1) * tau
+        w = np.where(scaled % capacity == 0, tau, (scaled // capacity) * capacity / j).astype(np.float64)
+        if float(w.sum()) > best_sum:
+            best, best_sum = w, float(w.sum())
+    return np.where(alone, float(capacity), best)
 
 
 def tables(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostModel) -> Tables:
+    """`mem` charges memory lost to fragmentation too (`_dff`); the charges of the sequences of
+    any group fit its degree x capacity, so those of any micro-step fit N x capacity."""
     check_ranks(n_ranks)
     arr = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if arr.size and (arr.min() < 1 or arr.max() > n_ranks * capacity):
@@ -59,7 +78,20 @@ def tables(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostModel)
     time = np.stack([cost.seq_times(arr, int(d)) for d in degrees], axis=1).reshape(arr.size, -1)
     per_rank = -(-arr[:, None] // degrees[None, :])
     lat = np.array([cost.group_overhead(int(d)) for d in degrees])
-    return Tables(time, lat, (per_rank * degrees[None, :]).astype(np.float64), per_rank <= capacity)
+    feasible = per_rank <= capacity
+    # the smallest other sequence at each degree: the two smallest, so each i excludes itself
+    if arr.size > 1:
+        two = np.sort(per_rank, axis=0)[:2]
+        other = np.where(per_rank == two[0][None, :], two[1][None, :], two[0][None, :])
+    else:
+        other = np.full_like(per_rank, capacity + 1)
+    alone = per_rank + other > capacity
+    charge = np.zeros(per_rank.shape)
+    for k in range(degrees.size):
+        ok = feasible[:, k]
+        charge[ok, k] = _dff(per_rank[ok, k], capacity, alone[ok, k])
+    mem = np.where(feasible, charge, per_rank) * degrees[None, :]
+    return Tables(time, lat, mem.astype(np.float64), feasible, per_rank.astype(np.float64))
 
 
 def lower_bound(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostModel | None = None,
@@ -83,7 +115,8 @@ def lower_bound(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostM
         order = np.lexsort((np.arange(alone.size), -alone))
         long = [int(i) for i in order[:long_max] if alone[i] >= share] or [int(order[0])]
         n_long = len(long)
-        res = milp_bound(t.time, t.lat, t.mem, t.feasible, long, n_ranks, capacity, o, seconds)
+        big = t.per_rank * 2 > capacity  # no two of these share a group
+        res = milp_bound(t.time, t.lat, t.mem, t.feasible, big, long, n_ranks, capacity, o, seconds)
         milp_lb, solved = res.value * (1 - 1e-7), res.solved  # HiGHS's feasibility tolerance
     value = max(area_lb, longest_lb, milp_lb or 0.0)
     return Bound(value, area_lb, longest_lb, milp_lb, solved, n_long)

@@ -68,6 +68,7 @@ class MilpBound:
     value: float  # proven lower bound on the relaxation's optimum (0.0 when HiGHS gave none)
     solved: bool  # the relaxation was solved to optimality within the time limit
     objective: float | None  # best relaxed plan found (an upper bound on the relaxation only)
+    placed: tuple = ()  # in that relaxed plan: (sequence, micro-step, degree exponent) of each long one
 
 
 class _Rows:
@@ -90,14 +91,17 @@ class _Rows:
         return LinearConstraint(a, np.asarray(self.lo), np.asarray(self.hi))
 
 
-def milp_bound(time, lat, mem, feasible, long, n_ranks: int, capacity: int, overhead: float,
+def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int, overhead: float,
                time_limit: float) -> MilpBound:
     """Lower bound on the step time of any plan.
 
     time[i, k]: seconds of sequence i on a degree-2**k group (without lat[k]); mem[i, k]: its
-    rank-tokens there (2**k x ceil(L / 2**k)); feasible[i, k]: it fits in memory there; `long`:
+    rank-tokens there (2**k x ceil(L / 2**k), or more where memory is lost beside it); feasible[i,
+    k]: it fits in memory there; big[i, k]: no two such share a group, so their degrees in one step
+    add up to at most N; `long`:
     indices placed with binaries (the rest are divisible), in leader order."""
     time, mem, feasible = np.asarray(time, float), np.asarray(mem, float), np.asarray(feasible, bool)
+    big = np.asarray(big, bool)
     lat = np.asarray(lat, float)
     n_deg = time.shape[1]
     width = 2.0 ** np.arange(n_deg)
@@ -151,6 +155,9 @@ def milp_bound(time, lat, mem, feasible, long, n_ranks: int, capacity: int, over
             coef[c] += n_mem
         rows.add([q[m]] + list(coef), [-1.0] + list(coef.values()), lo=0.0)  # memory
         rows.add([a[m]] + lead[m], [1.0] + [-a_short] * len(lead[m]), hi=0.0)  # short work: open steps
+        wide = [(c, k) for c, i, k in members if big[i, k]]
+        if wide:  # one group each: ranks
+            rows.add([c for c, _ in wide], [float(1 << k) for _, k in wide], hi=float(n_ranks))
     rows.add(a + [a_s], [1.0] * (k_long + 1), lo=a_short)
     rows.add(q + [q_s], [1.0] * (k_long + 1), lo=q_short)
     rows.add([h_s, a_s], [float(n_ranks), -1.0], lo=0.0)
@@ -171,5 +178,7 @@ def milp_bound(time, lat, mem, feasible, long, n_ranks: int, capacity: int, over
     if res.status == 0 and dual is None:
         dual = res.fun
     value = float(dual) if dual is not None and np.isfinite(dual) else 0.0
+    placed = () if res.x is None else tuple(
+        (long[p], m, k) for (p, m, k), col in y.items() if res.x[col] > 0.5)
     return MilpBound(max(0.0, value), res.status == 0,
-                     float(res.fun) if res.fun is not None else None)
+                     float(res.fun) if res.fun is not None else None, placed)
