@@ -169,7 +169,7 @@ def simulate(ns: argparse.Namespace) -> dict:
         cpu.append(time.process_time() - c0)
         cmp = compare_plans(seqs, ns.gpus, capacity, cost, static_degree=static)
         assert cmp.best.fingerprint == chosen.fingerprint, "the planner is not deterministic"
-        bound = lower_bound(seqs, ns.gpus, capacity, cost, seconds=ns.bound_seconds)
+        bound = lower_bound(seqs, ns.gpus, capacity, cost, seconds=ns.bound_seconds, upper=chosen.time)
         rows.append((cmp.static, cmp.best_homogeneous, chosen, len(seqs), sum(seqs), bound))
     names = ("static", "best_homogeneous", "hetero")
     total = {n: sum(r[j].time for r in rows) for j, n in enumerate(names)}

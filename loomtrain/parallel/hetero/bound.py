@@ -8,7 +8,12 @@ plan / bound - 1 (the optimality gap) can. The bound is the largest of:
            ceil(least rank-tokens / (N x capacity)) micro-steps, each paying the fixed overhead;
 * longest: some micro-step runs the slowest sequence at its fastest feasible degree;
 * MILP:    the relaxation in `milp.py` (per-step height, area and memory; the long sequences placed
-           with binaries), whatever bound HiGHS proves within `seconds`; skipped when seconds <= 0.
+           with binaries; idle time in wide groups only partly usable by short sequences),
+           whatever bound HiGHS proves within `seconds`; skipped when seconds <= 0.
+
+Memory is charged with a dual feasible function of bin packing per degree (`_dff`), so memory
+that fragmentation makes unusable counts, and two sequences over half a rank's capacity at a
+degree never share a group.
 
 Each is valid for every plan the executor can run, so plan / bound - 1 overstates the true gap by
 however loose the bound is, never understates it (tests/test_plan_bound.py checks bound <= the
@@ -95,8 +100,10 @@ def tables(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostModel)
 
 
 def lower_bound(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostModel | None = None,
-                seconds: float = 1.0, long_max: int = LONG_MAX) -> Bound:
-    """The bound (see the module docstring); `seconds`: HiGHS's time limit (<= 0: analytic only)."""
+                seconds: float = 1.0, long_max: int = LONG_MAX, upper: float | None = None) -> Bound:
+    """The bound (see the module docstring); `seconds`: HiGHS's time limit (<= 0: analytic only);
+    `upper`: the step time of a plan of the batch, if known (it tightens the MILP; default: one
+    sequence per micro-step, each at its fastest degree, which is always a plan)."""
     cost = cost or CostModel()
     if len(lengths) == 0:
         return Bound(0.0, 0.0, 0.0, None, True, 0)
@@ -116,7 +123,9 @@ def lower_bound(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostM
         long = [int(i) for i in order[:long_max] if alone[i] >= share] or [int(order[0])]
         n_long = len(long)
         big = t.per_rank * 2 > capacity  # no two of these share a group
-        res = milp_bound(t.time, t.lat, t.mem, t.feasible, big, long, n_ranks, capacity, o, seconds)
+        trivial = float(alone.sum()) + alone.size * o
+        upper = trivial if upper is None else min(float(upper), trivial)
+        res = milp_bound(t.time, t.lat, t.mem, t.feasible, big, long, n_ranks, capacity, o, seconds, upper)
         milp_lb, solved = res.value * (1 - 1e-7), res.solved  # HiGHS's feasibility tolerance
     value = max(area_lb, longest_lb, milp_lb or 0.0)
     return Bound(value, area_lb, longest_lb, milp_lb, solved, n_long)

@@ -92,14 +92,22 @@ class _Rows:
 
 
 def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int, overhead: float,
-               time_limit: float) -> MilpBound:
+               time_limit: float, upper: float) -> MilpBound:
     """Lower bound on the step time of any plan.
 
     time[i, k]: seconds of sequence i on a degree-2**k group (without lat[k]); mem[i, k]: its
     rank-tokens there (2**k x ceil(L / 2**k), or more where memory is lost beside it); feasible[i,
     k]: it fits in memory there; big[i, k]: no two such share a group, so their degrees in one step
-    add up to at most N; `long`:
-    indices placed with binaries (the rest are divisible), in leader order."""
+    add up to at most N; `long`: indices placed with binaries (the rest are divisible), in leader
+    order; `upper`: the step time of some plan (no step of a better plan is taller).
+
+    Idle rank-time in a wide group: a group of degree d holding long sequences (load t_g) in a
+    step of height h has d x (h - t_g) rank-seconds left, which only sequences at degree d can
+    use, at rho_d x their least rank-seconds or more (rho_d: the least such ratio over the short
+    sequences). So of that time at least a share c_d = 1 - 1/rho_d is lost to the divisible work,
+    and the step's area row counts lam[m, d] >= c_d x d x (G x h - sum of the long loads), G the
+    groups of degree d holding long ones: at least one if any (z), at least one per big one.
+    The products of h with binaries are linearised with `upper` as the big-M."""
     time, mem, feasible = np.asarray(time, float), np.asarray(mem, float), np.asarray(feasible, bool)
     big = np.asarray(big, bool)
     lat = np.asarray(lat, float)
@@ -108,31 +116,34 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
     area = time * width[None, :]
     long = [int(i) for i in long]
     short = np.setdiff1d(np.arange(time.shape[0]), long)
-    a_short = float(np.where(feasible[short], area[short], np.inf).min(axis=1).sum()) if short.size else 0.0
+    least = np.where(feasible[short], area[short], np.inf).min(axis=1) if short.size else np.zeros(0)
+    a_short = float(least.sum())
     q_short = float(np.where(feasible[short], mem[short], np.inf).min(axis=1).sum()) if short.size else 0.0
+    lost = np.ones(n_deg)  # c_d; with no short sequence every idle rank-second is lost
+    for k in range(n_deg):
+        ok = feasible[short, k] & (least > 0)
+        if ok.any():
+            lost[k] = max(0.0, 1.0 - 1.0 / float((area[short[ok], k] / least[ok]).min()))
     n_mem = float(n_ranks) * capacity
     k_long = len(long)
+    big_m = max(float(upper), 0.0)
 
-    # variables: y[p, m, k] (binary), then h[m], a[m], q[m], then a_s, q_s, H_s, j (integer)
-    y: dict = {}
+    kinds: list = []  # per variable: (integer, upper bound)
+
+    def new(integer=False, hi=np.inf):
+        kinds.append((integer, hi))
+        return len(kinds) - 1
+
+    y: dict = {}  # y[p, m, k]: long sequence p in step m at degree 2**k
     for p, i in enumerate(long):
         for m in range(p + 1):
             for k in np.flatnonzero(feasible[i]):
-                y[p, m, int(k)] = len(y)
-    base = len(y)
-    h = [base + m for m in range(k_long)]
-    a = [base + k_long + m for m in range(k_long)]
-    q = [base + 2 * k_long + m for m in range(k_long)]
-    a_s, q_s, h_s, j = (base + 3 * k_long + t for t in range(4))
-    n_vars = base + 3 * k_long + 4
+                y[p, m, int(k)] = new(True, 1.0)
+    h = [new(hi=big_m) for _ in range(k_long)]
+    a = [new() for _ in range(k_long)]
+    q = [new() for _ in range(k_long)]
+    a_s, q_s, h_s, j = new(), new(), new(), new(True)
     lead = [[y[m, m, k] for k in np.flatnonzero(feasible[long[m]])] for m in range(k_long)]
-
-    cost = np.zeros(n_vars)
-    cost[h] = 1.0
-    cost[h_s] = 1.0
-    cost[j] = overhead
-    for cols in lead:
-        cost[cols] = overhead  # a step exists iff its leader is in it
 
     rows = _Rows()
     slots = [[[] for _ in range(k_long)] for _ in range(k_long)]  # slots[p][m]: (col, k)
@@ -148,8 +159,28 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
             rows.add([h[m]] + cols, [1.0] + [-(time[i, k] + lat[k]) for _, k in slots[p][m]], lo=0.0)
     for m in range(k_long):
         members = [(c, long[p], k) for p in range(m, k_long) for c, k in slots[p][m]]
-        rows.add([h[m], a[m]] + [c for c, _, _ in members],
-                 [float(n_ranks), -1.0] + [-area[i, k] for _, i, k in members], lo=0.0)  # area
+        lam_cols = []
+        for k in range(n_deg):
+            at_k = [(c, i) for c, i, kk in members if kk == k]
+            if not at_k or lost[k] <= 0 or big_m <= 0:
+                continue
+            scale = lost[k] * width[k]
+            loads = [c for c, _ in at_k], [scale * time[i, k] for _, i in at_k]
+            lam, z, v = new(), new(True, 1.0), new()
+            lam_cols.append(lam)
+            for c, _ in at_k:  # z: some long sequence runs at this degree here
+                rows.add([z, c], [1.0, -1.0], lo=0.0)
+            rows.add([v, h[m], z], [1.0, -1.0, -big_m], lo=-big_m)  # v >= h z
+            rows.add([lam, v] + loads[0], [1.0, -scale] + loads[1], lo=0.0)
+            bigs = [c for c, i in at_k if big[i, k]]
+            if bigs:  # one group per big one: sum of h y over them
+                ws = [new() for _ in bigs]
+                for w, c in zip(ws, bigs):
+                    rows.add([w, h[m], c], [1.0, -1.0, -big_m], lo=-big_m)  # w >= h y
+                rows.add([lam] + ws + loads[0], [1.0] + [-scale] * len(ws) + loads[1], lo=0.0)
+        rows.add([h[m], a[m]] + [c for c, _, _ in members] + lam_cols,
+                 [float(n_ranks), -1.0] + [-area[i, k] for _, i, k in members] + [-1.0] * len(lam_cols),
+                 lo=0.0)  # area
         coef: dict = {c: -mem[i, k] for c, i, k in members}
         for c in lead[m]:
             coef[c] += n_mem
@@ -164,15 +195,19 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
     rows.add([j, q_s], [n_mem, -1.0], lo=0.0)
     rows.add([j, a_s], [max(a_short, 1.0), -1.0], lo=0.0)  # short-only work needs a step
 
+    n_vars = len(kinds)
+    cost = np.zeros(n_vars)
+    cost[h] = 1.0
+    cost[h_s] = 1.0
+    cost[j] = overhead
+    for cols in lead:
+        cost[cols] = overhead  # a step exists iff its leader is in it
     Bounds, _, milp, _ = _scipy()
-    integrality = np.zeros(n_vars)
-    integrality[:base] = 1
-    integrality[j] = 1
-    upper = np.full(n_vars, np.inf)
-    upper[:base] = 1.0
+    integrality = np.array([1 if integer else 0 for integer, _ in kinds])
+    hi = np.array([b for _, b in kinds])
     with _quiet_stdout():
         res = milp(cost, constraints=rows.constraint(n_vars), integrality=integrality,
-                   bounds=Bounds(np.zeros(n_vars), upper),
+                   bounds=Bounds(np.zeros(n_vars), hi),
                    options={"time_limit": max(0.05, float(time_limit)), "presolve": True})
     dual = getattr(res, "mip_dual_bound", None)
     if res.status == 0 and dual is None:
