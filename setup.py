@@ -17,6 +17,7 @@ setup(
         "pyarrow",
         "tensorboard",
         "xxhash",
+        "scipy",  # HiGHS MILP: the heterogeneous planner's lower bound (loomtrain plan)
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "matplotlib", "deepspeed", "import-linter", "datasets", "megatron-core"],

@@ -70,7 +70,7 @@ class ParallelConfig:
     cp_impl: str = "ulysses"
     sequence_scheduler: str = "static"  # static (packed rows) | hetero (per-step SP groups)
     # hetero: tokens one rank holds in a micro-step (longer sequences get a multi-rank group);
-    # 0 = data.seq_len
+    # 0 = from the device's memory on CUDA (parallel/hetero/memory.py), data.seq_len on CPU
     hetero_tokens_per_rank: int = 0
     # hetero: cost-model coefficients: a mapping of CostModel fields, or a JSON file / JSON text
     # (as `loomtrain plan --coeffs`)
@@ -297,7 +297,7 @@ _RANGES = (
     ("train.peak_tflops", 0.0, False, math.inf, False, "finite and positive (or null to measure it)"),
     ("optim.warmup_steps", 0, True, _INT64, False, "not negative"),
     ("checkpoint.every", 0, True, _INT64, False, "not negative (0 saves only at the end)"),
-    ("parallel.hetero_tokens_per_rank", 0, True, _INT64, False, "not negative (0 = data.seq_len)"),
+    ("parallel.hetero_tokens_per_rank", 0, True, _INT64, False, "not negative (0 = from device memory on CUDA, data.seq_len on CPU)"),
     ("train.seed", -_INT64, True, _INT64, False, "within the 64-bit integer range"),
 )
 

@@ -2,12 +2,15 @@
 
     loomtrain plan --lengths FILE --gpus N --context-len L [--gpus-per-node G] [--capacity TOKENS]
                    [--batch-tokens T | --batch-size B] [--batches K] [--seed S] [--coeffs JSON] [--json]
+                   [--bound-seconds S]
 
 Samples K global batches from a length distribution (FILE: one length per line, or a JSON list),
 clips each length to the context length, plans every batch three ways with the cost model, and
 prints the predicted step times: static SP at the degree the context length needs (what a fixed
 Ulysses/ring degree must be set to), the best single degree for each batch, and the heterogeneous
-plan, with the speedups and the planner's own latency. Speedups are ratios of the summed step
+plan, with the speedups and the planner's own latency, and how far the heterogeneous plan can be from
+the best possible one: a lower bound on each batch's step time under the same cost model
+(`parallel/hetero/bound.py`) and the optimality gap, plan / bound - 1. Speedups are ratios of the summed step
 times, i.e. of throughput on the same tokens. Nothing here needs a GPU or torch: `cli` imports
 this module's options for every command line it parses.
 """
@@ -23,7 +26,7 @@ from collections import Counter
 import numpy as np
 
 from loomtrain.errors import LoomError
-from loomtrain.parallel.hetero import CostModel, compare_plans, plan_batch
+from loomtrain.parallel.hetero import CostModel, compare_plans, lower_bound, plan_batch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coeffs", default=None, metavar="JSON",
                    help="cost-model coefficients to override: an inline JSON object or a JSON file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--bound-seconds", type=float, default=2.0, metavar="S",
+                   help="time limit of the lower bound's MILP per batch (default 2; 0: analytic bound only)")
 
 
 _INT64_MAX = 2**63 - 1
@@ -131,6 +136,9 @@ def _check(ns: argparse.Namespace) -> None:
         value = getattr(ns, flag)
         if value is not None and value < 1:
             raise LoomError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    bound_s = ns.bound_seconds
+    if not (bound_s >= 0 and bound_s < float("inf")):
+        raise LoomError(f"--bound-seconds {bound_s}: must be a finite number >= 0")
 
 
 def simulate(ns: argparse.Namespace) -> dict:
@@ -161,9 +169,11 @@ def simulate(ns: argparse.Namespace) -> dict:
         cpu.append(time.process_time() - c0)
         cmp = compare_plans(seqs, ns.gpus, capacity, cost, static_degree=static)
         assert cmp.best.fingerprint == chosen.fingerprint, "the planner is not deterministic"
-        rows.append((cmp.static, cmp.best_homogeneous, chosen, len(seqs), sum(seqs)))
+        bound = lower_bound(seqs, ns.gpus, capacity, cost, seconds=ns.bound_seconds, upper=chosen.time)
+        rows.append((cmp.static, cmp.best_homogeneous, chosen, len(seqs), sum(seqs), bound))
     names = ("static", "best_homogeneous", "hetero")
     total = {n: sum(r[j].time for r in rows) for j, n in enumerate(names)}
+    gaps = [r[2].time / r[5].value - 1.0 for r in rows]
     return {
         "gpus": ns.gpus, "gpus_per_node": cost.gpus_per_node, "context_len": ns.context_len,
         "capacity": capacity, "batches": len(rows), "seed": ns.seed,
@@ -181,6 +191,11 @@ def simulate(ns: argparse.Namespace) -> dict:
         "planner_ms_per_batch": 1e3 * float(np.mean(wall)),
         "planner_ms_max": 1e3 * float(np.max(wall)),
         "planner_cpu_ms_per_batch": 1e3 * float(np.mean(cpu)),
+        "optimality_gap_mean": float(np.mean(gaps)),
+        "optimality_gap_max": float(np.max(gaps)),
+        "bound_step_time_s": float(np.mean([r[5].value for r in rows])),
+        "bound_solved": sum(bool(r[5].solved) for r in rows),
+        "bound_seconds": ns.bound_seconds,
         "cost_model": cost.to_dict(),
     }
 
@@ -205,7 +220,10 @@ def format_report(r: dict, cost_text: str) -> str:
     lines += [f"  best single degrees: {degrees}; heterogeneous plan chosen in {r['hetero_chosen']}"
               f" of {r['batches']} batches (else the best single degree)",
               f"  planner: {r['planner_ms_per_batch']:.1f} ms per batch wall"
-              f" ({r['planner_cpu_ms_per_batch']:.1f} ms CPU, max {r['planner_ms_max']:.1f} ms)"]
+              f" ({r['planner_cpu_ms_per_batch']:.1f} ms CPU, max {r['planner_ms_max']:.1f} ms)",
+              f"  optimality gap (plan / lower bound - 1): mean {100 * r['optimality_gap_mean']:.2f}%,"
+              f" worst {100 * r['optimality_gap_max']:.2f}%; bound {r['bound_step_time_s']:.3f} s per step,"
+              f" MILP solved to optimality in {r['bound_solved']} of {r['batches']} batches"]
     return "\n".join(lines)
 
 

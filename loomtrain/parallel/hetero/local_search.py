@@ -50,3 +50,32 @@ def polish(b, bins, budget: int = 400):
         e[3] = sum(b.time[e[1]][i] for i in e[5]) + (b.lat[e[1]] if e[5] else 0.0)
         e[4] = b.capacity - sum(b.tok[e[1]][i] for i in e[5])
     return bins
+
+
+def widen(b, best, m, kreq, pack, rounds: int = 8):
+    """Coordinate descent on the degrees: the sequence that sets a micro-step's height (the
+    longest in its slowest group) gets the next wider degree and the batch is packed again
+    (`pack(m, kreq)`, the planner's packer, at `m` micro-steps); kept if the plan gets faster.
+    The packer sizes degrees from a per-step share of the work, which misjudges a step that one
+    sequence holds up; this fixes the few that do, a handful of packs per batch."""
+    top = len(b.lat) - 1
+    kreq = np.asarray(kreq).copy()
+    for _ in range(rounds):
+        height: dict = {}
+        for e in best.bins:
+            if e[5] and e[3] > height.get(e[0], (-1.0,))[0]:
+                height[e[0]] = (e[3], e)
+        improved = False
+        for _, e in sorted(height.values(), key=lambda v: (-v[0], v[1][0])):
+            i = max(e[5], key=lambda s: (b.time[e[1]][s], -s))
+            if e[1] >= top:
+                continue
+            trial = kreq.copy()
+            trial[i] = e[1] + 1
+            c = pack(m, trial)
+            if c is not None and (c.time, c.n_steps) < (best.time, best.n_steps):
+                best, kreq, improved = c, trial, True
+                break
+        if not improved:
+            break
+    return best

@@ -18,8 +18,10 @@ makes the same choice greedily, in tens of milliseconds, so every rank can run i
    furthest below its step's level (LPT), within each rank's token capacity.
 4. Portfolio: a few alphas and micro-step counts; then, for the winner, its few longest
    sequences narrowed to fit one tall step (`_heterogeneous`), and a local search that moves
-   sequences off each step's slowest group (`polish.py`). The same packer with one degree for
-   every group (each feasible degree) competes; the fastest plan by the cost model wins, so the
+   sequences off each step's slowest group (`local_search.py`: `widen` gives the sequence that
+   holds a step up the next degree and packs again; `polish` moves sequences); one more
+   candidate keeps short sequences off groups that spend 2x their rank-seconds on them; the
+   best after polishing wins. The same packer with one degree for every group (each feasible degree) competes; the fastest plan by the cost model wins, so the
    result is never slower than the best homogeneous plan.
 
 Plain data in, ties broken by index: every rank computes the same plan, which
@@ -36,7 +38,7 @@ import numpy as np
 
 from loomtrain.parallel.hetero.costmodel import CostModel
 from loomtrain.parallel.hetero.plan_types import Group, MicroStep, Plan, PlanError, check_ranks
-from loomtrain.parallel.hetero.local_search import polish
+from loomtrain.parallel.hetero.local_search import polish, widen
 
 
 # ------------------------------------------------------------------------- the batch
@@ -82,6 +84,7 @@ def _prepare(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostMode
 
 # ------------------------------------------------------------------------- the packer
 FILL = 0.9  # share of free memory the water-filling plans for (LPT needs a little slack)
+MIN_RATE = 0.5  # a candidate keeps short sequences off groups that need 2x their rank-seconds
 LARGE = 0.5  # a sequence over this share of the mean step time is placed one by one
 
 
@@ -109,13 +112,16 @@ def _waterfill(height, slope, headroom, cap, work):
     return level if work <= 1e-9 else None
 
 
-def _pack(b: _Batch, kreq: Sequence[int], n_steps: int, k_small: int):
+def _pack(b: _Batch, kreq: Sequence[int], n_steps: int, k_small: int, min_rate: float = 0.0):
     """Place sequence i on a group of degree >= 2**kreq[i] in one of `n_steps` micro-steps;
     short ones (degree 2**k_small, under LARGE of the mean step time) in bulk. Large ones are
     dealt, most GPU-time first, to the step whose height estimate max(slowest, GPU-time / N)
     grows least, then placed where their step's height grows least: wide ones into the fullest
     group they fit under its target (keeping ranks free), others the least loaded, else a new
-    block. Returns the groups [step, k, start, load, room, seqs], or None (out of memory)."""
+    block. Short ones go in bulk only to groups that do their work at >= `min_rate` of the
+    rank-seconds they take on degree 2**k_small (a wide group spends far more on a short
+    sequence's all-to-alls; the leftovers still go anywhere). Returns the groups [step, k, start,
+    load, room, seqs], or None (out of memory)."""
     n, cap, lat = b.n_ranks, b.capacity, b.lat
     time, tok = b.time, b.tok
     alone = [time[k][i] + lat[k] for i, k in enumerate(kreq)]
@@ -192,9 +198,10 @@ def _pack(b: _Batch, kreq: Sequence[int], n_steps: int, k_small: int):
             new_bin(m, ks)
     # any group may take short ones (a wide one below its step's height has idle ranks); a
     # degree-2**k group does their work (in seconds on degree 2**ks) at rate[k]
-    elig, col = by_step, b.time_np[small].sum(axis=0)
+    col = b.time_np[small].sum(axis=0)
     need = float(col[ks])
     rate = [need / float(col[k]) if k >= ks else 0.0 for k in range(len(col))]
+    elig = [[bi for bi in e if rate[bins[bi][1]] >= min_rate * (1 << (bins[bi][1] - ks))] for e in by_step]
     per_token = need / sum(nk[i] for i in small)
     slope = [sum(rate[bins[bi][1]] for bi in e) for e in elig]
     headroom = [sum(max(0.0, height[m] - bins[bi][3]) * rate[bins[bi][1]] for bi in e)
@@ -313,10 +320,10 @@ def _heterogeneous(b: _Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3
             tau = alpha * float(rank_time[rows, kreq].sum()) / (b.n_ranks * m)
         return pack(m, kreq)
 
-    def pack(m, kreq):
-        key = (m, kreq.tobytes())
+    def pack(m, kreq, min_rate=0.0):
+        key = (m, kreq.tobytes(), min_rate)
         if key not in cache:  # another alpha may land on the same degrees
-            cache[key] = (_candidate(b, _pack(b, kreq.tolist(), m, 0), "hetero", None), m, kreq)
+            cache[key] = (_candidate(b, _pack(b, kreq.tolist(), m, 0, min_rate), "hetero", None), m, kreq)
         return cache[key][0]
 
     cands = [c for a in alphas for c in _search_steps(b, 0, lambda m: run(m, a), shared=False)]
@@ -329,7 +336,12 @@ def _heterogeneous(b: _Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3
         kreq[top] = np.where(ok.any(axis=1), np.argmax(ok, axis=1), k0[top])
         for c in (pack(m, kreq) for m in (m0 - 1, m0) if m >= 1):
             best = c if c is not None and (c.time, c.n_steps) < (best.time, best.n_steps) else best
-    return _candidate(b, polish(b, best.bins), "hetero", None)
+    m0, k0 = next((m, kreq) for c, m, kreq in cache.values() if c is best)
+    best = widen(b, best, m0, k0, pack)
+    m0, k0 = next((m, kreq) for c, m, kreq in cache.values() if c is best)
+    finals = [best] + [c for c in (pack(m, k0, MIN_RATE) for m in (m0, m0 + 1)) if c is not None]
+    return min((_candidate(b, polish(b, c.bins), "hetero", None) for c in finals),
+               key=lambda c: (c.time, c.n_steps))
 
 
 @dataclass(frozen=True)

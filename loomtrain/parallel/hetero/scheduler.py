@@ -16,8 +16,13 @@ import torch
 from loomtrain.models.loss import token_loss_sum
 from loomtrain.parallel.hetero.costmodel import CostModel
 from loomtrain.parallel.hetero.executor import HeteroExecutor
+from loomtrain.parallel.hetero.memory import MemoryModel, resolve_capacity
 from loomtrain.parallel.hetero.plan_types import Plan
 from loomtrain.parallel.hetero.planner import plan_batch
+
+# share of a GPU's memory kept back from the memory model: CUDA context, NCCL buffers, the caching
+# allocator's fragmentation
+CUDA_RESERVE = 0.10
 
 Call = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, position_ids) -> logits
 
@@ -33,7 +38,14 @@ class HeteroScheduler:
         self.executor = HeteroExecutor(model, mesh, device)
         self.cost = CostModel.for_run(cfg, hf_config)
         self.seq_len = cfg.data.seq_len
-        self.capacity = cfg.parallel.hetero_tokens_per_rank or cfg.data.seq_len
+        shards = 1 if mesh is None else mesh["dp_shard_cp"].size()
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        self.memory = MemoryModel.for_run(cfg, self.cost, sum(p.numel() for p in model.parameters()), shards,
+                                          reserve_bytes=CUDA_RESERVE * total if total else 0.0)
+        # tokens one rank holds in a micro-step: configured, else from the device's memory (CUDA),
+        # else the run's sequence length
+        self.capacity = resolve_capacity(cfg.parallel.hetero_tokens_per_rank, cfg.data.seq_len, device.type,
+                                         self.memory, total)
         self.calibrated = False
         self.last_plan: Plan | None = None
 

@@ -1,0 +1,219 @@
+"""A mixed-integer relaxation of heterogeneous planning, solved with SciPy's HiGHS (`scipy.optimize.milp`).
+
+What it relaxes. A plan is micro-steps; each step holds disjoint aligned groups of ranks; a group of
+degree d runs its sequences one after the other (load = sum of their times + a fixed latency) and
+holds sum ceil(L / d) <= capacity tokens per rank; a step lasts as long as its slowest group plus a
+fixed overhead. The relaxation keeps, per micro-step, only three consequences of that:
+
+* height: the step lasts at least as long as each sequence in it, alone, at its degree;
+* area:   N ranks x the step's height >= the rank-seconds (degree x time) of its sequences;
+* memory: N x capacity >= the rank-tokens (degree x ceil(L / degree)) of its sequences;
+
+and drops alignment and the packing of sequences into groups. Every real plan satisfies these, so
+the optimum of the relaxation -- or any lower bound HiGHS proves on it within its time limit
+(`mip_dual_bound`) -- is a lower bound on every plan's step time.
+
+Only the `long` sequences (those that decide the step heights) are placed with binaries. The rest
+("short") are continuous: their least rank-seconds and least rank-tokens over their feasible degrees
+are poured, as divisible amounts, into the steps of the long ones or into short-only steps (counted
+by an integer, each paying the overhead). Dropping integrality only lowers the optimum, so the bound
+stays valid whatever `long` is; more long sequences make it tighter and slower.
+
+Symmetry: steps are labelled by their first long sequence (its "leader", in the order given), so
+sequence p sits in a step m <= p, and a step exists iff its leader sits in it -- one labelling per
+plan instead of K!.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from loomtrain.errors import LoomError
+
+
+def _scipy():
+    """SciPy, loaded when a bound is solved: an install requirement, but 0.3 s to import, which
+    every `loomtrain` command line would pay (cli imports `plan`'s options), so it is loaded the
+    way cli loads a command's module."""
+    try:
+        opt, sparse = importlib.import_module("scipy.optimize"), importlib.import_module("scipy.sparse")
+    except ImportError:
+        raise LoomError("the planner's lower bound needs SciPy (pip install scipy), "
+                        "or pass --bound-seconds 0 for the analytic bound only") from None
+    return opt.Bounds, opt.LinearConstraint, opt.milp, sparse.coo_matrix
+
+
+@contextmanager
+def _quiet_stdout():
+    """HiGHS's C++ code can print a debug line to file descriptor 1 even with output off, which
+    would corrupt `loomtrain plan --json`; point descriptor 1 at /dev/null while it runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@dataclass(frozen=True)
+class MilpBound:
+    value: float  # proven lower bound on the relaxation's optimum (0.0 when HiGHS gave none)
+    solved: bool  # the relaxation was solved to optimality within the time limit
+    objective: float | None  # best relaxed plan found (an upper bound on the relaxation only)
+    placed: tuple = ()  # in that relaxed plan: (sequence, micro-step, degree exponent) of each long one
+
+
+class _Rows:
+    """Sparse constraint rows lo <= A x <= hi, built one row at a time."""
+
+    def __init__(self):
+        self.r, self.c, self.v, self.lo, self.hi = [], [], [], [], []
+
+    def add(self, cols, vals, lo=-np.inf, hi=np.inf):
+        row = len(self.lo)
+        self.r.extend([row] * len(cols))
+        self.c.extend(cols)
+        self.v.extend(vals)
+        self.lo.append(lo)
+        self.hi.append(hi)
+
+    def constraint(self, n_vars):
+        _, LinearConstraint, _, coo_matrix = _scipy()
+        a = coo_matrix((self.v, (self.r, self.c)), shape=(len(self.lo), n_vars)).tocsr()
+        return LinearConstraint(a, np.asarray(self.lo), np.asarray(self.hi))
+
+
+def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int, overhead: float,
+               time_limit: float, upper: float) -> MilpBound:
+    """Lower bound on the step time of any plan.
+
+    time[i, k]: seconds of sequence i on a degree-2**k group (without lat[k]); mem[i, k]: its
+    rank-tokens there (2**k x ceil(L / 2**k), or more where memory is lost beside it); feasible[i,
+    k]: it fits in memory there; big[i, k]: no two such share a group, so their degrees in one step
+    add up to at most N; `long`: indices placed with binaries (the rest are divisible), in leader
+    order; `upper`: the step time of some plan (no step of a better plan is taller).
+
+    Idle rank-time in a wide group: a group of degree d holding long sequences (load t_g) in a
+    step of height h has d x (h - t_g) rank-seconds left, which only sequences at degree d can
+    use, at rho_d x their least rank-seconds or more (rho_d: the least such ratio over the short
+    sequences). So of that time at least a share c_d = 1 - 1/rho_d is lost to the divisible work,
+    and the step's area row counts lam[m, d] >= c_d x d x (G x h - sum of the long loads), G the
+    groups of degree d holding long ones: at least one if any (z), at least one per big one.
+    The products of h with binaries are linearised with `upper` as the big-M."""
+    time, mem, feasible = np.asarray(time, float), np.asarray(mem, float), np.asarray(feasible, bool)
+    big = np.asarray(big, bool)
+    lat = np.asarray(lat, float)
+    n_deg = time.shape[1]
+    width = 2.0 ** np.arange(n_deg)
+    area = time * width[None, :]
+    long = [int(i) for i in long]
+    short = np.setdiff1d(np.arange(time.shape[0]), long)
+    least = np.where(feasible[short], area[short], np.inf).min(axis=1) if short.size else np.zeros(0)
+    a_short = float(least.sum())
+    q_short = float(np.where(feasible[short], mem[short], np.inf).min(axis=1).sum()) if short.size else 0.0
+    lost = np.ones(n_deg)  # c_d; with no short sequence every idle rank-second is lost
+    for k in range(n_deg):
+        ok = feasible[short, k] & (least > 0)
+        if ok.any():
+            lost[k] = max(0.0, 1.0 - 1.0 / float((area[short[ok], k] / least[ok]).min()))
+    n_mem = float(n_ranks) * capacity
+    k_long = len(long)
+    big_m = max(float(upper), 0.0)
+
+    kinds: list = []  # per variable: (integer, upper bound)
+
+    def new(integer=False, hi=np.inf):
+        kinds.append((integer, hi))
+        return len(kinds) - 1
+
+    y: dict = {}  # y[p, m, k]: long sequence p in step m at degree 2**k
+    for p, i in enumerate(long):
+        for m in range(p + 1):
+            for k in np.flatnonzero(feasible[i]):
+                y[p, m, int(k)] = new(True, 1.0)
+    h = [new(hi=big_m) for _ in range(k_long)]
+    a = [new() for _ in range(k_long)]
+    q = [new() for _ in range(k_long)]
+    a_s, q_s, h_s, j = new(), new(), new(), new(True)
+    lead = [[y[m, m, k] for k in np.flatnonzero(feasible[long[m]])] for m in range(k_long)]
+
+    rows = _Rows()
+    slots = [[[] for _ in range(k_long)] for _ in range(k_long)]  # slots[p][m]: (col, k)
+    for (p, m, k), col in y.items():
+        slots[p][m].append((col, k))
+    for p, i in enumerate(long):
+        rows.add([c for m in range(p + 1) for c, _ in slots[p][m]], [1.0] * sum(
+            len(slots[p][m]) for m in range(p + 1)), 1.0, 1.0)  # placed exactly once
+        for m in range(p + 1):
+            cols = [c for c, _ in slots[p][m]]
+            if m < p:  # only in an existing step
+                rows.add(cols + lead[m], [1.0] * len(cols) + [-1.0] * len(lead[m]), hi=0.0)
+            rows.add([h[m]] + cols, [1.0] + [-(time[i, k] + lat[k]) for _, k in slots[p][m]], lo=0.0)
+    for m in range(k_long):
+        members = [(c, long[p], k) for p in range(m, k_long) for c, k in slots[p][m]]
+        lam_cols = []
+        for k in range(n_deg):
+            at_k = [(c, i) for c, i, kk in members if kk == k]
+            if not at_k or lost[k] <= 0 or big_m <= 0:
+                continue
+            scale = lost[k] * width[k]
+            loads = [c for c, _ in at_k], [scale * time[i, k] for _, i in at_k]
+            lam, z, v = new(), new(True, 1.0), new()
+            lam_cols.append(lam)
+            for c, _ in at_k:  # z: some long sequence runs at this degree here
+                rows.add([z, c], [1.0, -1.0], lo=0.0)
+            rows.add([v, h[m], z], [1.0, -1.0, -big_m], lo=-big_m)  # v >= h z
+            rows.add([lam, v] + loads[0], [1.0, -scale] + loads[1], lo=0.0)
+            bigs = [c for c, i in at_k if big[i, k]]
+            if bigs:  # one group per big one: sum of h y over them
+                ws = [new() for _ in bigs]
+                for w, c in zip(ws, bigs):
+                    rows.add([w, h[m], c], [1.0, -1.0, -big_m], lo=-big_m)  # w >= h y
+                rows.add([lam] + ws + loads[0], [1.0] + [-scale] * len(ws) + loads[1], lo=0.0)
+        rows.add([h[m], a[m]] + [c for c, _, _ in members] + lam_cols,
+                 [float(n_ranks), -1.0] + [-area[i, k] for _, i, k in members] + [-1.0] * len(lam_cols),
+                 lo=0.0)  # area
+        coef: dict = {c: -mem[i, k] for c, i, k in members}
+        for c in lead[m]:
+            coef[c] += n_mem
+        rows.add([q[m]] + list(coef), [-1.0] + list(coef.values()), lo=0.0)  # memory
+        rows.add([a[m]] + lead[m], [1.0] + [-a_short] * len(lead[m]), hi=0.0)  # short work: open steps
+        wide = [(c, k) for c, i, k in members if big[i, k]]
+        if wide:  # one group each: ranks
+            rows.add([c for c, _ in wide], [float(1 << k) for _, k in wide], hi=float(n_ranks))
+    rows.add(a + [a_s], [1.0] * (k_long + 1), lo=a_short)
+    rows.add(q + [q_s], [1.0] * (k_long + 1), lo=q_short)
+    rows.add([h_s, a_s], [float(n_ranks), -1.0], lo=0.0)
+    rows.add([j, q_s], [n_mem, -1.0], lo=0.0)
+    rows.add([j, a_s], [max(a_short, 1.0), -1.0], lo=0.0)  # short-only work needs a step
+
+    n_vars = len(kinds)
+    cost = np.zeros(n_vars)
+    cost[h] = 1.0
+    cost[h_s] = 1.0
+    cost[j] = overhead
+    for cols in lead:
+        cost[cols] = overhead  # a step exists iff its leader is in it
+    Bounds, _, milp, _ = _scipy()
+    integrality = np.array([1 if integer else 0 for integer, _ in kinds])
+    hi = np.array([b for _, b in kinds])
+    with _quiet_stdout():
+        res = milp(cost, constraints=rows.constraint(n_vars), integrality=integrality,
+                   bounds=Bounds(np.zeros(n_vars), hi),
+                   options={"time_limit": max(0.05, float(time_limit)), "presolve": True})
+    dual = getattr(res, "mip_dual_bound", None)
+    if res.status == 0 and dual is None:
+        dual = res.fun
+    value = float(dual) if dual is not None and np.isfinite(dual) else 0.0
+    placed = () if res.x is None else tuple(
+        (long[p], m, k) for (p, m, k), col in y.items() if res.x[col] > 0.5)
+    return MilpBound(max(0.0, value), res.status == 0,
+                     float(res.fun) if res.fun is not None else None, placed)
