@@ -72,7 +72,10 @@ def balanced_split(layer_cost: float, n_layers: int, first_extra: float, last_ex
 
 
 def split_costs(hf_config, flops_model) -> tuple[float, float, float]:
-    """Relative cost of one block, of the embedding and of norm+head: half FLOPs, half parameters."""
+    """Relative cost of one block, of the embedding and of norm+head: half FLOPs, half parameters.
+    A model whose FLOPs are unknown is split by blocks alone."""
+    if not flops_model.known:
+        return 1.0, 0.0, 0.0
     d = hf_config.hidden_size
     vocab = hf_config.vocab_size
     n_layers = hf_config.num_hidden_layers

@@ -1,0 +1,75 @@
+"""Tiny configs of many HF causal-LM families, and what each layout is expected to do with them.
+
+One table drives the family matrix (`test_family_matrix.py`) and the README's family table (a
+test checks the README against `EXPECTED`). Every config keeps the family's own quirks switched
+on, because those are what a carved pipeline stage or a tensor-parallel plan can lose: Gemma's
+embedding normaliser, soft-capping and sliding/full layer types, Granite's multipliers, Cohere's
+logit scale, StarCoder2's biases, Falcon's tuple-returning blocks, OLMo-2's and Qwen3's q/k norms,
+Phi-3's and GLM-4's fused projections. Four decoder layers each, so a pp2 stage owns two.
+
+To add a family: put its tiny config in `FAMILIES` and its expected outcome per layout in
+`EXPECTED` ("match", or "refused" for a refusal before launch, whose message the matrix checks).
+"""
+from __future__ import annotations
+
+LAYOUTS = ("1proc", "zero3_dp2", "tp2", "pp2")
+
+_GQA = ["model.config.hidden_size=64", "model.config.intermediate_size=96", "model.config.num_hidden_layers=4",
+        "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2"]
+_HD16 = ["model.config.head_dim=16"]
+
+FAMILIES: dict[str, list[str]] = {
+    "llama": ["model.architecture=llama", *_GQA],
+    "mistral": ["model.architecture=mistral", *_GQA],
+    "qwen2": ["model.architecture=qwen2", *_GQA],
+    "qwen3": ["model.architecture=qwen3", *_GQA, *_HD16],
+    # Gemma-2 soft-caps attention logits, which sdpa cannot do: HF refuses sdpa for it.
+    "gemma2": ["model.architecture=gemma2", *_GQA, *_HD16, "model.attn_implementation=eager",
+               "model.config.sliding_window=8", "model.config.query_pre_attn_scalar=16"],
+    "gemma3_text": ["model.architecture=gemma3_text", *_GQA, *_HD16, "model.config.sliding_window=8",
+                    "model.config.query_pre_attn_scalar=16",
+                    "model.config.layer_types=[sliding_attention,full_attention,sliding_attention,full_attention]"],
+    "phi3": ["model.architecture=phi3", *_GQA],
+    "olmo2": ["model.architecture=olmo2", *_GQA],
+    "glm4": ["model.architecture=glm4", *_GQA, *_HD16],
+    "gpt2": ["model.architecture=gpt2", "model.config.n_embd=64", "model.config.n_layer=4", "model.config.n_head=4",
+             "model.config.n_positions=64", "model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0",
+             "model.config.attn_pdrop=0.0"],
+    "gpt_neox": ["model.architecture=gpt_neox", "model.config.hidden_size=64", "model.config.intermediate_size=96",
+                 "model.config.num_hidden_layers=4", "model.config.num_attention_heads=4",
+                 "model.config.hidden_dropout=0.0", "model.config.attention_dropout=0.0"],
+    "granite": ["model.architecture=granite", *_GQA, "model.config.embedding_multiplier=3.0",
+                "model.config.logits_scaling=4.0", "model.config.residual_multiplier=0.5",
+                "model.config.attention_multiplier=0.2"],
+    "starcoder2": ["model.architecture=starcoder2", *_GQA, "model.config.residual_dropout=0.0",
+                   "model.config.embedding_dropout=0.0"],
+    "cohere": ["model.architecture=cohere", *_GQA, "model.config.logit_scale=0.5"],
+    "falcon": ["model.architecture=falcon", "model.config.hidden_size=64", "model.config.num_hidden_layers=4",
+               "model.config.num_attention_heads=4", "model.config.hidden_dropout=0.0",
+               "model.config.attention_dropout=0.0"],
+}
+
+_ALL = {layout: "match" for layout in LAYOUTS}
+EXPECTED: dict[str, dict[str, str]] = {family: dict(_ALL) for family in FAMILIES}
+# Falcon's fused query_key_value has no tensor-parallel plan in transformers.
+EXPECTED["falcon"]["tp2"] = "refused"
+
+# pp2 x tp2 on 4 ranks: the families whose plans use more than colwise/rowwise.
+PP_TP_FAMILIES = ("qwen3", "gemma3_text", "olmo2", "glm4", "phi3")
+
+BASE = ["data.source=synthetic", "data.lengths=longtail", "data.seq_len=32", "data.global_batch_size=8",
+        "data.micro_batch_size=2", "train.max_steps=3", "train.progress=false", "train.tensorboard=false",
+        "train.peak_tflops=1.0", "optim.lr=0.003", "optim.warmup_steps=1"]
+
+LAYOUT_OVERRIDES = {
+    "1proc": [],
+    "zero3_dp2": ["parallel.zero=3"],
+    "tp2": ["parallel.tp=2"],
+    "pp2": ["parallel.pp=2"],
+    "pp2_tp2": ["parallel.pp=2", "parallel.tp=2"],
+}
+
+
+def family_case(family: str, layout: str = "1proc", *extra: str) -> list[str]:
+    """The overrides of one (family, layout) run."""
+    return FAMILIES[family] + BASE + LAYOUT_OVERRIDES[layout] + list(extra)
