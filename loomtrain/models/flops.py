@@ -29,9 +29,16 @@ Two conventions are reported, because both are in common use and they answer dif
 `flop_model(hf_config)` knows llama, mistral, qwen2 and gpt2 by formula; any other `model_type`
 is measured by building the model on the meta device (no memory, no weights) and walking it:
 every `nn.Linear` / HF `Conv1D` weight is a matmul weight, every `nn.Embedding` weight a lookup.
+The walk builds the model with eager attention: the count does not depend on the attention
+kernel, and some families refuse sdpa at construction (Gemma-2 soft-caps its attention logits).
+
+A FLOP count is a metric, not a precondition: a config that cannot be counted (the meta build
+fails, the config lacks the attention geometry) gives `FlopModel.unknown()`, and the run trains
+with MFU reported as unknown rather than being refused.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -62,6 +69,15 @@ class FlopModel:
     # it does a matmul per token, so the PaLM count keeps it in N.
     tied_embedding_params: int = 0
     source: str = "config"  # "config" (family formula) or "meta" (walk of a meta-device model)
+    # False when the config could not be counted: every count is NaN and MFU is unknown.
+    known: bool = True
+    reason: str = ""  # why the count is unknown (one line), shown once at start-up
+
+    @classmethod
+    def unknown(cls, reason: str) -> "FlopModel":
+        """The count of a model that cannot be counted: NaN FLOPs, so MFU comes out unknown."""
+        return cls(n_layers=0, n_heads=0, head_dim=0, matmul_params=0, embedding_params=0, total_params=0,
+                   source="unknown", known=False, reason=reason)
 
     @property
     def palm_params(self) -> int:
@@ -72,6 +88,8 @@ class FlopModel:
         """Training FLOPs per token, PaLM appendix B / torchtitan: 6*N + 12*L*H*Dh*S."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        if not self.known:
+            return float("nan")
         return 6.0 * self.palm_params + 12.0 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
     def palm_step_flops(self, num_tokens: int, seq_len: int) -> float:
@@ -92,6 +110,8 @@ class FlopModel:
                 raise ValueError(f"document lengths must not be negative, got {length}")
             tokens += length
             pairs += length * (length + 1) // 2
+        if not self.known:
+            return float("nan")
         forward = (2.0 * self.matmul_params * tokens
                    + self.n_layers * 2.0 * 2.0 * self.n_heads * self.head_dim * pairs)
         return 3.0 * forward
@@ -200,10 +220,13 @@ def flop_model_from_module(model, hf_config) -> FlopModel:
 
 
 def flop_model_from_meta(hf_config) -> FlopModel:
-    """Build the causal LM of `hf_config` on the meta device (no memory) and walk it."""
+    """Build the causal LM of `hf_config` on the meta device (no memory) and walk it, with eager
+    attention (the parameters do not depend on it; Gemma-2 refuses sdpa at construction)."""
+    counted = copy.deepcopy(hf_config)
+    counted._attn_implementation = "eager"
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
+            model = AutoModelForCausalLM.from_config(counted)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot count this model"
         raise LoomError(
             f"cannot derive FLOPs for model_type '{getattr(hf_config, 'model_type', '?')}': building"
@@ -214,10 +237,14 @@ def flop_model_from_meta(hf_config) -> FlopModel:
 
 
 def flop_model(hf_config) -> FlopModel:
-    """FlopModel of a HF config: closed-form for llama/mistral/qwen2/gpt2, meta-model walk otherwise."""
+    """FlopModel of a HF config: closed-form for llama/mistral/qwen2/gpt2, meta-model walk otherwise;
+    `FlopModel.unknown(reason)` when neither can count it (training goes on, MFU unknown)."""
     model_type = getattr(hf_config, "model_type", None)
-    if model_type in _GATED_FAMILIES:
-        return _gated_decoder(hf_config)
-    if model_type == "gpt2" and not getattr(hf_config, "add_cross_attention", False):
-        return _gpt2(hf_config)
-    return flop_model_from_meta(hf_config)
+    try:
+        if model_type in _GATED_FAMILIES:
+            return _gated_decoder(hf_config)
+        if model_type == "gpt2" and not getattr(hf_config, "add_cross_attention", False):
+            return _gpt2(hf_config)
+        return flop_model_from_meta(hf_config)
+    except (LoomError, AttributeError, TypeError, ValueError, ZeroDivisionError) as exc:
+        return FlopModel.unknown(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -12,7 +12,10 @@ FLOPs and parameters, with the embedding on the first stage and the head on the 
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import inspect
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -72,7 +75,10 @@ def balanced_split(layer_cost: float, n_layers: int, first_extra: float, last_ex
 
 
 def split_costs(hf_config, flops_model) -> tuple[float, float, float]:
-    """Relative cost of one block, of the embedding and of norm+head: half FLOPs, half parameters."""
+    """Relative cost of one block, of the embedding and of norm+head: half FLOPs, half parameters.
+    A model whose FLOPs are unknown is split by blocks alone."""
+    if not flops_model.known:
+        return 1.0, 0.0, 0.0
     d = hf_config.hidden_size
     vocab = hf_config.vocab_size
     n_layers = hf_config.num_hidden_layers
@@ -91,18 +97,44 @@ def split_costs(hf_config, flops_model) -> tuple[float, float, float]:
 
 
 class PassThrough(nn.Module):
-    """Stands in for a decoder block another stage owns: returns its input unchanged."""
+    """Stands in for a decoder block another stage owns: returns its input unchanged, in the form
+    the model's own blocks return (a tensor, or a tuple whose first item is the hidden states, as
+    Falcon's blocks return)."""
+
+    def __init__(self, arity: int = 0):
+        super().__init__()
+        self.arity = arity  # 0: a tensor; n: an n-tuple (hidden_states, None, ...)
 
     def forward(self, hidden_states, *args, **kwargs):
+        if self.arity:
+            return (hidden_states,) + (None,) * (self.arity - 1)
         return hidden_states
+
+
+def block_output_arity(block: nn.Module) -> int:
+    """0 when the block's forward returns a tensor, n when it returns an n-tuple, read from the
+    return statements of its source (`return output, attn_weights`, or a name bound to a tuple)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(block).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return 0
+    tuples = {target.id: len(node.value.elts) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+              and isinstance(node.value, ast.Tuple) for target in node.targets if isinstance(target, ast.Name)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple):
+            return len(node.value.elts)
+        if isinstance(node, ast.Return) and isinstance(node.value, ast.Name) and node.value.id in tuples:
+            return tuples[node.value.id]
+    return 0
 
 
 def carve_stage(model: nn.Module, start: int, end: int, *, first: bool, last: bool) -> nn.Module:
     """Keep blocks [start, end) of `model` (in place) and drop what other stages own."""
     blocks = find_blocks(model)
+    arity = block_output_arity(blocks[0])
     for i in range(len(blocks)):
         if not start <= i < end:
-            blocks[i] = PassThrough()
+            blocks[i] = PassThrough(arity)
     base = model.base_model
     if not first:
         model.set_input_embeddings(nn.Identity())
@@ -134,18 +166,63 @@ class ZeroEmbedding(nn.Module):
 
 class StageModule(nn.Module):
     """What a `PipelineStage` runs: the carved HF model, taking token ids on the first stage and
-    hidden states elsewhere. Outputs are never views (zero-bubble schedules need that)."""
+    hidden states elsewhere. Outputs are never views (zero-bubble schedules need that).
 
-    def __init__(self, model: nn.Module, first: bool):
+    A stage runs the model's whole forward, so what the model does around its blocks must happen
+    exactly once, on the stage that owns it:
+    * Entry: on a later stage the incoming hidden states are handed to the model as
+      `inputs_embeds` (HF builds masks, rotary tables and per-layer attention types from them),
+      but they enter the computation at the stage's first owned block: whatever the model does to
+      its embeddings (Gemma's normaliser, Granite's multiplier, GPT-2's learned positions) was
+      done on the first stage already and is discarded here.
+    * Exit: a stage before the last hands on what reaches its head stand-in, not the model's
+      output, so logit scaling and soft-capping (Cohere, Granite, Gemma) are applied only by the
+      last stage, to real logits.
+    """
+
+    def __init__(self, model: nn.Module, first: bool, last: bool = True):
         super().__init__()
         self.model = model
         self.first = first
+        self._entry: torch.Tensor | None = None
+        self._exit: torch.Tensor | None = None
+        if not first:
+            owned = [b for b in find_blocks(model) if not isinstance(b, PassThrough)]
+            # prepend: before any hook that parallelisms put on the block (the sequence-parallel
+            # slice must see the stage's input, not the model's stand-in for it).
+            owned[0].register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True)
+        if not last:
+            model.get_output_embeddings().register_forward_hook(self._leave)
+
+    def _enter(self, block, args, kwargs):
+        def real(placeholder: torch.Tensor) -> torch.Tensor:
+            # A recomputed block (activation checkpointing) sees the same placeholder again, and
+            # must get the same input back even if later micro-batches have entered since.
+            entry = getattr(placeholder, "_loomtrain_stage_input", None)
+            if entry is None:
+                entry = self._entry
+                placeholder._loomtrain_stage_input = entry
+            return entry
+
+        if args and isinstance(args[0], torch.Tensor):
+            return (real(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": real(kwargs["hidden_states"])}
+
+    def _leave(self, head, inputs, output):
+        self._exit = output
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        self._exit = None
         if self.first:
             out = self.model(input_ids=x, position_ids=position_ids, use_cache=False).logits
         else:
-            out = self.model(inputs_embeds=x, position_ids=position_ids, use_cache=False).logits
+            self._entry = x
+            try:
+                out = self.model(inputs_embeds=x, position_ids=position_ids, use_cache=False).logits
+            finally:
+                self._entry = None
+        if self._exit is not None:
+            out, self._exit = self._exit, None
         return out.clone() if out._base is not None else out
 
 
@@ -216,7 +293,8 @@ class Pipeline:
     def build(cls, parts: list[nn.Module], ids: list[int], n_stages: int, pp_group, device: torch.device,
               schedule: str, n_microbatches: int) -> "Pipeline":
         timeline = Timeline()
-        stages = [TimedStage(StageModule(part, first=sid == 0), sid, n_stages, device, group=pp_group,
+        stages = [TimedStage(StageModule(part, first=sid == 0, last=sid == n_stages - 1), sid, n_stages, device,
+                             group=pp_group,
                              timeline=timeline)
                   for part, sid in zip(parts, ids)]
         pipe = cls(None, ids, n_stages, timeline)

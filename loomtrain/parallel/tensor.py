@@ -1,8 +1,9 @@
 """Tensor parallelism (Megatron-style) and sequence parallelism for HF decoder models.
 
-Driven by the model's own `base_model_tp_plan` (`"layers.*.self_attn.q_proj": "colwise"`, ...);
-models without one get a plan from their module names (q/k/v, gate/up colwise; o/down rowwise),
-and a module that cannot be classified is an error that names it. Parameters become DTensors on
+Driven by the model's own `base_model_tp_plan` (`"layers.*.self_attn.q_proj": "colwise"`, ...),
+each style string read exactly by `tp_plan` and applied by `parallel_style`; models without a
+plan get one from their module names (q/k/v, gate/up colwise; o/down rowwise), and a module that
+cannot be classified is an error that names it. Parameters become DTensors on
 the "tp" mesh, so their names (and checkpoints) do not change.
 
 Where the activations live (sequence parallel on):
@@ -23,16 +24,16 @@ length on every rank (row-parallel outputs are all-reduced).
 """
 from __future__ import annotations
 
-import re
-
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
 
 from loomtrain.errors import ConfigError
 from loomtrain.parallel.tensor_styles import (Conv1DColwise, Conv1DRowwise, GatherHiddenStates, GatherSequence,
-                                              ReplicatedFusedQKV, ReplicatedKV, SliceHiddenStates)
+                                              ReplicatedFusedQKV, ReplicatedGradSum, ReplicatedKV, SliceHiddenStates)
+from loomtrain.parallel.tp_plan import PlanEntry, block_entries, model_plan, refusal
 
 _COLWISE_NAMES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query", "key", "value", "fc1",
                   "w1", "w3", "c_fc")
@@ -41,19 +42,27 @@ _ROWWISE_NAMES = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "w2", "c_pr
 _FUSED_QKV = {"gpt2": "c_attn"}
 
 
-def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> dict[str, str]:
-    """Per-block plan {relative module path: "colwise" | "rowwise"}, from the HF config's
-    `base_model_tp_plan` or derived from the linear layers' names."""
-    plan = getattr(model.config, "base_model_tp_plan", None) or {}
-    per_layer = {}
-    for pattern, style in plan.items():
-        match = re.match(r"^(?:[\w.]*\.)?layers\.\*\.(.+)$", pattern)
-        if match:
-            per_layer[match.group(1)] = style.replace("_rep", "")
-    if per_layer:
-        return per_layer
+def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> list[PlanEntry]:
+    """Per-block plan: the model's `base_model_tp_plan` read exactly (`tp_plan.block_entries`),
+    or, for a model without one, derived from the linear layers' names (colwise / rowwise, GPT-2's
+    fused `c_attn`). Every entry must name a module of the block; an entry loomtrain cannot apply
+    is a `ConfigError` naming it."""
+    model_type = model.config.model_type
     block = blocks[0]
-    fused = _FUSED_QKV.get(model.config.model_type)
+    entries = block_entries(model_plan(model.config), model_type)
+    for entry in entries:
+        try:
+            module = block.get_submodule(entry.path)
+        except AttributeError:
+            module = None
+        if module is None:
+            raise refusal(model_type, f"layers.*.{entry.path}", entry.style,
+                          f"which names no module of {type(block).__name__} (a parameter, or a missing layer)")
+        if _is_conv1d(module) and entry.meaning not in ("colwise", "rowwise"):
+            raise refusal(model_type, f"layers.*.{entry.path}", entry.style, "on an HF Conv1D layer")
+    if entries:
+        return entries
+    fused = _FUSED_QKV.get(model_type)
     for name, module in block.named_modules():
         if not name:
             continue
@@ -61,18 +70,18 @@ def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> dict[str, str]:
         if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
             continue
         if leaf == fused:
-            per_layer[name] = "fused_qkv"
+            entries.append(PlanEntry(name, "fused_qkv", "fused_qkv"))
         elif leaf in ("c_attn", "qkv_proj", "query_key_value", "Wqkv"):
-            raise ConfigError(f"parallel.tp: {type(block).__name__}.{name} is a fused QKV projection whose layout "
-                              f"loomtrain does not know for {model.config.model_type}; run it with parallel.tp=1")
+            raise refusal(model_type, f"{type(block).__name__}.{name}", "(none: the model has no tp plan)",
+                          "a fused QKV projection whose head layout loomtrain does not know")
         elif leaf in _COLWISE_NAMES:
-            per_layer[name] = "colwise"
+            entries.append(PlanEntry(name, "colwise", "colwise"))
         elif leaf in _ROWWISE_NAMES:
-            per_layer[name] = "rowwise"
+            entries.append(PlanEntry(name, "rowwise", "rowwise"))
         else:
             raise ConfigError(f"parallel.tp: cannot tell whether {type(block).__name__}.{name} is column- or "
-                              f"row-parallel; the model has no base_model_tp_plan to say")
-    return per_layer
+                              f"row-parallel; {model_type} has no base_model_tp_plan to say; run it with parallel.tp=1")
+    return entries
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -114,22 +123,16 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
             continue
         plan: dict[str, object] = {}
         attention_like = set()
-        for path, style in per_layer.items():
-            leaf = path.rsplit(".", 1)[-1]
+        for entry in per_layer:
+            path, leaf = entry.path, entry.path.rsplit(".", 1)[-1]
             parent = block.get_submodule(path.rsplit(".", 1)[0]) if "." in path else block
             conv1d = _is_conv1d(block.get_submodule(path))
-            if style == "fused_qkv":
-                plan[path] = ReplicatedFusedQKV(tp)
+            if entry.meaning == "fused_qkv":
                 parent.split_size = parent.split_size // tp  # [q | k | v] of this rank's heads
-            elif replicate_kv and style.startswith("colwise") and leaf in ("k_proj", "v_proj", "key", "value"):
-                plan[path] = ReplicatedKV(kv_heads, tp)
+            elif replicate_kv and entry.meaning == "colwise" and leaf in _KV_NAMES:
                 parent.num_key_value_groups = heads // tp
-            elif style.startswith("colwise"):
-                plan[path] = Conv1DColwise() if conv1d else ColwiseParallel()
-            elif style.startswith("rowwise"):
-                plan[path] = Conv1DRowwise(seq) if conv1d else RowwiseParallel(output_layouts=seq)
-            else:
-                raise ConfigError(f"parallel.tp: unsupported TP style {style!r} for {path} in the model's plan")
+            plan[path] = parallel_style(entry.meaning, conv1d=conv1d, seq=seq, tp=tp,
+                                        kv_heads=kv_heads if replicate_kv and leaf in _KV_NAMES else None)
             if "." in path:
                 attention_like.add(path.rsplit(".", 1)[0])
         if sequence_parallel:
@@ -153,6 +156,30 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
             gather = GatherSequence(tp_mesh)
             final_norm.register_forward_hook(lambda module, inputs, output: gather(output))
     _retie(ties)
+
+
+_KV_NAMES = ("k_proj", "v_proj", "key", "value")
+
+
+def parallel_style(meaning: str, *, conv1d: bool, seq, tp: int, kv_heads: int | None = None) -> ParallelStyle:
+    """The DTensor `ParallelStyle` with the meaning of one plan entry (see `tp_plan`).
+    `seq`: where row-parallel outputs go (Shard(1) under sequence parallelism, else Replicate);
+    `kv_heads`: set for a colwise K/V projection with fewer KV heads than tp ranks."""
+    if meaning == "fused_qkv":
+        return ReplicatedFusedQKV(tp)
+    if meaning == "colwise":
+        if kv_heads is not None:
+            return ReplicatedKV(kv_heads, tp)
+        return Conv1DColwise() if conv1d else ColwiseParallel()
+    if meaning == "rowwise":
+        return Conv1DRowwise(seq) if conv1d else RowwiseParallel(output_layouts=seq)
+    if meaning == "colwise_gather_output":  # whole projection on every rank after an all-gather
+        return ColwiseParallel(output_layouts=Replicate())
+    if meaning == "rowwise_split_input":  # whole input: each rank slices its part of the last dim
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if meaning == "replicated_with_grad_allreduce":
+        return ReplicatedGradSum()
+    raise ValueError(f"no ParallelStyle for {meaning!r}")  # block_entries refuses these before
 
 
 def _final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:

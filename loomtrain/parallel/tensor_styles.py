@@ -152,3 +152,50 @@ class GatherSequence(nn.Module):
 
     def forward(self, x):
         return DTensor.from_local(x, self.tp_mesh, [Shard(1)]).redistribute(self.tp_mesh, [Replicate()]).to_local()
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient over `group`."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class ReplicatedGradSum(ParallelStyle):
+    """transformers' `replicated_with_grad_allreduce`: a module (Qwen3's or Gemma-3's per-head
+    `q_norm`/`k_norm`) whose weights stay whole on every rank but which only sees this rank's heads,
+    so each rank's weight gradient is a partial sum over heads and the ranks' gradients must be added.
+
+    The sum is taken on the way into the weight's gradient, inside autograd, once per backward:
+    during the module's forward each parameter is replaced by an identity view whose backward
+    all-reduces over the tp group. Reducing the accumulated `.grad` after each backward instead (as
+    transformers' own object does) would sum earlier micro-batches' gradients again on every
+    micro-batch of an accumulated step. The parameter stays a plain tensor (FSDP shards it as any
+    other replicated weight) and the gradient norm counts it once."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        group = device_mesh.get_group()
+        saved: list[dict] = []
+
+        def swap_in(mod, args):
+            params = dict(mod._parameters)
+            saved.append(params)
+            for name, param in params.items():
+                if param is not None and param.requires_grad and torch.is_grad_enabled():
+                    mod._parameters[name] = _SumGradOverGroup.apply(param, group)
+
+        def swap_out(mod, args, output):
+            mod._parameters.update(saved.pop())
+            return output
+
+        module.register_forward_pre_hook(swap_in)
+        module.register_forward_hook(swap_out, always_call=True)
+        return module

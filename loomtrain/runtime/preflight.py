@@ -24,6 +24,7 @@ from loomtrain.models.weights import SafetensorsSource, check_weights, listed
 from loomtrain.parallel.hetero.costmodel import CostModel
 from loomtrain.parallel.pipeline import stages_per_rank
 from loomtrain.parallel.tensor import layer_plan
+from loomtrain.parallel.tp_plan import check_plan
 
 
 def validate_model_layout(hf_config, degrees: dict[str, int]) -> None:
@@ -138,7 +139,11 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
     if tp > 1 and cfg.parallel.zero < 2 and dp > 1:
         raise ConfigError(f"parallel.zero={cfg.parallel.zero} with parallel.tp={tp}: DDP cannot reduce "
                           "tensor-parallel (DTensor) gradients; use parallel.zero=2 or 3")
-    if tp > 1:  # the TP plan must classify every linear layer; a meta model costs no memory
+    if tp > 1:
+        # Every style of the model's plan, read from the config alone (no model is built); then
+        # the plan must name modules of the block, or classify every linear layer when the model
+        # has none (a meta model costs no memory).
+        check_plan(hf_config)
         meta = build_meta_model(hf_config)
         layer_plan(meta, find_blocks(meta))
     cp = degrees["cp"]

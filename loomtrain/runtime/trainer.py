@@ -240,8 +240,10 @@ class Trainer:
         tokens = result.tokens if result.tokens is not None else cfg.data.global_batch_size * cfg.data.seq_len
         return step_record(
             step=loop.step, loss=result.loss, grad_norm=float(grad_norm), lr=lr, tokens=tokens,
-            step_time_s=elapsed, flops_palm=self.flops.palm_step_flops(tokens, cfg.data.seq_len),
-            flops_exact=result.exact_flops, world_size=env.world_size,
+            step_time_s=elapsed,
+            # An uncountable model trains with MFU unknown (None), never a refusal.
+            flops_palm=self.flops.palm_step_flops(tokens, cfg.data.seq_len) if self.flops.known else None,
+            flops_exact=result.exact_flops if self.flops.known else None, world_size=env.world_size,
             peak_flops_per_device=self.peak_flops, peak_mem_gb=peak_memory_gb(env.device),
             valid_tokens=result.valid_tokens, samples_consumed=self.loader.samples_consumed,
             skipped_steps=self.skipped_steps, **self.runner.metrics())
@@ -292,7 +294,10 @@ class Trainer:
 
     def _print_banner(self) -> None:
         d, cfg = self.dims, self.cfg
-        n_params = self.flops.total_params
+        n_params = self.flops.total_params or sum(p.numel() for m in self.model_parts for p in m.parameters())
+        if not self.flops.known:
+            print(f"loomtrain: warning: MFU unknown, the model's FLOPs cannot be counted ({self.flops.reason})",
+                  flush=True)
         print(f"loomtrain: {self.hf_config.model_type} {n_params / 1e6:.2f}M params | world {self.env.world_size} "
               f"(dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x cp {d.cp} x tp {d.tp} x pp {d.pp}), "
               f"zero {cfg.parallel.zero} | {self.env.device.type} {cfg.model.dtype} | "

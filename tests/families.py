@@ -1,0 +1,144 @@
+"""Tiny configs of many HF causal-LM families, and what each layout is expected to do with them.
+
+One table drives the family matrix (`test_family_matrix.py`) and the README's family table (a
+test checks the README against `EXPECTED`). Every config keeps the family's own quirks switched
+on, because those are what a carved pipeline stage or a tensor-parallel plan can lose: Gemma's
+embedding normaliser, soft-capping and sliding/full layer types, Granite's multipliers, Cohere's
+logit scale, StarCoder2's biases, Falcon's tuple-returning blocks, OLMo-2's and Qwen3's q/k norms,
+Phi-3's and GLM-4's fused projections. Four decoder layers each, so a pp2 stage owns two.
+
+To add a family: put its tiny config in `FAMILIES` and its expected outcome per layout in
+`EXPECTED` ("match", or "refused" for a refusal before launch, whose message the matrix checks).
+"""
+from __future__ import annotations
+
+LAYOUTS = ("1proc", "zero3_dp2", "tp2", "pp2")
+
+_GQA = ["model.config.hidden_size=64", "model.config.intermediate_size=96", "model.config.num_hidden_layers=4",
+        "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2"]
+_HD16 = ["model.config.head_dim=16"]
+
+FAMILIES: dict[str, list[str]] = {
+    "llama": ["model.architecture=llama", *_GQA],
+    "mistral": ["model.architecture=mistral", *_GQA],
+    "qwen2": ["model.architecture=qwen2", *_GQA],
+    "qwen3": ["model.architecture=qwen3", *_GQA, *_HD16],
+    # Gemma-2 soft-caps attention logits, which sdpa cannot do: HF refuses sdpa for it.
+    "gemma2": ["model.architecture=gemma2", *_GQA, *_HD16, "model.attn_implementation=eager",
+               "model.config.sliding_window=8", "model.config.query_pre_attn_scalar=16"],
+    "gemma3_text": ["model.architecture=gemma3_text", *_GQA, *_HD16, "model.config.sliding_window=8",
+                    "model.config.query_pre_attn_scalar=16",
+                    "model.config.layer_types=[sliding_attention,full_attention,sliding_attention,full_attention]"],
+    "phi3": ["model.architecture=phi3", *_GQA],
+    "olmo2": ["model.architecture=olmo2", *_GQA],
+    "glm4": ["model.architecture=glm4", *_GQA, *_HD16],
+    "gpt2": ["model.architecture=gpt2", "model.config.n_embd=64", "model.config.n_layer=4", "model.config.n_head=4",
+             "model.config.n_positions=64", "model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0",
+             "model.config.attn_pdrop=0.0"],
+    "gpt_neox": ["model.architecture=gpt_neox", "model.config.hidden_size=64", "model.config.intermediate_size=96",
+                 "model.config.num_hidden_layers=4", "model.config.num_attention_heads=4",
+                 "model.config.hidden_dropout=0.0", "model.config.attention_dropout=0.0"],
+    "granite": ["model.architecture=granite", *_GQA, "model.config.embedding_multiplier=3.0",
+                "model.config.logits_scaling=4.0", "model.config.residual_multiplier=0.5",
+                "model.config.attention_multiplier=0.2"],
+    "starcoder2": ["model.architecture=starcoder2", *_GQA, "model.config.residual_dropout=0.0",
+                   "model.config.embedding_dropout=0.0"],
+    "cohere": ["model.architecture=cohere", *_GQA, "model.config.logit_scale=0.5"],
+    "falcon": ["model.architecture=falcon", "model.config.hidden_size=64", "model.config.num_hidden_layers=4",
+               "model.config.num_attention_heads=4", "model.config.hidden_dropout=0.0",
+               "model.config.attention_dropout=0.0"],
+}
+
+_ALL = {layout: "match" for layout in LAYOUTS}
+EXPECTED: dict[str, dict[str, str]] = {family: dict(_ALL) for family in FAMILIES}
+# Falcon's fused query_key_value has no tensor-parallel plan in transformers.
+EXPECTED["falcon"]["tp2"] = "refused"
+# Tied input/output embeddings are refused under pipeline parallelism (for now).
+for _family in ("gemma2", "gemma3_text", "gpt2", "starcoder2", "cohere", "falcon"):
+    EXPECTED[_family]["pp2"] = "refused"
+
+# pp2 x tp2 on 4 ranks: the families whose plans use more than colwise/rowwise.
+PP_TP_FAMILIES = ("qwen3", "gemma3_text", "olmo2", "glm4", "phi3")
+
+# Adam's first update is lr * g / (|g| + eps): with the default eps=1e-8, an element whose gradient
+# is rounding noise (~1e-9, its sign set by the order of a reduction) moves by a full +-lr, so the
+# same run on another layout ends with parameters apart by 2*lr there. eps=1e-6 leaves real
+# gradients' updates as they are and keeps such elements still.
+BASE = ["data.source=synthetic", "data.lengths=longtail", "data.seq_len=32", "data.global_batch_size=8",
+        "data.micro_batch_size=2", "train.max_steps=3", "train.progress=false", "train.tensorboard=false",
+        "train.peak_tflops=1.0", "optim.lr=0.003", "optim.schedule=constant", "optim.eps=1e-6"]
+
+LAYOUT_OVERRIDES = {
+    "1proc": [],
+    "zero3_dp2": ["parallel.zero=3"],
+    "tp2": ["parallel.tp=2"],
+    "pp2": ["parallel.pp=2"],
+    "pp2_tp2": ["parallel.pp=2", "parallel.tp=2"],
+}
+
+
+def family_case(family: str, layout: str = "1proc", *extra: str) -> list[str]:
+    """The overrides of one (family, layout) run."""
+    return FAMILIES[family] + BASE + LAYOUT_OVERRIDES[layout] + list(extra)
+
+
+# ----------------------------------------------------------------------------- the launch
+
+def run_matrix(nproc: int, cases: dict[str, list[str]], out_dir: str, timeout: int = 1200) -> None:
+    """Run every case in one torchrun launch of `nproc` gloo ranks (this file is the worker).
+    A case that raises is recorded in OUT_DIR/name.error and the launch goes on with the next."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from harness import ROOT, free_port
+
+    os.makedirs(out_dir, exist_ok=True)
+    cases_path = os.path.join(out_dir, "cases.json")
+    with open(cases_path, "w", encoding="utf-8") as fh:
+        json.dump(cases, fh)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", os.path.abspath(__file__), cases_path, out_dir]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+def _worker() -> None:
+    import json
+    import os
+    import sys
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from loomtrain.config import load_config
+    from loomtrain.runtime.trainer import Trainer
+
+    cases_path, out_dir = sys.argv[1], sys.argv[2]
+    with open(cases_path, encoding="utf-8") as fh:
+        cases = json.load(fh)
+    dist.init_process_group("gloo")
+    for name, overrides in cases.items():
+        try:
+            trainer = Trainer(load_config(None, overrides + [f"train.output_dir={os.path.join(out_dir, name)}"]))
+            result = trainer.fit()
+            params = trainer.full_state_dict()
+        except Exception as exc:  # noqa: BLE001 - recorded for the test to report, next case goes on
+            if dist.get_rank() == 0:
+                with open(os.path.join(out_dir, f"{name}.error"), "w", encoding="utf-8") as fh:
+                    fh.write(f"{type(exc).__name__}: {exc}")
+            dist.barrier()
+            continue
+        if dist.get_rank() == 0:
+            with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as fh:
+                json.dump({"losses": result.losses, "grad_norms": result.grad_norms}, fh)
+            save_file({k: v.contiguous() for k, v in params.items()}, os.path.join(out_dir, f"{name}.safetensors"))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker()
