@@ -76,6 +76,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_ind
         return _varlen(q, k, v, layout, scale)
     if which == "flex":
         return _flex(q, k, v, q_index, q_start, k_index, scale)
+    return _blockwise(q, k, v, q_index, q_start, k_index, scale, block_q, block_k)
+
+
+# Not traced by torch.compile (`parallel.compile` compiles whole decoder blocks): the block plan is
+# data-dependent Python control flow, so the compiled block calls this eagerly, as one graph break.
+@torch.compiler.disable
+def _blockwise(q, k, v, q_index, q_start, k_index, scale: float, block_q: int, block_k: int):
     plan = plan_blocks(q_index, q_start, k_index, block_q, block_k)
     return BlockwiseAttention.apply(q, k, v, q_index, q_start, k_index, scale, plan)
 

@@ -61,19 +61,25 @@ class LayoutCache:
     """Derive a micro-batch's `DocLayout` once, not once per layer: every attention layer of one
     forward (and its recomputation under activation checkpointing) receives the same
     position_ids tensor object. Held by the attention modules of one model (an attribute, not
-    global state); a weak reference, so a finished micro-batch is not kept alive."""
+    global state); a weak reference, so a finished micro-batch is not kept alive.
+
+    `derive` computes the layout when it is not cached (context parallelism gathers the other
+    ranks' positions first: every rank of a group misses and hits together, so the collective
+    stays matched); `key` names the derivation (e.g. ring over a given cp group), so two
+    derivations from the same tensor are never confused."""
 
     def __init__(self) -> None:
         self._ref = None
-        self._version = -1
-        self._layout: DocLayout | None = None
+        self._stamp = None
+        self._layout = None
 
-    def get(self, position_ids: torch.Tensor) -> DocLayout:
+    def get(self, position_ids: torch.Tensor, derive=layout_from_position_ids, key="plain"):
         held = self._ref() if self._ref is not None else None
-        if held is position_ids and self._version == position_ids._version and self._layout is not None:
+        stamp = (position_ids._version, key)
+        if held is position_ids and self._stamp == stamp and self._layout is not None:
             return self._layout
-        self._layout = layout_from_position_ids(position_ids)
-        self._ref, self._version = weakref.ref(position_ids), position_ids._version
+        self._layout = derive(position_ids)
+        self._ref, self._stamp = weakref.ref(position_ids), stamp
         return self._layout
 
 

@@ -53,6 +53,7 @@ def check_supported(module: nn.Module, dropout: float, kwargs: dict) -> None:
         raise LoomError(f"{PACKED}: only causal attention is supported ({type(module).__name__} is not causal)")
 
 
+@torch.compiler.disable  # layout caching and the block plan are eager Python (one graph break per layer)
 def packed_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
     """HF attention-interface function: [b, H, S, D] in, ([b, S, H, D], None) out."""
