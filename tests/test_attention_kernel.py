@@ -160,3 +160,16 @@ def test_cuda_backends_match_blockwise(backend):  # pragma: no cover - no GPU he
                                     backend=backend, layout=layout)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got_lse.float(), want_lse, atol=2e-2, rtol=2e-2)
+
+
+def test_autocast_keeps_float32_scores():
+    """Under bf16 autocast the kernel still computes in float32: same result as without autocast."""
+    torch.manual_seed(7)
+    layout = layout_from_position_ids(positions_for([13, 1, 30]))
+    q, k, v = torch.randn(4, 44, 8), torch.randn(2, 44, 8), torch.randn(2, 44, 8)
+    args = dict(q_index=layout.index, q_start=layout.start, k_index=layout.index, block_q=16, block_k=16)
+    plain, _ = packed_attention(q, k, v, **args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, _ = packed_attention(q, k, v, **args)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, atol=0, rtol=0)

@@ -20,9 +20,12 @@ dv += p^T dO, ds = p * (dO v^T - delta) with delta = rowsum(dO * O), dq += ds k,
 Because p and delta come from the final lse and output, the same backward is exact for one piece
 of a larger attention (a ring step): pass the merged output and lse.
 
-Compute is float32 (float64 stays float64); results come back in that compute dtype.
+Compute is float32 (float64 stays float64), also under autocast (which is switched off inside, so
+bf16 runs keep float32 scores); results come back in that compute dtype.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -40,6 +43,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _no_autocast(fn):
+    """Run `fn` with autocast off on its first argument's device: scores stay in compute dtype."""
+    @functools.wraps(fn)
+    def wrapped(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+    return wrapped
+
+
+@_no_autocast
 def blockwise_forward(q, k, v, q_index, q_start, k_index, scale: float, plan: BlockPlan):
     """(out [Hq, Tq, D], lse [Hq, Tq]) in the compute dtype; see the module docstring."""
     cdt = compute_dtype(q.dtype)
@@ -75,6 +88,7 @@ def blockwise_forward(q, k, v, q_index, q_start, k_index, scale: float, plan: Bl
     return out.reshape(hq, tq, -1), lse.reshape(hq, tq)
 
 
+@_no_autocast
 def blockwise_backward(q, k, v, out, lse, dout, q_index, q_start, k_index, scale: float, plan: BlockPlan,
                        delta: torch.Tensor | None = None):
     """(dq, dk, dv) in the compute dtype. `out`, `lse` are the final (merged) output and lse of
