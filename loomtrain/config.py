@@ -31,7 +31,10 @@ class ModelConfig:
     # Fields of the HF config class of `architecture` (or overrides of the one found in `path`).
     config: Mapping[str, Any] = field(default_factory=dict)
     dtype: str = "float32"  # float32 | bfloat16 (compute dtype; master weights stay float32)
-    attn_implementation: str = "sdpa"
+    # auto: loomtrain's memory-linear packed kernel (`loomtrain_packed`) unless the model needs what
+    # it lacks (attention dropout, soft-capping, a window shorter than data.seq_len), then sdpa;
+    # any other HF implementation name is passed to transformers as is.
+    attn_implementation: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from loomtrain.parallel.context import ring
+from loomtrain.kernels.blockplan import layout_from_position_ids
 from loomtrain.parallel.context.common import zigzag_indices
 from loomtrain.parallel.context.ring import ring_attention
 
@@ -37,6 +37,32 @@ def doc_layout(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     docs = [torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows]
     doc = torch.stack(docs)
     return doc, torch.arange(doc.shape[1]).expand_as(doc).contiguous()
+
+
+def ring_indices(rows: list[list[int]], cp: int, rank: int, causal: bool):
+    """(q_index, q_start, k_index_all) of `rank`'s zig-zag slice, batch rows flattened: the last
+    visible key of a query is itself (causal) or its document's last token (bidirectional)."""
+    pos = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in rows])
+    b, seq = pos.shape
+    layout = layout_from_position_ids(pos)
+    rows_off = torch.arange(b)[:, None] * seq
+    k_all = torch.stack([(rows_off + zigzag_indices(seq, cp, r)[None]).reshape(-1) for r in range(cp)])
+    q_index = k_all[rank]
+    last = q_index
+    if not causal:
+        doc = torch.searchsorted(layout.cu_seqlens, q_index, right=True) - 1
+        last = layout.cu_seqlens[doc + 1] - 1
+    return last, layout.start[q_index], k_all
+
+
+def block_for(seq: int, cp: int) -> int:
+    """Kernel block = one zig-zag chunk, so block pairs line up with chunks."""
+    return seq // (2 * cp)
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """[b, h, s, d] -> [h, b*s, d] (rows laid end to end, as the kernel takes them)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])
 
 
 def reference(q, k, v, doc, pos, dout, causal):
@@ -72,25 +98,14 @@ def run_case(rows, group, seed: int, causal: bool = True) -> dict:
     ref = reference(q, k, v, doc, pos, dout, causal)
 
     idx = zigzag_indices(seq, cp, rank)
-    ql, kl, vl = (t[:, :, idx].clone().requires_grad_() for t in (q, k, v))
-    counts = {"fwd": 0, "bwd": 0, "area": 0}  # blocks computed; query x key pairs multiplied
-    fwd, bwd = ring._block_forward, ring._block_backward
-
-    def count(kind, fn):
-        def wrapped(*args, **kwargs):
-            counts[kind] += 1
-            if kind == "fwd":
-                counts["area"] += args[0].shape[-2] * args[1].shape[-2]
-            return fn(*args, **kwargs)
-        return wrapped
-
-    ring._block_forward, ring._block_backward = count("fwd", fwd), count("bwd", bwd)
-    try:
-        out = ring_attention(ql, kl, vl, doc[:, idx], pos[:, idx], group=group, scaling=SCALE, causal=causal)
-        out.backward(dout[:, :, idx])
-    finally:
-        ring._block_forward, ring._block_backward = fwd, bwd
-    got = [gather_seq(t, group, cp, seq) for t in (out.detach(), ql.grad, kl.grad, vl.grad)]
+    ql, kl, vl = (flat(t[:, :, idx]).clone().requires_grad_() for t in (q, k, v))
+    q_last, q_start, k_all = ring_indices(rows, cp, rank, causal)
+    counts = {"fwd": 0, "bwd": 0, "pairs": 0}  # ring steps computed; kernel block pairs computed
+    out = ring_attention(ql, kl, vl, q_index=q_last, q_start=q_start, k_index_all=k_all, group=group,
+                         scaling=SCALE, block=block_for(seq, cp), counts=counts)
+    out.backward(flat(dout[:, :, idx]))
+    unflat = lambda t: t.reshape(t.shape[0], b, -1, t.shape[-1]).transpose(0, 1)  # noqa: E731
+    got = [gather_seq(unflat(t), group, cp, seq) for t in (out.detach(), ql.grad, kl.grad, vl.grad)]
     errs = {name: (g.double() - r).abs().max().item() for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
     finite = all(bool(torch.isfinite(g).all()) for g in got)
     return {"cp": cp, **errs, "finite": finite, "dtype": str(out.dtype), **counts}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from loomtrain.parallel.context import ring
 from loomtrain.parallel.context.common import zigzag_indices
 from loomtrain.parallel.context.ring import ring_attention
-from ring_worker import SHORT, UNEVEN, WHOLE, doc_layout
+from ring_worker import SHORT, UNEVEN, WHOLE, doc_layout, ring_indices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5  # float32 ring vs float64 reference
@@ -75,19 +75,18 @@ def _visible_blocks(rows, cp: int, rank: int) -> int:
 
 
 def test_ring_skips_masked_blocks_and_balances_work(ring_runs):
-    # Fully masked blocks are skipped in forward and backward; with 3-token documents that never
-    # cross a chunk, only a rank's own block is computed.
+    # A ring step whose KV block no query can see makes no kernel call, forward or backward; with
+    # 3-token documents that never cross a chunk, only a rank's own block is computed.
     for rank, res in enumerate(ring_runs[4]):
         for case, rows in (("uneven_cp4", UNEVEN), ("short_docs_cp4", SHORT), ("one_doc_cp4", WHOLE)):
             want = _visible_blocks(rows, 4, rank)
             assert res[case]["fwd"] == res[case]["bwd"] == want, (case, rank, res[case], want)
         assert res["short_docs_cp4"]["fwd"] == 1
-    # One causal document: each rank multiplies its own s x s block plus, from every other rank,
-    # only the half of queries or keys that can see each other (cp-1 blocks of s x s/2), so the
-    # zig-zag shards do equal work.
-    s = 48 // 4
-    areas = [res["one_doc_cp4"]["area"] for res in ring_runs[4]]
-    assert areas == [s * s + 3 * s * s // 2] * 4, areas
+    # One causal document per row, kernel blocks of one zig-zag chunk: rank r's chunks r and 7-r
+    # see (r+1) + (8-r) = 9 key chunks of the 16 around the ring, per row, on every rank: the
+    # kernel skips the masked chunk pairs and zig-zag makes the work equal.
+    pairs = [res["one_doc_cp4"]["pairs"] for res in ring_runs[4]]
+    assert pairs == [2 * 9] * 4, pairs
 
 
 def test_zigzag_indices_partition_and_balance():
@@ -120,44 +119,48 @@ def _reference(q, k, v, doc, pos, scale):
                                           attn_mask=mask[:, None], scale=scale)
 
 
+def _single(q, k, v, rows, block=3):
+    """ring_attention on one rank (group=None) in the HF layout [b, H, S, D]."""
+    q_last, q_start, k_all = ring_indices(rows, 1, 0, True)
+    b, hq, s, d = q.shape
+    flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], b * s, d)  # noqa: E731
+    out = ring_attention(flat(q), flat(k), flat(v), q_index=q_last, q_start=q_start, k_index_all=k_all,
+                         group=None, scaling=0.4, block=block)
+    return out.reshape(hq, b, s, d).transpose(0, 1)
+
+
 def test_single_rank_gradcheck_and_bf16():
     # group=None: no communication; the custom backward checked numerically in float64.
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 10, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 2, 10, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    doc = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 2, 2], [0] * 10])
-    pos = torch.arange(10).expand(2, 10)
-    fn = lambda q, k, v: ring_attention(q, k, v, doc, pos, group=None, scaling=0.4)  # noqa: E731
+    rows = [[3, 1, 6], [10]]
+    doc, pos = doc_layout(rows)
+    fn = lambda q, k, v: _single(q, k, v, rows)  # noqa: E731
     assert (fn(q, k, v) - _reference(q, k, v, doc, pos, 0.4)).abs().max() < 1e-12
     assert torch.autograd.gradcheck(fn, (q, k, v))
     # bf16 inputs are computed in float32 and returned (with their gradients) in bf16.
     qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
-    out = ring_attention(qb, kb, vb, doc, pos, group=None, scaling=0.4)
+    out = _single(qb, kb, vb, rows)
     out.sum().backward()
     assert out.dtype == qb.grad.dtype == kb.grad.dtype == torch.bfloat16
     assert (out.double() - _reference(q, k, v, doc, pos, 0.4)).abs().max() < 3e-2
 
 
-def test_rows_without_visible_keys_give_zero_not_nan():
-    # Cannot happen under causal self-attention, but a fully masked row must stay finite.
-    qg = torch.randn(1, 1, 1, 3, 4, requires_grad=False)
-    k, v = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
-    mask = torch.ones(1, 3, 5, dtype=torch.bool)
-    mask[:, 1] = False
-    o, m, l = ring._block_forward(qg, k, v, mask, 0.5)
-    acc = [torch.zeros_like(o), torch.full_like(m, float("-inf")), torch.zeros_like(l)]
-    ring._merge(*acc, o, m, l)
-    assert torch.isfinite(acc[0]).all() and acc[2][..., 1].item() == 0
-    lse = torch.where(acc[2] > 0, acc[1] + acc[2].clamp_min(1e-30).log(), torch.full_like(l, float("inf")))
-    grads = ring._block_backward(qg, k, v, torch.randn_like(qg), torch.zeros_like(l), lse, mask, 0.5)
-    assert all(torch.isfinite(g).all() for g in grads)
-    assert grads[0][..., 1, :].abs().max() == 0
+def test_merge_keeps_rows_without_visible_keys_at_zero():
+    # A row that has seen nothing on either side stays 0 / -inf, never NaN.
+    out = torch.randn(1, 3, 4)
+    lse = torch.tensor([[0.5, float("-inf"), 1.0]])
+    acc_out, acc_lse = ring._merge(torch.zeros(1, 3, 4), torch.full((1, 3), float("-inf")), out, lse)
+    assert torch.isfinite(acc_out).all() and acc_out[0, 1].abs().max() == 0
+    assert torch.isinf(acc_lse[0, 1]) and torch.equal(acc_out[0, 0], out[0, 0])
 
 
 def test_bad_shapes_are_rejected():
-    q, k = torch.randn(1, 3, 8, 4), torch.randn(1, 2, 8, 4)
-    doc = torch.zeros(1, 8, dtype=torch.long)
+    q, k = torch.randn(3, 8, 4), torch.randn(2, 8, 4)
+    idx = torch.arange(8)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
-        ring_attention(q, k, k, doc, doc, group=None, scaling=None)
+        ring_attention(q, k, k, q_index=idx, q_start=idx, k_index_all=idx[None], group=None, scaling=None)
     with pytest.raises(ValueError, match="integer tensor"):
-        ring_attention(torch.randn(1, 2, 8, 4), k, k, doc.float(), doc, group=None, scaling=None)
+        ring_attention(torch.randn(2, 8, 4), k, k, q_index=idx.float(), q_start=idx, k_index_all=idx[None],
+                       group=None, scaling=None)

@@ -40,6 +40,9 @@ DEMO_GEOMETRY = {
 }
 
 
+# model.attn_implementation values chosen after the build, by the parallel layer.
+DEFERRED_ATTENTION = ("auto", "loomtrain_packed")
+
 # Sizes of the model's geometry (under any of their HF names): each must be a positive integer.
 _SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim",
@@ -159,7 +162,10 @@ def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id:
     else:
         hf = _make_config(cls, None, overrides)
     _check_geometry(hf, dict(mcfg.config))
-    hf._attn_implementation = mcfg.attn_implementation
+    # `auto` and `loomtrain_packed` are resolved once the model exists (`parallel.compose`, through
+    # the kernel layer, which registers the implementation with transformers); until then HF builds
+    # the model with sdpa, an implementation it always knows.
+    hf._attn_implementation = "sdpa" if mcfg.attn_implementation in DEFERRED_ATTENTION else mcfg.attn_implementation
     if hf.vocab_size < vocab_size:
         raise ConfigError(f"model vocab_size={hf.vocab_size} is smaller than the tokenizer's {vocab_size}; "
                           "raise model.config.vocab_size or use a matching data.tokenizer")

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 
 from loomtrain.config import Config
+from loomtrain.kernels.hf import use_packed
+from loomtrain.kernels.select import PACKED, choose_attention
 from loomtrain.parallel.activation import apply_activation_checkpointing
 from loomtrain.parallel.context.apply import apply_cp
 from loomtrain.parallel.data_parallel import apply_ddp, apply_fsdp
@@ -39,6 +41,7 @@ class Parallelized:
     cp: int = 1  # context-parallel degree: each rank holds a slice of every sequence
     cp_rank: int = 0
     cp_impl: str = "ulysses"
+    attention: str = "sdpa"  # the attention in use, as the run banner names it
 
 
 def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelized:
@@ -49,10 +52,19 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tp(model, blocks, mesh["tp"], sequence_parallel=pcfg.sequence_parallel)
     cp = 1 if mesh is None else mesh["cp"].size()
+    # Context-parallel paths always run the packed kernel; the plain path takes it unless the
+    # model needs what it lacks (`kernels.select`, which also refuses an impossible explicit choice).
+    choice = choose_attention(cfg.model.attn_implementation, model.config, cfg.data.seq_len)
     if cp > 1:
         apply_cp(model, mesh["cp"], pcfg.cp_impl)
+        attention = f"{pcfg.cp_impl} cp{cp} over the packed kernel"
     elif pcfg.sequence_scheduler == "hetero":  # groups are chosen per micro-step by the executor
         apply_cp(model, None, "ulysses")
+        attention = "hetero Ulysses groups over the packed kernel"
+    else:
+        if choice.name == PACKED:
+            use_packed(model)
+        attention = f"{choice.name} ({choice.reason})"
     checkpointed = apply_activation_checkpointing(blocks, pcfg.activation_checkpointing)
     if pcfg.compile:
         for block in blocks:
@@ -64,7 +76,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
     mixed_by_autocast = not uses_fsdp and compute_dtype != torch.float32
     tp = mesh is not None and mesh["tp"].size() > 1
     return Parallelized(model, None, uses_fsdp, tp, compute_dtype if mixed_by_autocast else None, checkpointed,
-                        cp=cp, cp_rank=mesh["cp"].get_local_rank() if cp > 1 else 0, cp_impl=pcfg.cp_impl)
+                        cp=cp, cp_rank=mesh["cp"].get_local_rank() if cp > 1 else 0, cp_impl=pcfg.cp_impl,
+                        attention=attention)
 
 
 def wrap_after_materialize(par: Parallelized, cfg: Config, mesh: Mesh | None) -> Parallelized:

@@ -19,6 +19,7 @@ from loomtrain.config import Config, resolve_degrees
 from loomtrain.data.sources import check_source
 from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import ConfigError
+from loomtrain.kernels.select import choose_attention, kernel_gaps
 from loomtrain.models.build import build_hf_config, build_meta_model, find_blocks
 from loomtrain.models.weights import SafetensorsSource, check_weights, listed
 from loomtrain.parallel.hetero.costmodel import CostModel
@@ -95,6 +96,17 @@ def _check_weights(cfg: Config, hf_config) -> None:
                    f"changes it, and are ignored: {listed(unused)}")
 
 
+def _check_attention(cfg: Config, hf_config, degrees: dict[str, int]) -> None:
+    """An explicit `loomtrain_packed` the model cannot run is refused (`kernels.select`), and so is
+    context parallelism / the hetero scheduler, which always attend through the packed kernel."""
+    choose_attention(cfg.model.attn_implementation, hf_config, cfg.data.seq_len)
+    gaps = kernel_gaps(hf_config, cfg.data.seq_len)
+    cp_paths = degrees["cp"] > 1 or cfg.parallel.sequence_scheduler == "hetero"
+    if cp_paths and gaps:
+        raise ConfigError(f"context parallelism and the hetero scheduler attend through loomtrain's packed kernel, "
+                          f"which lacks {', '.join(gaps)}; set them off in model.config")
+
+
 def _check_pipeline(cfg: Config, hf_config, pp: int, dp: int) -> None:
     pcfg = cfg.parallel
     if pcfg.zero < 2 and dp > 1:
@@ -133,6 +145,7 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
     hf_config = build_hf_config(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.data.seq_len,
                                 eos_id=tokenizer.eos_id)
     validate_model_layout(hf_config, degrees)
+    _check_attention(cfg, hf_config, degrees)
     if cfg.model.path is not None:
         _check_weights(cfg, hf_config)
     tp = degrees["tp"]

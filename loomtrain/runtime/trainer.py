@@ -302,7 +302,8 @@ class Trainer:
               f"(dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x cp {d.cp} x tp {d.tp} x pp {d.pp}), "
               f"zero {cfg.parallel.zero} | {self.env.device.type} {cfg.model.dtype} | "
               f"batch {cfg.data.global_batch_size} x {cfg.data.seq_len} tokens | "
-              f"peak {self.peak_flops / 1e12:.2f} TFLOP/s/device ({self.peak_source})", flush=True)
+              f"peak {self.peak_flops / 1e12:.2f} TFLOP/s/device ({self.peak_source}) | "
+              f"attention {self.parts[0].attention}", flush=True)
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -11,10 +11,12 @@ Attention gets the missing context one of two ways:
 - **Ring** (Liu et al. 2023): KV blocks travel around the group (`ring.py`);
   slices are zig-zag (chunks r and 2cp-1-r) so causal work is balanced across ranks.
 
-HF calls a custom attention function with `attention_mask=None`, so both build the causal,
-document-respecting mask themselves from the position ids (a new document starts wherever the
-position does not continue the previous one), which arrive as a keyword argument.
+HF calls a custom attention function with `attention_mask=None`; both derive the document
+boundaries themselves from the position ids (a new document starts wherever the position does not
+continue the previous one), which arrive as a keyword argument, and run the memory-linear packed
+kernel of `loomtrain.kernels` (no S x S mask anywhere): Ulysses once over the whole sequence after
+the all-to-all, ring once per ring step, merged by log-sum-exp.
 
-Modules: `common` (token slices, document ids, the group an attention module uses), `ulysses`,
+Modules: `common` (token slices, position gathering, the group an attention module uses), `ulysses`,
 `ring`, and `apply` (`apply_cp`, which registers both with transformers).
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 from transformers import AttentionInterface
 
+from loomtrain.kernels.hf import share_layout_cache
 from loomtrain.parallel.context.common import GROUP_ATTR, RING, ULYSSES
 from loomtrain.parallel.context.ring import ring_attention_interface
 from loomtrain.parallel.context.ulysses import ulysses_attention
@@ -28,4 +29,5 @@ def apply_cp(model: nn.Module, cp_mesh, impl: str) -> None:
     for module in model.modules():
         if type(module).__name__.endswith("Attention"):
             setattr(module, GROUP_ATTR, group)
+    share_layout_cache(model)  # positions are gathered and documents found once per micro-batch
     model.set_attn_implementation(ULYSSES if impl == "ulysses" else RING)

@@ -1,5 +1,5 @@
-"""What both context-parallel attentions share: which tokens a cp rank holds, document ids
-derived from position ids, and the process group an attention module uses.
+"""What both context-parallel attentions share: which tokens a cp rank holds, gathering the
+other ranks' position ids, and the process group an attention module uses.
 
 A module's group is an attribute set on it (`set_group`), not global state: the heterogeneous
 scheduler points the same modules at a different group every micro-step.
@@ -13,13 +13,6 @@ import torch.nn as nn
 ULYSSES = "loomtrain_ulysses"
 RING = "loomtrain_ring"
 GROUP_ATTR = "_loomtrain_cp_group"
-
-
-def doc_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[b, S] document index of each token: a new document wherever the position restarts."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return starts.long().cumsum(dim=1)
 
 
 def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:

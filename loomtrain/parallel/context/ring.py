@@ -10,24 +10,23 @@ Why zig-zag: under a causal mask the last slice of a sequence attends to everyth
 to almost nothing. Cutting the sequence into 2*cp chunks and giving rank r chunks r and 2*cp-1-r
 pairs a cheap chunk with an expensive one, so every rank does the same causal work.
 
-Why positions and document ids travel with the keys: after zig-zag sharding a rank's tokens are
-not contiguous, and packed rows hold several documents. Causality (key position <= query
-position) and the document mask (same document only) are therefore evaluated from the global
-position and document id of every query and key, never from local indices. From that mask each
-block's bounding box of visible rows and columns is computed, and only that box is multiplied:
-fully masked blocks are skipped outright, and for zig-zag causal blocks the box is exactly the
-half of the queries or keys that can see each other, which is where the balance pays off.
+Why global indices, not local ones: after zig-zag sharding a rank's tokens are not contiguous,
+and packed rows hold several documents. Every token has a global index in the flattened batch
+(`loomtrain.kernels.blockplan`); a query sees the keys between its document's start and itself.
+The key indices of every rank are known up front (gathered once per micro-batch with the
+positions), so nothing but K and V travels around the ring.
 
-Forward: online softmax. Each rank keeps an unnormalised output, a running row max and a running
-row sum in float32 (float64 stays float64); every block is folded in with log-sum-exp rescaling,
-and the final log-sum-exp (lse) per row is saved for backward.
+Forward: each ring step is one call of the memory-linear kernel (`kernels.blockwise`) on the KV
+block at hand; its block plan skips every fully masked block pair (other documents, the future),
+and a step with nothing visible makes no call. Step results are merged by log-sum-exp (lse), in
+float32 (float64 stays float64); the final lse per row is saved for backward.
 
 Backward: recompute, not store. Keeping every received KV block from the forward pass would cost
 cp times the KV memory; instead the KV blocks go around the ring a second time, and each block
 travels together with a dK/dV accumulator: every rank adds the gradient of its own queries w.r.t.
-that block, and after cp-1 hops a final hop brings the fully summed accumulator home to the
-block's owner. Probabilities are recomputed from the saved lse (as in FlashAttention), so the
-gradients are exact, not approximated, and dQ never leaves the rank.
+that block (one kernel backward call, from the *final* output and lse, as FlashAttention-2 does
+per block), and after cp-1 hops a final hop brings the fully summed accumulator home to the
+block's owner. The gradients are exact, and dQ never leaves the rank.
 
 Nothing here reads global process-group state: the ring is the `group` passed in (peers are
 addressed by their rank in that group), and `group=None` means a single rank with no
@@ -39,7 +38,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from loomtrain.parallel.context.common import GROUP_ATTR, doc_ids, gather_rows, sequence_indices, zigzag_indices
+from loomtrain.kernels.attention import DEFAULT_BLOCK
+from loomtrain.kernels.blockplan import layout_from_position_ids, plan_blocks
+from loomtrain.kernels.blockwise import blockwise_backward, blockwise_forward, compute_dtype
+from loomtrain.kernels.hf import CACHE_ATTR, check_supported
+from loomtrain.parallel.context.common import GROUP_ATTR, gather_rows, sequence_indices
 
 # Distinct tags keep the KV stream, its metadata and the gradient stream from being matched to
 # each other by backends that match messages by tag (gloo); NCCL ignores them.
@@ -86,117 +89,68 @@ class _Ring:
         return _Pending(recv, dist.batch_isend_irecv(ops), sent)
 
 
-def _visible_box(doc_q, pos_q, doc_k, pos_k, causal: bool):
-    """Mask of query rows × key columns that may attend, cropped to its bounding box.
+class _StepPlans:
+    """Per ring step t, the kernel's block plan for this rank's queries against the KV block that
+    arrives at step t (owned by rank (rank - t) mod cp), computed once in forward and reused by
+    backward. A step with no visible pair makes no kernel call at all."""
 
-    Returns None when nothing in the block is visible (the block is skipped), else
-    (row slice, column slice, cropped mask [b, rows, cols]). The box is the union over the batch,
-    so every batch row shares one matmul shape.
-    """
-    mask = doc_q[:, :, None] == doc_k[:, None, :]
-    if causal:
-        mask &= pos_k[:, None, :] <= pos_q[:, :, None]
-    rows = mask.any(dim=2).any(dim=0).nonzero()
-    if rows.numel() == 0:
-        return None
-    cols = mask.any(dim=1).any(dim=0).nonzero()
-    r0, r1, c0, c1 = (int(x) for x in (rows[0, 0], rows[-1, 0] + 1, cols[0, 0], cols[-1, 0] + 1))
-    return slice(r0, r1), slice(c0, c1), mask[:, r0:r1, c0:c1]
+    def __init__(self, ring: _Ring, q_index, q_start, k_index_all, block: int) -> None:
+        self.owners = [(ring.rank - t) % ring.size for t in range(ring.size)]
+        self.k_index = [k_index_all[r] for r in self.owners]
+        self.plans = [plan_blocks(q_index, q_start, k, block, block) for k in self.k_index]
 
 
-def _block_forward(qg, k, v, mask, scaling: float):
-    """Unnormalised attention of grouped queries qg [b, Hkv, g, sq, d] over one key block
-    k, v [b, Hkv, sk, d]. Returns (o, m, l): sum_j p_ij v_j, row max m (-inf where a row sees
-    nothing) and row sum l of p = exp(s - m) (0 where a row sees nothing)."""
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    m = scores.amax(dim=-1)
-    p = torch.exp(scores - m.masked_fill(torch.isinf(m), 0.0).unsqueeze(-1))
-    return torch.matmul(p, v.unsqueeze(2)), m, p.sum(dim=-1)
+def _merge(acc_out, acc_lse, out, lse):
+    """Fold one step's (out, lse) into the running ones by log-sum-exp; rows that have seen
+    nothing on either side keep 0 / -inf (no NaN)."""
+    new = torch.logaddexp(acc_lse, lse)
+    base = new.masked_fill(torch.isinf(new), 0.0)
+    a = torch.exp(acc_lse - base).unsqueeze(-1)
+    b = torch.exp(lse - base).unsqueeze(-1)
+    return acc_out * a + out * b, new
 
 
-def _merge(acc_o, acc_m, acc_l, o, m, l) -> None:
-    """Fold a block result into the running (output, max, sum) in place, rescaling both sides to
-    the new row max; a max of -inf on both sides (nothing seen yet) is pinned to 0 so no NaN."""
-    m_new = torch.maximum(acc_m, m)
-    base = m_new.masked_fill(torch.isinf(m_new), 0.0)
-    a, b = torch.exp(acc_m - base), torch.exp(m - base)
-    acc_o.mul_(a.unsqueeze(-1)).add_(o * b.unsqueeze(-1))
-    acc_l.mul_(a).add_(l * b)
-    acc_m.copy_(m_new)
-
-
-def _block_backward(qg, k, v, dog, delta, lse, mask, scaling: float):
-    """Gradients of one block from recomputed probabilities p = exp(s - lse).
-
-    `delta` = rowsum(dO * O), `lse` has +inf where a row saw nothing (so p = 0 there). Returns
-    dq [b, Hkv, g, sq, d] and dk, dv [b, Hkv, sk, d] summed over the query heads sharing a KV head.
-    """
-    k4, v4 = k.unsqueeze(2), v.unsqueeze(2)
-    scores = torch.matmul(qg, k4.transpose(-1, -2)) * scaling
-    p = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(~mask[:, None, None], 0.0)
-    dv = torch.matmul(p.transpose(-1, -2), dog).sum(dim=2)
-    ds = p * (torch.matmul(dog, v4.transpose(-1, -2)) - delta.unsqueeze(-1))
-    dq = torch.matmul(ds, k4) * scaling
-    dk = torch.matmul(ds.transpose(-1, -2), qg).sum(dim=2) * scaling
-    return dq, dk, dv
-
-
-def _group_heads(x: torch.Tensor, hkv: int, dtype) -> torch.Tensor:
-    """[b, Hq, s, d] -> [b, Hkv, g, s, d]: query head h uses KV head h // g (HF `repeat_kv`)."""
-    b, hq, s, d = x.shape
-    return x.to(dtype).reshape(b, hkv, hq // hkv, s, d)
-
-
-def _ring_forward(ring: _Ring, q, k, v, doc, pos, scaling: float, causal: bool):
-    """Online-softmax ring pass. Returns out [b, Hq, s, d] (compute dtype) and lse [b, Hkv, g, s]."""
-    cdt = torch.promote_types(q.dtype, torch.float32)
-    hkv = k.shape[1]
-    qg = _group_heads(q, hkv, cdt)
-    acc_o = torch.zeros_like(qg)
-    acc_m = torch.full(qg.shape[:-1], float("-inf"), dtype=cdt, device=q.device)
-    acc_l = torch.zeros(qg.shape[:-1], dtype=cdt, device=q.device)
-    kv, meta = torch.stack([k, v]), torch.stack([doc, pos])
+def _ring_forward(ring: _Ring, q, k, v, q_index, q_start, plans: _StepPlans, scale: float, counts):
+    """One kernel call per visible ring step, merged by lse. Returns out [Hq, T, D], lse [Hq, T]."""
+    cdt = compute_dtype(q.dtype)
+    acc_out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=cdt, device=q.device)
+    acc_lse = torch.full(q.shape[:-1], float("-inf"), dtype=cdt, device=q.device)
+    kv = torch.stack([k, v])
     for step in range(ring.size):
         # Post the next hop before computing, so the transfer overlaps this block's attention.
-        pending = ring.shift([kv, meta], _TAG_KV) if step < ring.size - 1 else None
-        box = _visible_box(doc, pos, meta[0], meta[1], causal)
-        if box is not None:
-            rs, cs, mask = box
-            o, m, l = _block_forward(qg[:, :, :, rs], kv[0][:, :, cs].to(cdt), kv[1][:, :, cs].to(cdt),
-                                     mask, scaling)
-            _merge(acc_o[:, :, :, rs], acc_m[:, :, :, rs], acc_l[:, :, :, rs], o, m, l)
+        pending = ring.shift([kv], _TAG_KV) if step < ring.size - 1 else None
+        plan = plans.plans[step]
+        if plan.pairs:
+            out, lse = blockwise_forward(q, kv[0], kv[1], q_index, q_start, plans.k_index[step], scale, plan)
+            acc_out, acc_lse = _merge(acc_out, acc_lse, out, lse)
+            if counts is not None:
+                counts["fwd"] += 1
+                counts["pairs"] += plan.pairs
         if pending is not None:
-            kv, meta = pending.wait()
-    seen = acc_l > 0
-    out = acc_o / torch.where(seen, acc_l, torch.ones_like(acc_l)).unsqueeze(-1)
-    lse = torch.where(seen, acc_m + torch.log(torch.where(seen, acc_l, torch.ones_like(acc_l))),
-                      torch.full_like(acc_l, float("-inf")))
-    return out.reshape(q.shape), lse
+            kv = pending.wait()[0]
+    return acc_out, acc_lse
 
 
-def _ring_backward(ring: _Ring, q, k, v, doc, pos, out, lse, dout, scaling: float, causal: bool):
-    """Second ring pass: KV blocks go round again, each with its dK/dV accumulator; see module doc."""
-    cdt = torch.promote_types(q.dtype, torch.float32)
-    hkv = k.shape[1]
-    qg, dog = _group_heads(q, hkv, cdt), _group_heads(dout, hkv, cdt)
-    delta = (dog * _group_heads(out, hkv, cdt)).sum(dim=-1)
-    lse = lse.masked_fill(torch.isinf(lse), float("inf"))  # rows that saw nothing: p = 0, no NaN
-    dq = torch.zeros_like(qg)
-    kv, meta = torch.stack([k, v]), torch.stack([doc, pos])
+def _ring_backward(ring: _Ring, q, k, v, q_index, q_start, plans: _StepPlans, out, lse, dout, scale: float, counts):
+    """Second ring pass: KV blocks go round again, each with its dK/dV accumulator; every step's
+    gradients come from the final output and lse (see module doc)."""
+    cdt = compute_dtype(q.dtype)
+    delta = (dout.to(cdt) * out.to(cdt)).sum(dim=-1)
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    kv = torch.stack([k, v])
     grad_pending = None
     for step in range(ring.size):
-        kv_pending = ring.shift([kv, meta], _TAG_KV) if step < ring.size - 1 else None
+        kv_pending = ring.shift([kv], _TAG_KV) if step < ring.size - 1 else None
         dkv = torch.zeros(kv.shape, dtype=cdt, device=kv.device)
-        box = _visible_box(doc, pos, meta[0], meta[1], causal)
-        if box is not None:
-            rs, cs, mask = box
-            dq_b, dk_b, dv_b = _block_backward(
-                qg[:, :, :, rs], kv[0][:, :, cs].to(cdt), kv[1][:, :, cs].to(cdt), dog[:, :, :, rs],
-                delta[:, :, :, rs], lse[:, :, :, rs], mask, scaling)
-            dq[:, :, :, rs] += dq_b
-            dkv[0][:, :, cs] += dk_b
-            dkv[1][:, :, cs] += dv_b
+        plan = plans.plans[step]
+        if plan.pairs:
+            dq_s, dk_s, dv_s = blockwise_backward(q, kv[0], kv[1], out, lse, dout, q_index, q_start,
+                                                  plans.k_index[step], scale, plan, delta=delta)
+            dq += dq_s
+            dkv[0] += dk_s
+            dkv[1] += dv_s
+            if counts is not None:
+                counts["bwd"] += 1
         if grad_pending is not None:
             # The accumulator for the block now held, carrying the previous ranks' contributions.
             dkv += grad_pending.wait()[0]
@@ -204,77 +158,101 @@ def _ring_backward(ring: _Ring, q, k, v, doc, pos, out, lse, dout, scaling: floa
             # On the last step this hop brings each block's finished gradient home to its owner.
             grad_pending = ring.shift([dkv], _TAG_GRAD)
         if kv_pending is not None:
-            kv, meta = kv_pending.wait()
+            kv = kv_pending.wait()[0]
     if grad_pending is not None:
         dkv = grad_pending.wait()[0]
-    return dq.reshape(q.shape), dkv[0], dkv[1]
+    return dq, dkv[0], dkv[1]
 
 
 class _RingAttention(torch.autograd.Function):
-    """Autograd wrapper: forward saves only local tensors (q, k, v, output, lse, doc ids and
-    positions); backward recomputes by a second ring pass instead of keeping remote KV blocks."""
+    """Autograd wrapper: forward saves only local tensors (q, k, v, output, lse, indices);
+    backward recomputes by a second ring pass instead of keeping remote KV blocks."""
 
     @staticmethod
-    def forward(ctx, q, k, v, doc, pos, ring, scaling, causal):
-        out, lse = _ring_forward(ring, q, k, v, doc, pos, scaling, causal)
+    def forward(ctx, q, k, v, q_index, q_start, ring, plans, scale, counts):
+        out, lse = _ring_forward(ring, q, k, v, q_index, q_start, plans, scale, counts)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, doc, pos, out, lse)
-        ctx.ring, ctx.scaling, ctx.causal = ring, scaling, causal
+        ctx.save_for_backward(q, k, v, q_index, q_start, out, lse)
+        ctx.ring, ctx.plans, ctx.scale, ctx.counts = ring, plans, scale, counts
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, doc, pos, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(ctx.ring, q, k, v, doc, pos, out, lse, dout, ctx.scaling, ctx.causal)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        q, k, v, q_index, q_start, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(ctx.ring, q, k, v, q_index, q_start, ctx.plans, out, lse, dout, ctx.scale,
+                                    ctx.counts)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids_local: torch.Tensor,
-                   positions_local: torch.Tensor, *, group, scaling: float | None,
-                   causal: bool = True) -> torch.Tensor:
-    """Attention of this rank's queries over the whole sequence held by `group`'s ranks.
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_index: torch.Tensor,
+                   q_start: torch.Tensor, k_index_all: torch.Tensor, group, scaling: float | None,
+                   block: int = DEFAULT_BLOCK, counts: dict | None = None) -> torch.Tensor:
+    """Attention of this rank's queries over the keys held by all of `group`'s ranks.
 
-    q: [b, Hq, s, d]; k, v: [b, Hkv, s, d] with Hq a multiple of Hkv (grouped-query attention);
-    doc_ids_local, positions_local: [b, s] integer document id and global position of each local
-    token (e.g. the zig-zag chunks of `zigzag_indices` concatenated). A query sees a key when both
-    are in the same document and, if `causal`, the key's position is <= the query's. Every rank of
-    `group` must pass the same shapes (zig-zag sharding gives equal local lengths), because the
-    KV blocks are exchanged as fixed-size messages. `group=None` runs on one rank without any
-    communication. `scaling=None` means 1/sqrt(d). Returns [b, Hq, s, d] in q's dtype;
-    gradients w.r.t. q, k and v are exact (see the module docstring for the algorithm).
+    q: [Hq, T, D]; k, v: [Hkv, T, D] (T local tokens, the same on every rank: KV blocks travel as
+    fixed-size messages; Hq a multiple of Hkv). Visibility as in `loomtrain.kernels.blockplan`:
+    query i sees key j iff q_start[i] <= j <= q_index[i] in global indices (pass a query's
+    document end as q_index for bidirectional attention). k_index_all: [cp, T] global index of
+    every rank's keys, in group-rank order. `group=None` runs on one rank with no communication.
+    `counts` (optional dict with fwd, bwd, pairs) is incremented by the kernel calls made, for
+    tests and benchmarks. Returns [Hq, T, D] in q's dtype; gradients are exact.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [batch, heads, seq, head_dim]; got {tuple(q.shape)}, "
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [heads, tokens, head_dim]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    b, hq, s, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
-        raise ValueError(f"k and v must be [{b}, Hkv, {s}, {d}] like q; got {tuple(k.shape)} and {tuple(v.shape)}")
-    if hq % k.shape[1] != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[1]})")
-    for name, t in (("doc_ids_local", doc_ids_local), ("positions_local", positions_local)):
-        if tuple(t.shape) != (b, s) or t.is_floating_point() or t.is_complex():
-            raise ValueError(f"{name} must be an integer tensor of shape [{b}, {s}]; "
-                             f"got {t.dtype} {tuple(t.shape)}")
+    hq, t, d = q.shape
+    if k.shape != v.shape or k.shape[1] != t or k.shape[2] != d:
+        raise ValueError(f"k and v must be [Hkv, {t}, {d}] like q; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if hq % k.shape[0] != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[0]})")
+    ring = _Ring(group)
+    for name, x, shape in (("q_index", q_index, (t,)), ("q_start", q_start, (t,)),
+                           ("k_index_all", k_index_all, (ring.size, t))):
+        if tuple(x.shape) != shape or x.is_floating_point() or x.is_complex():
+            raise ValueError(f"{name} must be an integer tensor of shape {list(shape)}; got {x.dtype} {tuple(x.shape)}")
     scale = float(d ** -0.5 if scaling is None else scaling)
-    doc = doc_ids_local.to(device=q.device, dtype=torch.int64)
-    pos = positions_local.to(device=q.device, dtype=torch.int64)
-    return _RingAttention.apply(q, k.contiguous(), v.contiguous(), doc, pos, _Ring(group), scale, causal)
+    q_index, q_start, k_index_all = (x.to(device=q.device, dtype=torch.int64) for x in (q_index, q_start, k_index_all))
+    plans = _StepPlans(ring, q_index, q_start, k_index_all, block)
+    return _RingAttention.apply(q, k.contiguous(), v.contiguous(), q_index, q_start, ring, plans, scale, counts)
+
+
+def _ring_layout(position_ids: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q_index, q_start, k_index_all) of this rank's zig-zag slice: the slices of all ranks are
+    gathered (integers, once per micro-batch) to find where documents start in the whole row."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    b, s = position_ids.shape
+    total = s * cp
+    gathered = gather_rows(position_ids, group)  # [cp, b, s]: each rank's zig-zag slice
+    full = torch.empty(b, total, dtype=position_ids.dtype, device=position_ids.device)
+    rows = torch.arange(b, device=position_ids.device)[:, None] * total
+    k_index_all = []
+    for r in range(cp):
+        idx = sequence_indices(total, cp, r, "ring").to(full.device)
+        full[:, idx] = gathered[r]
+        k_index_all.append((rows + idx[None, :]).reshape(-1))
+    layout = layout_from_position_ids(full)
+    q_index = k_index_all[rank]
+    return q_index, layout.start[q_index], torch.stack(k_index_all)
 
 
 def ring_attention_interface(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
-    """HF attention-interface function over the ring (zig-zag slices)."""
+    """HF attention-interface function over the ring (zig-zag slices): [b, H, s, d] in,
+    ([b, s, H, d], None) out. Batch rows are flattened into one packed sequence."""
+    check_supported(module, dropout, kwargs)
     group = getattr(module, GROUP_ATTR)
-    cp = dist.get_world_size(group)
-    rank = dist.get_rank(group)
     position_ids = kwargs["position_ids"]
-    b, s = position_ids.shape
-    gathered = gather_rows(position_ids, group)  # [cp, b, s]: each rank's zig-zag slice
-    full = torch.empty(b, s * cp, dtype=position_ids.dtype, device=position_ids.device)
-    for r in range(cp):
-        full[:, sequence_indices(s * cp, cp, r, "ring").to(full.device)] = gathered[r]
-    docs = doc_ids(full)[:, sequence_indices(s * cp, cp, rank, "ring").to(full.device)]
-    out = ring_attention(query, key, value, docs, position_ids, group=group,
-                         scaling=scaling if scaling is not None else query.shape[-1] ** -0.5)
-    return out.transpose(1, 2).contiguous(), None
+    if position_ids.shape[0] != query.shape[0]:
+        position_ids = position_ids.expand(query.shape[0], -1)
+    cache = getattr(module, CACHE_ATTR, None)
+    derive = lambda pos: _ring_layout(pos, group)  # noqa: E731
+    if cache is not None:
+        q_index, q_start, k_index_all = cache.get(position_ids, derive, key=("ring", id(group)))
+    else:
+        q_index, q_start, k_index_all = derive(position_ids)
+    b, hq, s, d = query.shape
+    flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], b * s, t.shape[-1])  # noqa: E731
+    out = ring_attention(flat(query), flat(key), flat(value), q_index=q_index, q_start=q_start,
+                         k_index_all=k_index_all, group=group, scaling=scaling)
+    return out.reshape(hq, b, s, d).permute(1, 2, 0, 3).contiguous(), None

@@ -1,18 +1,22 @@
 """Ulysses attention (DeepSpeed-Ulysses, Jacobs et al. 2023): an all-to-all turns a rank's
 [heads, S/cp] slice into [heads/cp, S], attention runs over the whole sequence for a subset of
-heads, and a second all-to-all turns it back. KV heads fewer than cp are repeated first.
+heads, and a second all-to-all turns it back. KV heads fewer than cp are repeated first, only as
+far as the scatter needs (GQA stays grouped inside the kernel). Local attention is the
+memory-linear packed kernel (`loomtrain.kernels`), so no [b, S, S] mask exists.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 # torch's functional-collective all-to-all with autograd: functional collectives are the form
 # torch.compile traces (`parallel.compile` compiles the blocks this runs in).
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from loomtrain.parallel.context.common import GROUP_ATTR, doc_ids, gather_rows
+from loomtrain.kernels.attention import attend_bhsd
+from loomtrain.kernels.blockplan import layout_from_position_ids
+from loomtrain.kernels.hf import CACHE_ATTR, check_supported
+from loomtrain.parallel.context.common import GROUP_ATTR, gather_rows
 
 
 def _seq_to_heads(x: torch.Tensor, group, cp: int) -> torch.Tensor:
@@ -32,35 +36,47 @@ def _heads_to_seq(x: torch.Tensor, group, cp: int) -> torch.Tensor:
     return recv.permute(1, 0, 2, 3, 4).reshape(b, cp * hc, s, d)
 
 
-def _repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
-    return x if times == 1 else x.repeat_interleave(times, dim=1)
+def _kv_repeats(h_q: int, h_kv: int, cp: int) -> int:
+    """The fewest copies of each KV head that let the all-to-all scatter them over cp ranks with
+    every rank's query heads next to their KV heads: t must divide the group size Hq/Hkv and make
+    Hkv*t a multiple of cp (t = Hq/Hkv always works, because cp divides Hq)."""
+    group = h_q // h_kv
+    return next(t for t in range(1, group + 1) if group % t == 0 and (h_kv * t) % cp == 0)
+
+
+def _full_layout(position_ids: torch.Tensor, group, cp: int):
+    """Layout of the whole sequence: the contiguous slices of all ranks, gathered in rank order."""
+    if cp == 1:
+        return layout_from_position_ids(position_ids)
+    positions = gather_rows(position_ids, group)  # [cp, b, s]
+    return layout_from_position_ids(positions.permute(1, 0, 2).reshape(position_ids.shape[0], -1))
 
 
 def ulysses_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: float | None = None, **kwargs):
     """HF attention-interface function: [b, H, s, d] in, ([b, s, H, d], None) out.
 
-    A module whose group is None (a degree-1 group of the heterogeneous scheduler) attends
-    locally, with the same document mask."""
+    After the all-to-all, attention over the whole sequence runs through the memory-linear packed
+    kernel (no [b, S, S] mask). A module whose group is None (a degree-1 group of the
+    heterogeneous scheduler) attends locally through the same kernel."""
+    check_supported(module, dropout, kwargs)
     group = getattr(module, GROUP_ATTR, None)
     cp = 1 if group is None else dist.get_world_size(group)
     position_ids = kwargs["position_ids"]
+    if position_ids.shape[0] != query.shape[0]:
+        position_ids = position_ids.expand(query.shape[0], -1)
     h_q, h_kv = query.shape[1], key.shape[1]
     if cp == 1:
-        q, k, v, full_positions = query, key, value, position_ids
+        q, k, v = query, key, value
     else:
-        if h_kv % cp:  # too few KV heads to scatter: repeat them up to the query heads
-            key, value = _repeat_kv(key, h_q // h_kv), _repeat_kv(value, h_q // h_kv)
+        repeats = _kv_repeats(h_q, h_kv, cp)
+        if repeats > 1:  # too few KV heads to scatter: repeat them only as far as needed
+            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
         q, k, v = (_seq_to_heads(t, group, cp) for t in (query, key, value))
-        positions = gather_rows(position_ids, group)  # [cp, b, s], contiguous slices in rank order
-        full_positions = positions.permute(1, 0, 2).reshape(position_ids.shape[0], -1)
-    docs = doc_ids(full_positions)
-    total = full_positions.shape[1]
-    causal = torch.ones(total, total, dtype=torch.bool, device=q.device).tril()
-    mask = (docs[:, :, None] == docs[:, None, :]) & causal
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling,
-                                         dropout_p=dropout if module.training else 0.0,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    cache = getattr(module, CACHE_ATTR, None)
+    derive = lambda pos: _full_layout(pos, group, cp)  # noqa: E731
+    layout = cache.get(position_ids, derive, key=("ulysses", id(group))) if cache is not None else derive(position_ids)
+    out = attend_bhsd(q, k, v, layout, scaling)  # [b, S, H/cp, d]
     if cp > 1:
-        out = _heads_to_seq(out, group, cp)
-    return out.transpose(1, 2).contiguous(), None
+        out = _heads_to_seq(out.transpose(1, 2), group, cp).transpose(1, 2)
+    return out.contiguous(), None

@@ -1,0 +1,59 @@
+"""Which attention a run uses: `model.attn_implementation=auto` takes loomtrain's packed kernel
+unless the model needs something the kernel does not do, in which case it keeps HF's sdpa.
+
+The kernel lacks (and so `auto` falls back to sdpa for):
+- attention dropout > 0 (HF's `attention_dropout` / GPT-2's `attn_pdrop`),
+- logit soft-capping (`attn_logit_softcapping`, Gemma 2),
+- a sliding window shorter than the training sequence (`sliding_window` < data.seq_len; a window
+  at least as long as the sequence never cuts anything off).
+Asking for `loomtrain_packed` explicitly on such a model is refused before training starts: it
+would silently train a different model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loomtrain.errors import ConfigError
+
+PACKED = "loomtrain_packed"
+AUTO = "auto"
+FALLBACK = "sdpa"
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    name: str  # the HF attention implementation the model runs with
+    reason: str  # why, for the run banner
+
+
+def kernel_gaps(hf_config, seq_len: int) -> list[str]:
+    """What this model needs that the packed kernel does not do (empty: the kernel fits)."""
+    gaps = []
+    for field in ("attention_dropout", "attn_pdrop"):
+        value = getattr(hf_config, field, None)
+        if isinstance(value, (int, float)) and value > 0:
+            gaps.append(f"{field}={value}")
+    softcap = getattr(hf_config, "attn_logit_softcapping", None)
+    if softcap:
+        gaps.append(f"attn_logit_softcapping={softcap}")
+    window = getattr(hf_config, "sliding_window", None)
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        window = None
+    if isinstance(window, int) and 0 < window < seq_len:
+        gaps.append(f"sliding_window={window} < data.seq_len={seq_len}")
+    return gaps
+
+
+def choose_attention(requested: str, hf_config, seq_len: int) -> AttentionChoice:
+    """The implementation for `model.attn_implementation=requested` (see the module docstring)."""
+    gaps = kernel_gaps(hf_config, seq_len)
+    if requested == PACKED:
+        if gaps:
+            raise ConfigError(f"model.attn_implementation={PACKED} cannot run this model ({', '.join(gaps)}); "
+                              f"use model.attn_implementation=auto or sdpa")
+        return AttentionChoice(PACKED, "requested")
+    if requested == AUTO:
+        if gaps:
+            return AttentionChoice(FALLBACK, f"auto: the packed kernel lacks {', '.join(gaps)}")
+        return AttentionChoice(PACKED, "auto")
+    return AttentionChoice(requested, "requested")
