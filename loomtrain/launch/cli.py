@@ -5,6 +5,7 @@
     loomtrain report RUN_DIR [--plot]
     loomtrain plan --lengths FILE --gpus N --context-len L ...   (see plan_command.py)
     loomtrain ckpt inspect|verify|export-hf|import-deepspeed ...
+    loomtrain plan-offload --params 7B --shards 8 --h2d 25 --cpu-adam 1 --gpu-adam 50 --gpu-free-gb 10
 
 This module parses: it holds every command's options (`plan`'s come from `plan_command`, which
 needs no torch) and nothing else. `HANDLERS` then names, for each command, the function that
@@ -24,6 +25,7 @@ import re
 import sys
 
 from loomtrain.errors import LoomError
+from loomtrain.launch.offload_command import add_arguments as add_offload_arguments
 from loomtrain.launch.plan_command import add_arguments as add_plan_arguments
 from loomtrain.launch.spec import Parser, UsageError
 
@@ -32,6 +34,7 @@ COMMANDS = {
     "report": "summarize RUN_DIR/metrics.jsonl (steps, loss, tokens/s, MFU, memory); --plot draws it",
     "plan": "predict step times of static, best single-degree and heterogeneous sequence parallelism",
     "ckpt": "checkpoint tools: inspect, verify, export-hf, import-deepspeed",
+    "plan-offload": "choose the interleaved optimizer-offload split and predict the update time for a machine",
 }
 CKPT_ACTIONS = {
     "inspect": "step, layout, data position, config, files and largest tensors of a checkpoint",
@@ -51,6 +54,7 @@ HANDLERS = {
     "ckpt verify": "loomtrain.launch.ckpt_command:cmd_verify",
     "ckpt export-hf": "loomtrain.launch.ckpt_convert:cmd_export_hf",
     "ckpt import-deepspeed": "loomtrain.launch.ckpt_convert:cmd_import_deepspeed",
+    "plan-offload": "loomtrain.launch.offload_command:cmd_plan_offload",
 }
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)+=")
 
@@ -107,6 +111,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     elif command == "plan":
         p = Parser(prog="loomtrain plan", description=COMMANDS["plan"])
         add_plan_arguments(p)
+    elif command == "plan-offload":
+        p = Parser(prog="loomtrain plan-offload", description=COMMANDS["plan-offload"])
+        add_offload_arguments(p)
     elif command == "_selfcheck":  # hidden: a 2-line torchrun smoke test, used by tests
         p = Parser(prog="loomtrain _selfcheck")
         p.add_argument("--fail-rank", type=int, default=None, help="this rank raises a LoomError")
