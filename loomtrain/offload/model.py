@@ -36,7 +36,7 @@ out, and searches the sub-group size S and the number of device sub-groups k (f 
   sub-groups, so it takes the sum of one sub-group's stages plus (k-1) times the slowest stage;
   large sub-groups pay for this fill, small ones for the fixed cost of each copy and launch;
 * the GPU Adam rate G (the update stage, S/G per sub-group);
-* device memory: the two staging buffers (2 S s bytes) must fit in the free device memory;
+* device memory: the two staging slots (2 S (s + gradient bytes)) must fit in the free device memory;
   with less than that for the smallest sub-group, nothing goes to the device (f = 0).
 """
 from __future__ import annotations
@@ -162,7 +162,7 @@ def plan(params: int, m: Machine, *, state_bytes: float = 12.0, grad_bytes: floa
     best: Plan | None = None
     for size in sizes:
         n_groups = max(1, math.ceil(params / size))
-        staging_gb = 2 * size * state_bytes / GB
+        staging_gb = 2 * size * (state_bytes + grad_bytes) / GB  # two slots: state + gradient
         fits = staging_gb <= m.gpu_free_gb
         if fraction is not None:
             k = round(fraction * n_groups)
