@@ -44,8 +44,9 @@ def adam_rate(device: torch.device, n: int, reps: int = 3) -> float:
 
 
 def free_device_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / GB
+    if device.type == "cuda":  # free to the driver, plus what torch's cache holds but no tensor uses
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return (torch.cuda.mem_get_info(device)[0] + cached) / GB
     available = host_available_bytes()
     return min(STANDIN_FREE_GB, (available or 0) / GB / 4)
 

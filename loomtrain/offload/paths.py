@@ -137,8 +137,11 @@ class DevicePath:
 
     def run(self, subs: list[SubGroup], flats: list[FlatState], hypers: list[Hyper]) -> float:
         start = time.perf_counter()
-        if subs:
-            (self._run_cuda if self.cuda else self._run_standin)(subs, flats, hypers)
+        if subs and self.cuda:
+            with torch.cuda.device(self.device):  # this runs on the path's own thread
+                self._run_cuda(subs, flats, hypers)
+        elif subs:
+            self._run_standin(subs, flats, hypers)
         return time.perf_counter() - start
 
     def _run_standin(self, subs, flats, hypers) -> None:
