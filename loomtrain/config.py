@@ -133,6 +133,19 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """Optimizer-state offload to host memory (`loomtrain.offload`): `optimizer` none | cpu
+    (every update on the CPU) | interleaved (a planned share of sub-groups updated on the device
+    while the CPU updates the rest)."""
+
+    optimizer: str = "none"  # none | cpu | interleaved
+    gpu_fraction: float | str = "auto"  # interleaved: share of sub-groups on the device path, or auto (planned)
+    group_size: int = 0  # parameters per sub-group; 0 = planned
+    replan_drift: float = 0.15  # re-plan when measured and predicted update time differ by more than this
+    max_host_gb: float = 0.0  # refuse to start if the host arena would exceed this (0 = the host's free memory)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -140,6 +153,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -366,6 +380,23 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"model.path: no HF model directory (config.json) at {cfg.model.path}")
     if cfg.checkpoint.resume not in ("none", "auto") and not os.path.exists(cfg.checkpoint.resume):
         raise ConfigError(f"checkpoint.resume: no checkpoint at {cfg.checkpoint.resume}")
+    _check_offload(cfg.offload)
+
+
+def _check_offload(o: OffloadConfig) -> None:
+    if o.optimizer not in ("none", "cpu", "interleaved"):
+        raise ConfigError(f"offload.optimizer={o.optimizer!r}: must be one of none, cpu, interleaved")
+    frac = o.gpu_fraction
+    if isinstance(frac, str) and frac != "auto":
+        raise ConfigError(f"offload.gpu_fraction={frac!r}: must be auto or a number within [0, 1]")
+    if not isinstance(frac, str) and not (math.isfinite(frac) and 0 <= frac <= 1):
+        raise ConfigError(f"offload.gpu_fraction={frac}: must be auto or a number within [0, 1]")
+    if o.group_size < 0:
+        raise ConfigError(f"offload.group_size={o.group_size}: must be 0 (planned) or a positive count of parameters")
+    if not (math.isfinite(o.replan_drift) and o.replan_drift > 0):
+        raise ConfigError(f"offload.replan_drift={o.replan_drift}: must be finite and positive (0.15 = 15%)")
+    if not (math.isfinite(o.max_host_gb) and o.max_host_gb >= 0):
+        raise ConfigError(f"offload.max_host_gb={o.max_host_gb}: must be finite and not negative (0 = no cap)")
 
 
 def resolve_degrees(p: ParallelConfig, world_size: int) -> dict[str, int]:

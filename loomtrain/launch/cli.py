@@ -6,6 +6,7 @@
     loomtrain plan --lengths FILE --gpus N --context-len L ...   (see plan_command.py)
     loomtrain ckpt inspect|verify|export-hf|import-deepspeed ...
     loomtrain data prepare SOURCE... --out DIR [--tokenizer DIR] [--workers N] | data verify DIR
+    loomtrain plan-offload --params 7B --shards 8 --h2d 25 --cpu-adam 1 --gpu-adam 50 --gpu-free-gb 10
 
 This module parses: it holds every command's options (`plan`'s come from `plan_command`, which
 needs no torch) and nothing else. `HANDLERS` then names, for each command, the function that
@@ -25,6 +26,7 @@ import re
 import sys
 
 from loomtrain.errors import LoomError
+from loomtrain.launch.offload_command import add_arguments as add_offload_arguments
 from loomtrain.launch.plan_command import add_arguments as add_plan_arguments
 from loomtrain.launch.spec import Parser, UsageError
 
@@ -34,6 +36,7 @@ COMMANDS = {
     "plan": "predict step times of static, best single-degree and heterogeneous sequence parallelism",
     "ckpt": "checkpoint tools: inspect, verify, export-hf, import-deepspeed",
     "data": "data tools: prepare (tokenise once into memory-mapped shards), verify",
+    "plan-offload": "choose the interleaved optimizer-offload split and predict the update time for a machine",
 }
 CKPT_ACTIONS = {
     "inspect": "step, layout, data position, config, files and largest tensors of a checkpoint",
@@ -55,6 +58,7 @@ HANDLERS = {
     "ckpt import-deepspeed": "loomtrain.launch.ckpt_convert:cmd_import_deepspeed",
     "data prepare": "loomtrain.launch.data_command:cmd_prepare",
     "data verify": "loomtrain.launch.data_command:cmd_verify",
+    "plan-offload": "loomtrain.launch.offload_command:cmd_plan_offload",
 }
 DATA_ACTIONS = {
     "prepare": "tokenise text, Markdown, code, JSONL, Parquet or HF save_to_disk datasets into token shards "
@@ -116,6 +120,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     elif command == "plan":
         p = Parser(prog="loomtrain plan", description=COMMANDS["plan"])
         add_plan_arguments(p)
+    elif command == "plan-offload":
+        p = Parser(prog="loomtrain plan-offload", description=COMMANDS["plan-offload"])
+        add_offload_arguments(p)
     elif command == "_selfcheck":  # hidden: a 2-line torchrun smoke test, used by tests
         p = Parser(prog="loomtrain _selfcheck")
         p.add_argument("--fail-rank", type=int, default=None, help="this rank raises a LoomError")

@@ -10,11 +10,14 @@ from loomtrain.mesh import Mesh
 
 
 def build_optimizer(model: nn.Module, *, zero: int, mesh: Mesh | None, lr: float,
-                    weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+                    weight_decay: float, betas: tuple[float, float], eps: float,
+                    optimizer_class: type | None = None, optimizer_kwargs: dict | None = None) -> torch.optim.Optimizer:
     """AdamW over two groups: matrices decay, vectors (norm weights, biases) do not (as Megatron
     and nanoGPT do). ZeRO-1 shards its state with `ZeroRedundancyOptimizer`.
 
     `fused=True`: one kernel for the whole update of a group (CPU and CUDA), DTensor shards included.
+    `optimizer_class` (with its own `optimizer_kwargs`) replaces AdamW, e.g. the offload layer's
+    `OffloadAdamW`; ZeRO-1 then wraps that class.
     """
     # Groups are also split by layout (plain tensors vs DTensors on one mesh): fused/foreach
     # kernels cannot take a list that mixes them, which plain TP (replicated norms) produces.
@@ -25,12 +28,13 @@ def build_optimizer(model: nn.Module, *, zero: int, mesh: Mesh | None, lr: float
             by_key.setdefault((param.ndim >= 2, str(layout)), []).append(param)
     groups = [{"params": ps, "weight_decay": weight_decay if decays else 0.0}
               for (decays, _), ps in sorted(by_key.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
-    kwargs = dict(lr=lr, betas=betas, eps=eps, fused=True)
+    cls = optimizer_class or torch.optim.AdamW
+    kwargs = dict(lr=lr, betas=betas, eps=eps, **((optimizer_kwargs or {}) if optimizer_class else {"fused": True}))
     if zero == 1 and mesh is not None and mesh["dp_cp"].size() > 1:
-        zro = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+        zro = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=cls,
                                       process_group=mesh["dp_cp"].get_group(),
                                       weight_decay=groups[0]["weight_decay"], **kwargs)
         for group in groups[1:]:
             zro.add_param_group(group)
         return zro
-    return torch.optim.AdamW(groups, **kwargs)
+    return cls(groups, **kwargs)

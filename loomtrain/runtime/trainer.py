@@ -34,6 +34,7 @@ from loomtrain.hooks import Hook, Hooks, LoopState
 from loomtrain.mesh import DistEnv, ParallelDims, dp_coordinates, init_distributed
 from loomtrain.models import build as model_lib
 from loomtrain.models.flops import flop_model
+from loomtrain.offload.component import OffloadComponent
 from loomtrain.optim.build import build_optimizer
 from loomtrain.optim.clip import clip_grad_norm
 from loomtrain.optim.schedule import lr_lambda
@@ -121,10 +122,14 @@ class Trainer:
         self.model = self.model_parts[0]  # the whole model unless pipeline-parallel
         for module in self.model_parts:
             module.train()
+        # offload.optimizer: its component supplies the optimizer class (and joins the hooks first)
+        self.offload = (OffloadComponent(cfg.offload, env.device, is_main=env.is_main)
+                        if cfg.offload.optimizer != "none" else None)
         self.optimizer = build_optimizer(
             self.model if len(self.model_parts) == 1 else nn.ModuleList(self.model_parts),
             zero=cfg.parallel.zero, mesh=self.mesh, lr=cfg.optim.lr,
-            weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+            weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+            **(self.offload.optimizer_args() if self.offload else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
         self.loader = DataLoader(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                  seed=cfg.train.seed)
@@ -158,6 +163,8 @@ class Trainer:
         """Built-in components in the order they run (`end_fit` in reverse): metrics first, so
         its summary is printed last and can name the checkpoint the checkpointer committed."""
         cfg, env = self.cfg, self.env
+        if self.offload is not None:  # first: lays out the state before a resume loads into it
+            self.hooks.add(self.offload.attach(self.optimizer))
         self.metrics = self.hooks.add(MetricsLogger(
             cfg.train.output_dir, is_main=env.is_main, log_every=cfg.train.log_every,
             tensorboard=cfg.train.tensorboard, progress=cfg.train.progress))
