@@ -4,6 +4,10 @@ Components on the training loop's hook points (`loomtrain.hooks`), built by the 
 
   detect.py     pure statistics over one window's per-rank figures (median/MAD outliers, the
                 3-of-5 persistence rule, rank vs link attribution); no torch
+  clock.py      the compute clock: the training thread's CPU time, and why
+  straggler.py  `StragglerMonitor`: per-rank timing and one side-group all-gather per window,
+                reported to the console, `{train.output_dir}/events.jsonl` and the summary
+  faults.py     the `fault.*` keys: injected slowness (extra CPU work), slow links, hangs
 
 The layer sits between runtime (which registers the components) and checkpoint; it imports only
 the layers below it.

@@ -17,8 +17,10 @@ The MAD is floored at `mad_floor` x median, because a handful of near-identical 
 others of a 4-rank job) can have a MAD of almost zero.
 
 A flag is only *reported* when it persists: flagged in `need` (3) of the last `of` (5) windows.
-Ranks report the median of their per-step figures inside a window, so a GC spike on one step
-does not reach the statistics at all.
+Ranks report the lower quartile of their per-step figures inside a window (`low_quartile`):
+interference (a GC pause, a noisy neighbour, a descheduled process) only ever adds time to a step,
+so it does not reach the statistics unless it hits most steps of a window, while a slower chip
+is slower on every step.
 
 Attribution: the compute figure of a rank (seconds per unit of work) names the rank; the timed
 probe of a process group names the *link* when the group is an outlier among the groups of the
@@ -34,6 +36,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _K = 0.6745  # Phi^-1(3/4): makes the MAD a consistent estimate of the standard deviation
+
+
+def low_quartile(values) -> float:
+    """The lower quartile of a window's per-step values (the minimum of up to 4 values)."""
+    ordered = sorted(values)
+    return float(ordered[(len(ordered) - 1) // 4])
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ from loomtrain.optim.schedule import lr_lambda
 from loomtrain.parallel import pipeline
 from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_materialize
 from loomtrain.parallel.hetero.scheduler import HeteroScheduler
+from loomtrain.resilience.faults import FaultInjector, Faults
+from loomtrain.resilience.straggler import StragglerMonitor, TimedLoader, hetero_work
 from loomtrain.runtime.components import MetricsLogger, PipelineTimeline, SampleLog
 from loomtrain.runtime.metrics import device_peak_flops, peak_memory_gb, step_record
 from loomtrain.runtime.preflight import preflight
@@ -76,6 +78,7 @@ class Trainer:
         self._user_hooks: list[Hook] = []
         self.checkpointer: Checkpointer | None = None
         self.metrics: MetricsLogger | None = None
+        self.hetero: HeteroScheduler | None = None  # the heterogeneous scheduler, when used
         self.skipped_steps = 0  # steps skipped for a non-finite loss or grad norm (train.nonfinite=skip)
 
     @property
@@ -128,6 +131,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
         self.loader = DataLoader(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                  seed=cfg.train.seed)
+        self.data_timer = TimedLoader(self.loader)  # the runner reads through it: data wait is timed
         self.pipeline = self._build_pipeline() if self.pp_group is not None else None
         self.runner = self._build_runner()
         compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
@@ -142,11 +146,11 @@ class Trainer:
         """The per-step forward/backward: packed rows, or the heterogeneous scheduler's plan."""
         cfg, env = self.cfg, self.env
         if cfg.parallel.sequence_scheduler != "hetero":
-            return PackedStep(self.loader, self.par, self.flops, cp=self.dims.cp, token_group=self.token_group,
+            return PackedStep(self.data_timer, self.par, self.flops, cp=self.dims.cp, token_group=self.token_group,
                               token_ranks=self.token_ranks, device=env.device, pipeline=self.pipeline,
                               pp_group=self.pp_group)
         self.hetero = HeteroScheduler(cfg, self.hf_config, self.model, self.mesh, env.device)
-        runner = HeteroStep(self.loader, self.hetero, self.par, self.flops, token_group=self.token_group,
+        runner = HeteroStep(self.data_timer, self.hetero, self.par, self.flops, token_group=self.token_group,
                             is_main=env.is_main)
         if cfg.parallel.hetero_calibrate:
             self.hetero.calibrate(runner.call, vocab=self.tokenizer.vocab_size)
@@ -171,8 +175,23 @@ class Trainer:
         self.checkpointer = self.hooks.add(Checkpointer(
             cfg, env, self.dims, model_parts=self.model_parts, optimizer=self.optimizer,
             lr_scheduler=self.scheduler, data=self.loader, dp_rank=self.dp_rank, dp_size=self.dp_size))
+        self._register_resilience()
         for hook in self._user_hooks:
             self.hooks.add(hook)
+
+    def _register_resilience(self) -> None:
+        """Injected faults (`fault.*`) and the straggler monitor (`resilience.*`)."""
+        cfg, env = self.cfg, self.env
+        faults = Faults.from_config(cfg.fault, env.rank)
+        if faults.active:
+            self.hooks.add(FaultInjector(faults))
+        hetero = self.hetero
+        work = (lambda: hetero_work(hetero.last_plan, hetero.executor.index)) if hetero is not None else (lambda: 1.0)
+        self.hooks.add(StragglerMonitor(
+            cfg.resilience, rank=env.rank, world_size=env.world_size, device_type=env.device.type,
+            mesh_root=self.mesh.root if self.mesh is not None else None, output_dir=cfg.train.output_dir,
+            is_main=env.is_main, work=work, loader=self.data_timer, faults=faults,
+            checkpoint_every=cfg.checkpoint.every))
 
     def _n_micro(self) -> int:
         return self.cfg.data.global_batch_size // (self.dp_size * self.cfg.data.micro_batch_size)
