@@ -1,4 +1,4 @@
-"""Straggler and hang detection in real 4-rank gloo runs (`loomtrain.resilience`).
+"""Straggler and hang detection in real 4-rank gloo runs, and orphaned workers (`loomtrain.resilience`).
 
 Robust at a load average of 15 on 2 cores: the injected slowness is extra CPU work proportional
 to the step's own work (`fault.slow_factor`), and the monitor measures per-rank process CPU time,
@@ -8,16 +8,23 @@ with a wide margin. Nothing here asserts a wall-clock speed.
 
 One launch runs every straggler case (start-up dominates): a 30%-slower rank 2, a slowed link
 [2,3] of an HSDP 2x2 mesh, and clean DDP, HSDP and heterogeneous-scheduler runs, 310 clean steps
-in all, which must report nothing.
+in all, which must report nothing. A hang at rank 1 is named by `loomtrain run` in one line
+within the timeout + 15 s, with every rank's stacks written; a SIGKILLed launcher leaves no
+worker behind after 10 s.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from harness import case, run_cases
+from harness import ROOT, case, run_cases
+from loomtrain.resilience.watchdog import line_up
 
 WINDOW = 12
 # Bigger steps than the parity tests' (more CPU per step): less relative timing noise.
@@ -90,3 +97,128 @@ def test_clean_runs_report_nothing(straggler_runs):
     assert steps >= 300
     # the heterogeneous plans give ranks different work by design, normalised away by the monitor
     assert all(w > 0 for rec in _windows(straggler_runs, "clean_hetero") for w in rec["work"])
+
+
+# ------------------------------------------------------------------------------ hangs, orphans
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOOMTRAIN_LAUNCHER")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def _run_cli(out: str, nproc: int, *overrides: str, log: str) -> subprocess.Popen:
+    fh = open(log, "w", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "loomtrain.launch", "run", "-",
+                             *case("llama", f"train.output_dir={out}", *overrides), "--nproc-per-node", str(nproc)],
+                            cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_fh = fh
+    return proc
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="utf-8") as fh:
+                out += [int(p) for p in fh.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+HANG_TIMEOUT = 20  # a normal step of this model takes well under a second, even at load 30
+
+
+def test_a_hang_is_named_and_every_rank_dumps_its_stacks(tmp_path):
+    out, log = str(tmp_path / "run"), str(tmp_path / "run.log")
+    proc = _run_cli(out, 4, "train.max_steps=1000", "fault.hang_rank=1", "fault.hang_step=4",
+                    f"resilience.hang_timeout_s={HANG_TIMEOUT}", log=log)
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.log_fh.close()
+    ended = time.time()
+    text = open(log, encoding="utf-8").read()
+    assert rc == 3, text[-4000:]
+    lines = [ln for ln in text.splitlines() if ln.startswith("loomtrain: hang: ")]
+    assert len(lines) == 1, text[-4000:]
+    assert lines[0].startswith("loomtrain: hang: rank 1 never entered gloo:"), lines[0]
+    assert "at step 4" in lines[0] and "hang_timeout_s=20" in lines[0], lines[0]
+    # the hang began right after step 3's record (rank 0 writes it, then starts step 4)
+    began = os.path.getmtime(os.path.join(out, "metrics.jsonl"))
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
+        assert [json.loads(line)["step"] for line in fh] == [1, 2, 3]
+    assert ended - began <= HANG_TIMEOUT + 15, (ended - began, text[-2000:])
+    hang_dir = os.path.join(out, "hang")
+    for rank in range(4):
+        stacks = os.path.join(hang_dir, f"rank{rank}.stacks.txt")
+        assert os.path.getmtime(stacks) - began <= HANG_TIMEOUT + 15
+        with open(stacks, encoding="utf-8") as fh:
+            body = fh.read()
+        assert "train_step" in body, (rank, body)  # the training thread, wherever it stands
+        if rank == 1:
+            assert "faults.py" in body and "before_step" in body, body
+        with open(os.path.join(hang_dir, f"rank{rank}.collectives.json"), encoding="utf-8") as fh:
+            assert json.load(fh), rank  # torch's flight recorder was on
+    events = _events(out, "")
+    assert [e["event"] for e in events] == ["hang"] and events[0]["step"] == 4
+    assert "rank 1 never entered" in events[0]["evidence"]
+
+
+def test_a_killed_launcher_leaves_no_worker(tmp_path):
+    out, log = str(tmp_path / "run"), str(tmp_path / "run.log")
+    proc = _run_cli(out, 2, "train.max_steps=100000", log=log)
+    workers: list[int] = []
+    try:
+        metrics = os.path.join(out, "metrics.jsonl")
+        deadline = time.monotonic() + 300
+        while not os.path.exists(metrics):
+            assert proc.poll() is None and time.monotonic() < deadline, open(log, encoding="utf-8").read()[-3000:]
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) == 2 and all(_alive(w) for w in workers), workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(10)
+        left = [w for w in workers if _alive(w)]
+        assert not left, f"workers {left} outlived their launcher by 10 s"
+    finally:
+        for pid in [proc.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.log_fh.close()
+
+
+# ------------------------------------------------------------------------ lining up the dumps
+def _summary(groups: dict, latest: tuple | None) -> dict:
+    return {"recorded": True, "latest": None if latest is None else {"group": latest[0], "seq": latest[1],
+                                                                       "op": "gloo:all_reduce", "t": 0},
+            "groups": {g: {"seq": seq, "op": "gloo:all_reduce", "desc": "", "ranks": ranks}
+                       for g, (seq, ranks) in groups.items()}}
+
+
+def test_line_up_names_the_rank_that_never_entered():
+    world = [0, 1, 2, 3]
+    dumps = {r: _summary({"0": (23, world), "5": (7, [r - r % 2, r - r % 2 + 1])}, ("0", 23)) for r in (0, 2, 3)}
+    dumps[1] = _summary({"0": (22, world), "5": (7, [0, 1])}, ("5", 7))
+    assert line_up(dumps, 4) == "rank 1 never entered gloo:all_reduce #23 on group 0 (ranks 0-3)"
+    # everyone entered: stuck inside; a missing dump is said so
+    same = {r: _summary({"0": (23, world)}, ("0", 23)) for r in world}
+    assert line_up(same, 4).startswith("every rank entered gloo:all_reduce #23")
+    del same[3]
+    assert line_up(same, 4).startswith("ranks 3 sent no dump")
+    assert "flight recorder is off" in line_up({r: {"recorded": False, "groups": {}, "latest": None}
+                                                for r in world}, 4)

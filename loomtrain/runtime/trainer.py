@@ -16,6 +16,7 @@ The loop is `train_step` repeated; everything else is a component on the hook po
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -41,7 +42,9 @@ from loomtrain.parallel import pipeline
 from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_materialize
 from loomtrain.parallel.hetero.scheduler import HeteroScheduler
 from loomtrain.resilience.faults import FaultInjector, Faults
+from loomtrain.resilience.orphan import OrphanGuard
 from loomtrain.resilience.straggler import StragglerMonitor, TimedLoader, hetero_work
+from loomtrain.resilience.watchdog import Watchdog
 from loomtrain.runtime.components import MetricsLogger, PipelineTimeline, SampleLog
 from loomtrain.runtime.metrics import device_peak_flops, peak_memory_gb, step_record
 from loomtrain.runtime.preflight import preflight
@@ -79,6 +82,8 @@ class Trainer:
         self.checkpointer: Checkpointer | None = None
         self.metrics: MetricsLogger | None = None
         self.hetero: HeteroScheduler | None = None  # the heterogeneous scheduler, when used
+        self.watchdog: Watchdog | None = None
+        self.orphan_guard: OrphanGuard | None = None
         self.skipped_steps = 0  # steps skipped for a non-finite loss or grad norm (train.nonfinite=skip)
 
     @property
@@ -97,6 +102,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
         cfg = self.cfg
+        self._start_resilience()
         self.env = env = init_distributed(cfg.train.device)
         if self._user_model is None:
             preflight(cfg, env.world_size)
@@ -165,6 +171,8 @@ class Trainer:
         self.metrics = self.hooks.add(MetricsLogger(
             cfg.train.output_dir, is_main=env.is_main, log_every=cfg.train.log_every,
             tensorboard=cfg.train.tensorboard, progress=cfg.train.progress))
+        if self.watchdog is not None:  # early: it ends after the checkpointer's final commit
+            self.hooks.add(self.watchdog)
         if cfg.train.log_samples:
             self.hooks.add(SampleLog(cfg.train.output_dir, is_main=env.is_main, dp_group=self.dp_group,
                                      dp_size=self.dp_size))
@@ -178,6 +186,20 @@ class Trainer:
         self._register_resilience()
         for hook in self._user_hooks:
             self.hooks.add(hook)
+
+    def _start_resilience(self) -> None:
+        """Under a multi-process launch, before anything can hang: the hang watchdog (start-up
+        deadline first) and, under torchelastic, the guard that ends this worker if its launcher dies."""
+        cfg = self.cfg
+        self.watchdog = None
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            self.watchdog = Watchdog(
+                cfg.resilience, rank=int(os.environ.get("RANK", "0")), world_size=world,
+                output_dir=cfg.train.output_dir, checkpoint_every=cfg.checkpoint.every,
+                max_steps=cfg.train.max_steps, quiet=bool(os.environ.get("LOOMTRAIN_LAUNCHER"))).start()
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            self.orphan_guard = OrphanGuard(cfg.resilience.orphan_check_s).start()
 
     def _register_resilience(self) -> None:
         """Injected faults (`fault.*`) and the straggler monitor (`resilience.*`)."""
@@ -339,5 +361,7 @@ class Trainer:
 
     def close(self) -> None:
         """Destroy the process group if this Trainer created it."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.env is not None and self.env.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
