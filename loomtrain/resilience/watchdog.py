@@ -5,7 +5,7 @@ up to name the rank that never entered the collective the others wait in, and th
 How, and why this way:
 
 * A thread per rank watches a deadline that the loop's hook points move (start-up until
-  `after_setup`, then one per step; `checkpoint_timeout_s` for a step that saves and for the end,
+  `after_setup`, then from `begin_fit` one per step; `checkpoint_timeout_s` for a step that saves and for the end,
   which commits). It runs outside the training thread, which is exactly the one that is stuck.
 * The rank whose deadline passes first sets a request key in the job's store (torchrun's, hosted
   by the agent, so it outlives any rank); every rank's watchdog polls that key and dumps too, so
@@ -163,6 +163,9 @@ class Watchdog(Hook):
 
     # ---------------------------------------------------------------- hook points
     def after_setup(self, loop: LoopState) -> None:
+        self._deadline = None  # set up; between `setup` and `fit` the caller's own code runs
+
+    def begin_fit(self, loop: LoopState) -> None:
         self._step_deadline(loop.step + 1)
 
     def before_step(self, loop: LoopState) -> None:
