@@ -132,6 +132,33 @@ class CheckpointConfig:
     signal_grace_s: float = 30.0
 
 
+
+@dataclass(frozen=True)
+class ResilienceConfig:
+    """Straggler and hang detection (`loomtrain.resilience`)."""
+
+    straggler: str = "report"  # off | report (rebalance | restart: not built yet); active at 3+ ranks on CPU
+    window_steps: int = 10  # steps per detection window (one side-group all-gather each)
+    warmup_steps: int = 2  # first steps of a run left out of the statistics
+    probe_reps: int = 3  # timed small all-reduces per mesh group and window (the minimum counts)
+    link_floor_s: float = 0.0002  # a slow link's probe must exceed the other groups' median by this
+    startup_timeout_s: float = 900.0  # deadlines of the hang watchdog (0 disables one)
+    hang_timeout_s: float = 600.0  # one training step
+    checkpoint_timeout_s: float = 1800.0  # a step that saves or commits a checkpoint
+    orphan_check_s: float = 1.0  # how often a worker checks that its launcher is alive (0 = never)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Injected faults for tests and demos (`loomtrain.resilience.faults`); -1 = none."""
+
+    slow_rank: int = -1
+    slow_factor: float = 1.0  # 1.3 = 30% more CPU time per unit of work on slow_rank
+    slow_group: str = ""  # comma-separated ranks of one mesh group, e.g. "2,3": its probes are slow
+    slow_link_s: float = 0.02  # added to each collective of slow_group's probes
+    hang_rank: int = -1
+    hang_step: int = 0  # hang_rank stops inside a collective in this step (1-based)
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """Optimizer-state offload to host memory (`loomtrain.offload`): `optimizer` none | cpu
@@ -154,6 +181,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -175,6 +204,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.verify": ("fast", "size", "checksum", "sha256"),
     "train.nonfinite": ("stop", "skip"),
+    "resilience.straggler": ("off", "report"),
 }
 
 
@@ -335,6 +365,7 @@ def _check_ranges(flat: dict) -> None:
 def check(cfg: Config) -> None:
     """Checks that need nothing but the config itself (choices, ranges, divisibility, paths)."""
     flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+    _check_resilience(cfg)
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r}: must be one of {', '.join(map(str, allowed))}")
@@ -397,6 +428,28 @@ def _check_offload(o: OffloadConfig) -> None:
         raise ConfigError(f"offload.replan_drift={o.replan_drift}: must be finite and positive (0.15 = 15%)")
     if not (math.isfinite(o.max_host_gb) and o.max_host_gb >= 0):
         raise ConfigError(f"offload.max_host_gb={o.max_host_gb}: must be finite and not negative (0 = no cap)")
+
+
+def _check_resilience(cfg: Config) -> None:
+    """`resilience.*` and `fault.*`: the policies not built yet, deadlines, fault parameters."""
+    r, f = cfg.resilience, cfg.fault
+    if r.straggler in ("rebalance", "restart"):
+        raise ConfigError(f"resilience.straggler={r.straggler}: not built yet; use report or off")
+    for key in ("window_steps", "probe_reps"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"resilience.{key}={getattr(r, key)}: must be at least 1")
+    if r.warmup_steps < 0:
+        raise ConfigError(f"resilience.warmup_steps={r.warmup_steps}: must not be negative")
+    for key in ("startup_timeout_s", "hang_timeout_s", "checkpoint_timeout_s", "orphan_check_s", "link_floor_s"):
+        if not 0 <= getattr(r, key) < float("inf"):
+            raise ConfigError(f"resilience.{key}={getattr(r, key)}: must be finite and >= 0 (0 disables it)")
+    if not 1.0 <= f.slow_factor < 1000 or not 0 <= f.slow_link_s < 3600:
+        raise ConfigError(f"fault.slow_factor={f.slow_factor} / fault.slow_link_s={f.slow_link_s}: "
+                          "the factor must be within [1, 1000), the delay within [0, 3600) s")
+    if f.slow_group and not re.fullmatch(r"\d+(,\d+)+", f.slow_group.replace(" ", "")):
+        raise ConfigError(f"fault.slow_group={f.slow_group!r}: must be two or more ranks, e.g. 2,3")
+    if f.hang_rank >= 0 and f.hang_step < 1:
+        raise ConfigError(f"fault.hang_step={f.hang_step}: must be at least 1 with fault.hang_rank")
 
 
 def resolve_degrees(p: ParallelConfig, world_size: int) -> dict[str, int]:

@@ -46,6 +46,7 @@ from torch.distributed.run import config_from_args, determine_local_world_size, 
 from loomtrain.errors import LoomError
 from loomtrain.launch.lifecycle import AgentSignals, default_rdzv_id, hold_endpoint, without_stop_signals
 from loomtrain.launch.spec import LaunchSpec, UsageError, in_worker, one_line, parse_nnodes
+from loomtrain.resilience.watchdog import HANG_EXIT_CODE
 
 # Set by the launcher for its workers: they leave the one-line error message to the launcher.
 LAUNCHER_ENV = "LOOMTRAIN_LAUNCHER"
@@ -224,6 +225,8 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
     if root not in paths and os.path.basename(root) not in ("site-packages", "dist-packages"):
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
     os.environ[LAUNCHER_ENV] = "1"
+    # torch's flight recorder: the hang watchdog's record of each rank's last collectives
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
 
     args = get_args_parser().parse_args(torchrun_argv(spec, worker_args))
     try:
@@ -243,7 +246,7 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
         lines = condense_failure(err, config.logs_specs.root_log_dir, config.run_id)
         for line in lines:
             print(line, file=sys.stderr, flush=True)
-        return 1
+        return HANG_EXIT_CODE if lines and lines[0].startswith("loomtrain: hang: ") else 1
     except SignalException as exc:
         name = getattr(exc.sigval, "name", str(exc.sigval))
         print(f"loomtrain: {'interrupted' if name == 'SIGINT' else 'stopped by ' + name}",
@@ -314,6 +317,8 @@ def condense_failure(err: ChildFailedError, root_log_dir: str | None = None,
     if isinstance(msg, dict):
         info = msg.get("extraInfo") or {}
         loom = info.get("loomtrain") or {}
+        if loom.get("type") == "HangDetected":  # the watchdog's one line naming the stuck rank
+            return [f"loomtrain: {one_line(loom.get('message', ''), 1000)}"]
         if loom.get("user_error"):
             return [f"loomtrain: error: rank {rank}: {one_line(loom.get('message', ''))}"]
         what = one_line(msg.get("message") or "unknown error")

@@ -16,6 +16,7 @@ The loop is `train_step` repeated; everything else is a component on the hook po
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +42,10 @@ from loomtrain.optim.schedule import lr_lambda
 from loomtrain.parallel import pipeline
 from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_materialize
 from loomtrain.parallel.hetero.scheduler import HeteroScheduler
+from loomtrain.resilience.faults import FaultInjector, Faults
+from loomtrain.resilience.orphan import OrphanGuard
+from loomtrain.resilience.straggler import StragglerMonitor, TimedLoader, hetero_work
+from loomtrain.resilience.watchdog import Watchdog
 from loomtrain.runtime.components import MetricsLogger, PipelineTimeline, SampleLog
 from loomtrain.runtime.metrics import device_peak_flops, peak_memory_gb, step_record
 from loomtrain.runtime.preflight import preflight
@@ -77,6 +82,9 @@ class Trainer:
         self._user_hooks: list[Hook] = []
         self.checkpointer: Checkpointer | None = None
         self.metrics: MetricsLogger | None = None
+        self.hetero: HeteroScheduler | None = None  # the heterogeneous scheduler, when used
+        self.watchdog: Watchdog | None = None
+        self.orphan_guard: OrphanGuard | None = None
         self.skipped_steps = 0  # steps skipped for a non-finite loss or grad norm (train.nonfinite=skip)
 
     @property
@@ -95,6 +103,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
         cfg = self.cfg
+        self._start_resilience()
         self.env = env = init_distributed(cfg.train.device)
         if self._user_model is None:
             preflight(cfg, env.world_size)
@@ -133,6 +142,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, cfg.train.max_steps))
         self.loader = DataLoader(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                  seed=cfg.train.seed)
+        self.data_timer = TimedLoader(self.loader)  # the runner reads through it: data wait is timed
         self.pipeline = self._build_pipeline() if self.pp_group is not None else None
         self.runner = self._build_runner()
         compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
@@ -147,11 +157,11 @@ class Trainer:
         """The per-step forward/backward: packed rows, or the heterogeneous scheduler's plan."""
         cfg, env = self.cfg, self.env
         if cfg.parallel.sequence_scheduler != "hetero":
-            return PackedStep(self.loader, self.par, self.flops, cp=self.dims.cp, token_group=self.token_group,
+            return PackedStep(self.data_timer, self.par, self.flops, cp=self.dims.cp, token_group=self.token_group,
                               token_ranks=self.token_ranks, device=env.device, pipeline=self.pipeline,
                               pp_group=self.pp_group)
         self.hetero = HeteroScheduler(cfg, self.hf_config, self.model, self.mesh, env.device)
-        runner = HeteroStep(self.loader, self.hetero, self.par, self.flops, token_group=self.token_group,
+        runner = HeteroStep(self.data_timer, self.hetero, self.par, self.flops, token_group=self.token_group,
                             is_main=env.is_main)
         if cfg.parallel.hetero_calibrate:
             self.hetero.calibrate(runner.call, vocab=self.tokenizer.vocab_size)
@@ -168,6 +178,8 @@ class Trainer:
         self.metrics = self.hooks.add(MetricsLogger(
             cfg.train.output_dir, is_main=env.is_main, log_every=cfg.train.log_every,
             tensorboard=cfg.train.tensorboard, progress=cfg.train.progress))
+        if self.watchdog is not None:  # early: it ends after the checkpointer's final commit
+            self.hooks.add(self.watchdog)
         if cfg.train.log_samples:
             self.hooks.add(SampleLog(cfg.train.output_dir, is_main=env.is_main, dp_group=self.dp_group,
                                      dp_size=self.dp_size))
@@ -178,8 +190,37 @@ class Trainer:
         self.checkpointer = self.hooks.add(Checkpointer(
             cfg, env, self.dims, model_parts=self.model_parts, optimizer=self.optimizer,
             lr_scheduler=self.scheduler, data=self.loader, dp_rank=self.dp_rank, dp_size=self.dp_size))
+        self._register_resilience()
         for hook in self._user_hooks:
             self.hooks.add(hook)
+
+    def _start_resilience(self) -> None:
+        """Under a multi-process launch, before anything can hang: the hang watchdog (start-up
+        deadline first) and, under torchelastic, the guard that ends this worker if its launcher dies."""
+        cfg = self.cfg
+        self.watchdog = None
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            self.watchdog = Watchdog(
+                cfg.resilience, rank=int(os.environ.get("RANK", "0")), world_size=world,
+                output_dir=cfg.train.output_dir, checkpoint_every=cfg.checkpoint.every,
+                max_steps=cfg.train.max_steps, quiet=bool(os.environ.get("LOOMTRAIN_LAUNCHER"))).start()
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            self.orphan_guard = OrphanGuard(cfg.resilience.orphan_check_s).start()
+
+    def _register_resilience(self) -> None:
+        """Injected faults (`fault.*`) and the straggler monitor (`resilience.*`)."""
+        cfg, env = self.cfg, self.env
+        faults = Faults.from_config(cfg.fault, env.rank)
+        if faults.active:
+            self.hooks.add(FaultInjector(faults))
+        hetero = self.hetero
+        work = (lambda: hetero_work(hetero.last_plan, hetero.executor.index)) if hetero is not None else (lambda: 1.0)
+        self.hooks.add(StragglerMonitor(
+            cfg.resilience, rank=env.rank, world_size=env.world_size, device_type=env.device.type,
+            mesh_root=self.mesh.root if self.mesh is not None else None, output_dir=cfg.train.output_dir,
+            is_main=env.is_main, work=work, loader=self.data_timer, faults=faults,
+            checkpoint_every=cfg.checkpoint.every))
 
     def _n_micro(self) -> int:
         return self.cfg.data.global_batch_size // (self.dp_size * self.cfg.data.micro_batch_size)
@@ -333,5 +374,7 @@ class Trainer:
 
     def close(self) -> None:
         """Destroy the process group if this Trainer created it."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.env is not None and self.env.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,18 @@
+"""Resilience: name the slow rank, never hang.
+
+Components on the training loop's hook points (`loomtrain.hooks`), built by the trainer:
+
+  detect.py     pure statistics over one window's per-rank figures (median/MAD outliers, the
+                3-of-5 persistence rule, rank vs link attribution); no torch
+  clock.py      the compute clock: the training thread's CPU time, and why
+  straggler.py  `StragglerMonitor`: per-rank timing and one side-group all-gather per window,
+                reported to the console, `{train.output_dir}/events.jsonl` and the summary
+  faults.py     the `fault.*` keys: injected slowness (extra CPU work), slow links, hangs
+  watchdog.py   start-up / step / checkpoint deadlines; on expiry every rank dumps its stacks and
+                last collectives, the dumps are lined up through the job's store, one line names
+                the rank that never entered, and the job exits 3
+  orphan.py     a worker exits when its launcher dies
+
+The layer sits between runtime (which registers the components) and checkpoint; it imports only
+the layers below it.
+"""

@@ -1,0 +1,77 @@
+"""Injected faults (`fault.*` keys) for tests and demos: a slow rank, a slow link, a hang.
+
+Slowness is injected as *real extra CPU work* proportional to the work the rank did in the step
+(`slow_factor` 1.3 burns 30% more CPU time on top of what the step's forward/backward used), so
+it is unambiguous against scheduling noise on a loaded machine: the straggler monitor measures
+the training thread's CPU time, which a busy neighbour does not inflate, and a slower chip would show exactly
+this. A slow link delays each collective of the named group's probes by `slow_link_s` (the
+training collectives themselves are not slowed). A hang stops `hang_rank` at the start of
+`hang_step`, before that step's first collective, so the other ranks wait inside it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from loomtrain.config import FaultConfig
+from loomtrain.hooks import Hook, LoopState
+from loomtrain.resilience.clock import compute_cpu_s
+
+
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """"2,3" -> (2, 3); "" -> ()."""
+    return tuple(sorted(int(part) for part in text.replace(" ", "").split(",") if part))
+
+
+def burn_cpu(seconds: float) -> None:
+    """Spin until this thread has used `seconds` more CPU time."""
+    end = compute_cpu_s() + seconds
+    x = 0
+    while compute_cpu_s() < end:
+        for _ in range(2000):
+            x += 1
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The faults that apply to one rank."""
+
+    rank: int
+    slow_factor: float = 1.0
+    slow_group: tuple[int, ...] = ()
+    slow_link_s: float = 0.0
+    hang_step: int = 0  # 0: no hang on this rank
+
+    @classmethod
+    def from_config(cls, cfg: FaultConfig, rank: int) -> "Faults":
+        return cls(rank=rank, slow_factor=cfg.slow_factor if cfg.slow_rank == rank else 1.0,
+                   slow_group=parse_ranks(cfg.slow_group), slow_link_s=cfg.slow_link_s,
+                   hang_step=cfg.hang_step if cfg.hang_rank == rank else 0)
+
+    @property
+    def active(self) -> bool:
+        return self.slow_factor > 1.0 or self.hang_step > 0
+
+    def link_delay(self, group_ranks) -> float:
+        """Seconds to add to each probe collective on the group of `group_ranks`."""
+        slow = self.slow_group and tuple(sorted(group_ranks)) == self.slow_group
+        return self.slow_link_s if slow else 0.0
+
+
+class FaultInjector(Hook):
+    """Applies this rank's compute faults on the loop's hook points."""
+
+    def __init__(self, faults: Faults):
+        self.faults = faults
+        self._cpu0 = 0.0
+
+    def before_step(self, loop: LoopState) -> None:
+        if self.faults.hang_step and loop.step + 1 == self.faults.hang_step:
+            print(f"loomtrain: fault: rank {self.faults.rank} hangs at step {loop.step + 1}", flush=True)
+            while True:  # injected hang: never returns; the watchdog ends the job
+                time.sleep(1.0)
+        self._cpu0 = compute_cpu_s()
+
+    def after_backward(self, loop: LoopState) -> None:
+        if self.faults.slow_factor > 1.0:
+            burn_cpu((self.faults.slow_factor - 1.0) * (compute_cpu_s() - self._cpu0))

@@ -1,0 +1,253 @@
+"""`StragglerMonitor`: per-rank timing each step, one side-group all-gather per window, and the
+detector's findings reported to the console, `{train.output_dir}/events.jsonl` and the summary.
+
+What is measured, and why:
+
+* compute: the training thread's CPU time over the step (`clock.compute_cpu_s` says why that
+  clock), minus the CPU time spent fetching data. It is divided by the rank's work (1 for packed rows, which every rank gets alike; the
+  heterogeneous planner's predicted seconds for the rank's groups), so uneven work by design is
+  not mistaken for a slow rank.
+* data wait: timed separately (`TimedLoader`), reported as evidence, never blamed on compute.
+* links: every window each mesh dimension's groups are probed at once (one barrier on the side
+  group, then `probe_reps` small all-reduces; the minimum counts, which drops scheduling noise),
+  and a group's figure is the median over its members.
+
+Each rank keeps the lower quartile of its per-step compute per unit of work over a window (a GC
+pause or a noisy neighbour adds time to some steps, never takes it away) and the median of the
+other figures; the first `warmup_steps` steps and steps that saved a checkpoint are left out. The
+figures travel in one all-gather on a gloo group of their own, so nothing is added to the
+training collectives; rank 0 runs `Detector`. Active at 3+ ranks on CPU (CUDA work is not in
+process CPU time: on CUDA the monitor says so and stays off).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from loomtrain.config import ResilienceConfig
+from loomtrain.hooks import Hook, LoopState
+from loomtrain.parallel.hetero.plan_types import Plan
+from loomtrain.resilience.detect import DetectConfig, Detector, Finding, low_quartile
+from loomtrain.resilience.clock import compute_cpu_s
+from loomtrain.resilience.faults import Faults
+
+
+class TimedLoader:
+    """The data loader with the time this rank spends fetching batches counted (wall and CPU);
+    everything else is the loader's own."""
+
+    def __init__(self, loader):
+        self._loader = loader
+        self.wait_s = 0.0
+        self.cpu_s = 0.0
+
+    def _timed(self, fn):
+        wall, cpu = time.perf_counter(), compute_cpu_s()
+        try:
+            return fn()
+        finally:
+            self.wait_s += time.perf_counter() - wall
+            self.cpu_s += compute_cpu_s() - cpu
+
+    def next_step(self):
+        return self._timed(self._loader.next_step)
+
+    def next_sequences(self):
+        return self._timed(self._loader.next_sequences)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def hetero_work(plan: Plan | None, index: int) -> float:
+    """Predicted seconds of the groups rank `index` (of the planner's pool) runs in `plan`."""
+    if plan is None:
+        return 1.0
+    return sum(g.time for step in plan.steps for g in step.groups if g.start <= index < g.start + g.degree)
+
+
+def mesh_groups(root) -> list[tuple[str, tuple[int, ...]]]:
+    """Every group of every mesh dimension of size > 1, as (dimension, ranks), in mesh order."""
+    if root is None:
+        return []
+    table = root.mesh
+    out = []
+    for d, name in enumerate(root.mesh_dim_names):
+        if table.shape[d] > 1:
+            rows = table.movedim(d, -1).reshape(-1, table.shape[d])
+            out += [(name, tuple(sorted(int(r) for r in row.tolist()))) for row in rows]
+    return out
+
+
+class StragglerMonitor(Hook):
+    """See the module docstring. `work` returns this rank's work in the step just run."""
+
+    def __init__(self, cfg: ResilienceConfig, *, rank: int, world_size: int, device_type: str, mesh_root,
+                 output_dir: str, is_main: bool, work: Callable[[], float], loader: TimedLoader,
+                 faults: Faults, checkpoint_every: int):
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.active = (cfg.straggler != "off" and world_size >= 3 and device_type == "cpu"
+                       and dist.is_initialized())
+        self.cuda_off = cfg.straggler != "off" and world_size >= 3 and device_type != "cpu"
+        self.mesh_root, self.output_dir, self.is_main = mesh_root, output_dir, is_main
+        self.work, self.loader, self.faults, self.ckpt_every = work, loader, faults, checkpoint_every
+        self.side = None
+        self.groups: list[tuple[str, tuple[int, ...]]] = []
+        self.dims: list[tuple[str, object, tuple[int, ...]]] = []  # (name, my group, its ranks)
+        self.hosts: list[str] = []
+        self.detector: Detector | None = None
+        self.samples: list[tuple[float, float, float, float]] = []
+        self.findings: list[tuple[int, Finding]] = []
+        self.windows = 0
+        self._start = (0.0, 0.0, 0.0, 0.0, None)
+        self._end = (0.0, 0.0)
+
+    # ---------------------------------------------------------------- hook points
+    def after_setup(self, loop: LoopState) -> None:
+        if self.cuda_off and self.is_main:
+            print("loomtrain: straggler monitor off on CUDA (process CPU time does not measure GPU work)",
+                  flush=True)
+        if not self.active:
+            return
+        self.side = dist.new_group(backend="gloo")
+        self.hosts = [None] * self.world
+        dist.all_gather_object(self.hosts, socket.gethostname(), group=self.side)
+        self.groups = mesh_groups(self.mesh_root)
+        if self.mesh_root is not None:
+            for name in self.mesh_root.mesh_dim_names:
+                if self.mesh_root[name].size() > 1:
+                    group = self.mesh_root[name].get_group()
+                    self.dims.append((name, group, tuple(sorted(dist.get_process_group_ranks(group)))))
+        self.detector = Detector(groups=[ranks for _, ranks in self.groups],
+                                 cfg=DetectConfig(link_floor_s=self.cfg.link_floor_s))
+
+    def before_step(self, loop: LoopState) -> None:
+        if self.active:
+            self._start = (compute_cpu_s(), time.perf_counter(), self.loader.cpu_s, self.loader.wait_s,
+                           loop.last_checkpoint)
+
+    def after_optimizer_step(self, loop: LoopState) -> None:
+        # the step's own work ends here: what after_step does (rank 0 logs metrics) is not compute
+        if self.active:
+            self._end = (compute_cpu_s(), time.perf_counter())
+
+    def after_step(self, loop: LoopState, record: dict) -> None:
+        if not self.active:
+            return
+        cpu0, wall0, data_cpu0, wait0, ckpt0 = self._start
+        cpu1, wall1 = self._end
+        data_cpu = self.loader.cpu_s - data_cpu0
+        compute = cpu1 - cpu0 - data_cpu
+        wait = self.loader.wait_s - wait0
+        saved = loop.last_checkpoint != ckpt0 or (self.ckpt_every and loop.step % self.ckpt_every == 0)
+        if loop.step > self.cfg.warmup_steps and not saved:
+            self.samples.append((compute, float(self.work()), wait, wall1 - wall0))
+        if loop.step % self.cfg.window_steps == 0:
+            self._window(loop.step)
+
+    def end_fit(self, loop: LoopState, exc: BaseException | None) -> None:
+        if not self.active:
+            return
+        loop.extra["resilience_reports"] = [self._record(step, f) for step, f in self.findings]
+        if self.is_main and exc is None:
+            if self.findings:
+                print(f"loomtrain: resilience: {len(self.findings)} report(s) in {self.windows} windows "
+                      f"({', '.join(self._short(f) for _, f in self.findings)}); "
+                      f"events in {os.path.join(self.output_dir, 'events.jsonl')}", flush=True)
+            else:
+                print(f"loomtrain: resilience: no straggler or slow link in {self.windows} windows", flush=True)
+        if self.side is not None:
+            dist.destroy_process_group(self.side)
+            self.side = None
+
+    # ---------------------------------------------------------------- one window
+    def _probe(self) -> list[float]:
+        """Per own mesh dimension: min seconds of `probe_reps` small all-reduces on my group,
+        every dimension's groups probed at once after a barrier on the side group."""
+        out = []
+        buf = torch.zeros(8)
+        for _, group, ranks in self.dims:
+            delay = self.faults.link_delay(ranks)
+            dist.barrier(group=self.side)
+            best = float("inf")
+            for _ in range(self.cfg.probe_reps):
+                start = time.perf_counter()
+                if delay:
+                    time.sleep(delay)
+                dist.all_reduce(buf, group=group)
+                best = min(best, time.perf_counter() - start)
+            out.append(best)
+        return out
+
+    def _window(self, step: int) -> None:
+        probes = self._probe()
+        rates = [cpu / work for cpu, work, _, _ in self.samples if work > 0]
+        if rates:
+            cols = list(zip(*self.samples))
+            mine = [low_quartile(rates)] + [statistics.median(c) for c in cols[1:]] + [float(len(self.samples))]
+        else:
+            mine = [float("nan")] * 4 + [0.0]
+        self.samples.clear()
+        vec = torch.tensor(mine + probes, dtype=torch.float64)
+        rows = [torch.zeros_like(vec) for _ in range(self.world)]
+        dist.all_gather(rows, vec, group=self.side)
+        self.windows += 1
+        if not self.is_main:
+            return
+        table = torch.stack(rows)
+        rate, work, wait = table[:, 0], table[:, 1], table[:, 2]
+        ok = torch.isfinite(rate) & torch.isfinite(work) & (work > 0)
+        med_work = float(work[ok].median()) if bool(ok.any()) else 1.0
+        compute = torch.where(ok, rate * med_work, torch.full_like(rate, float("nan")))
+        cpu = rate * work
+        os.makedirs(self.output_dir, exist_ok=True)
+        group_probes = []
+        for name, ranks in self.groups:
+            col = 5 + [d for d, _, _ in self.dims].index(name)
+            group_probes.append(float(table[list(ranks), col].median()))
+        with open(os.path.join(self.output_dir, "straggler_windows.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "compute_s": [round(v, 6) for v in compute.tolist()],
+                                 "cpu_s": [round(v, 6) for v in cpu.tolist()],
+                                 "work": [round(v, 6) for v in work.tolist()],
+                                 "data_wait_s": [round(v, 6) for v in wait.tolist()],
+                                 "probe_s": {",".join(map(str, r)): round(v, 6)
+                                             for (_, r), v in zip(self.groups, group_probes)}}) + "\n")
+        for finding in self.detector.update(compute.tolist(), group_probes if self.groups else None):
+            self._report(step, finding, float(wait.nanmedian()))
+
+    # ---------------------------------------------------------------- reports
+    def _short(self, f: Finding) -> str:
+        return f"rank {f.rank}" if f.kind == "straggler" else f"link {','.join(map(str, f.group))}"
+
+    def _record(self, step: int, f: Finding) -> dict:
+        rec = {"event": f.kind, "step": step, "slowdown": round(f.slowdown, 4), "evidence": f.evidence(),
+               "z": round(f.z, 2), "windows": f.windows}
+        if f.kind == "straggler":
+            rec.update(rank=f.rank, host=self.hosts[f.rank] if self.hosts else None)
+        else:
+            rec.update(group=list(f.group), dim=next((n for n, r in self.groups if r == f.group), None),
+                       hosts=sorted({self.hosts[r] for r in f.group}) if self.hosts else None)
+        return rec
+
+    def _report(self, step: int, f: Finding, data_wait_s: float) -> None:
+        self.findings.append((step, f))
+        rec = self._record(step, f)
+        rec["data_wait_s"] = round(data_wait_s, 6)
+        if f.kind == "straggler":
+            line = (f"loomtrain: straggler: rank {f.rank} ({rec['host']}) computes {f.slowdown:.0%} slower "
+                    f"than the others' median at step {step} ({f.evidence()})")
+        else:
+            line = (f"loomtrain: slow link: {rec['dim']} group of ranks {','.join(map(str, f.group))} "
+                    f"is {f.slowdown:.0%} slower than the other groups of {len(f.group)}, while its ranks "
+                    f"compute normally, at step {step} ({f.evidence()})")
+        print(line, flush=True)
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, "events.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
