@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="prepare the embedded corpus this many times over")
     ap.add_argument("--skip-prepare", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved small/large measurements (medians)")
     args = ap.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="lt-data-bench-")
     print(f"working in {work}", flush=True)
@@ -190,20 +191,29 @@ def main() -> None:
         t0 = time.perf_counter()
         m = synthetic_corpus(os.path.join(work, name), n)
         print(f"{name}: {m['tokens']:,} tokens, {m['documents']:,} documents, index "
-              f"{sum(s['idx_bytes'] for s in m['shards']) / 1e6:.0f} MB, written in {time.perf_counter() - t0:.0f} s",
+              f"{sum(s['idx_bytes'] for s in m['shards']) / 1e6:.0f} MB, ready in {time.perf_counter() - t0:.0f} s",
               flush=True)
-        results[name] = {"loader": loader_probe(os.path.join(work, name))}
-        print(f"{name}: loader start {results[name]['loader']}", flush=True)
-    if not args.skip_train:
-        for name in ("small", "large"):
-            results[name]["train"] = training_probe(os.path.join(work, name), os.path.join(work, f"run_{name}"))
-            print(f"{name}: training run {results[name]['train']}", flush=True)
-    lo, hi = results["small"], results["large"]
-    print(f"ratio large/small: loader start {hi['loader']['loader_s'] / lo['loader']['loader_s']:.2f}x, "
-          f"loader peak RSS {hi['loader']['peak_rss_mb'] / lo['loader']['peak_rss_mb']:.2f}x", flush=True)
-    if not args.skip_train:
-        print(f"ratio large/small: training start-up {hi['train']['startup_s'] / lo['train']['startup_s']:.2f}x, "
-              f"training peak RSS {hi['train']['peak_rss_mb'] / lo['train']['peak_rss_mb']:.2f}x", flush=True)
+        results[name] = {"loader": [], "train": []}
+    # Alternate small and large, `--rounds` times: the machine's load drifts by more than the
+    # difference being measured, so each ratio is of medians over interleaved runs.
+    for r in range(args.rounds):
+        for name in ("small", "large") if r % 2 == 0 else ("large", "small"):
+            results[name]["loader"].append(loader_probe(os.path.join(work, name)))
+            print(f"round {r}, {name}: loader {results[name]['loader'][-1]}", flush=True)
+            if not args.skip_train:
+                results[name]["train"].append(training_probe(os.path.join(work, name), os.path.join(work, f"run_{name}")))
+                print(f"round {r}, {name}: training run {results[name]['train'][-1]}", flush=True)
+
+    def med(name, part, key):
+        return float(np.median([x[key] for x in results[name][part]]))
+
+    for part, keys in (("loader", ("open_s", "first_3_steps_s", "next_step_ms", "peak_rss_mb")),
+                       ("train", ("startup_s", "peak_rss_mb"))):
+        if part == "train" and args.skip_train:
+            continue
+        for key in keys:
+            lo, hi = med("small", part, key), med("large", part, key)
+            print(f"{part} {key}: median 1e8-corpus {lo:.4g}, 1e10-corpus {hi:.4g}, ratio {hi / lo:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
