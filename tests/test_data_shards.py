@@ -279,8 +279,8 @@ def test_prepare_hf_datasets_and_pretokenised_ids(tmp_path):
     _one_line(info)
 
 
-def test_cli_prepare_verify_and_train(tmp_path):
-    """`loomtrain data prepare` + `data verify` as a user runs them, then a short run on the shards."""
+def test_cli_prepare_and_verify(tmp_path):
+    """`loomtrain data prepare` + `data verify` as a user runs them; a corrupted byte is found."""
     src, _ = corpus_dir(tmp_path, n=40)
     out = str(tmp_path / "shards")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -2,7 +2,7 @@
 tokenizer, and the loader that packs documents into rows with per-document positions. The
 loader's position is one global sample count, so it survives any change of layout.
 
-At scale, `prepare` (with `inputs`) tokenises once into memory-mapped token shards (`shards`:
+At scale, `prepare` (with `inputs`) tokenises once into token shards read on demand (`shards`:
 Megatron's `.bin`/`.idx` plus a manifest), `prepared` packs them exactly as text is packed, `mix`
 interleaves several by weight, and `permute` gives seeded orders whose memory does not grow with
 the corpus.

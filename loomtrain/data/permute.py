@@ -42,6 +42,12 @@ class WindowedPermutation:
             return 1 if self.n else 0
         return self.full_windows + (1 if self.n % self.window else 0)
 
+    def window_order(self) -> np.ndarray:
+        """Physical windows in virtual order (`window_at` for every j)."""
+        if not self.full_windows:
+            return np.arange(self.num_windows, dtype=np.int64)
+        return np.concatenate((self._order, np.arange(self.full_windows, self.num_windows))).astype(np.int64)
+
     def window_at(self, j: int) -> int:
         """The physical window placed at virtual window j."""
         return int(self._order[j]) if self.full_windows and j < self.full_windows else j

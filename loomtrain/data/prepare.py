@@ -1,4 +1,4 @@
-"""`loomtrain data prepare`: tokenise inputs once, in parallel, into shards a run memory-maps.
+"""`loomtrain data prepare`: tokenise inputs once, in parallel, into shards a run reads on demand.
 
 The inputs are planned into tasks (`data.inputs`), one shard per task, numbered in input order.
 Worker processes take tasks in any order; each writes its shard under temporary names, renames

@@ -1,4 +1,4 @@
-"""Token shards on disk: Megatron's indexed format (`.bin` + `.idx`), memory-mapped, plus our manifest.
+"""Token shards on disk: Megatron's indexed format (`.bin` + `.idx`) read on demand, plus our manifest.
 
 Why Megatron's format for our own shards: it is the one pre-training data already comes in, so a
 single reader serves both `loomtrain data prepare` output and data Megatron prepared, and our
@@ -15,8 +15,9 @@ checksums, the tokenizer's name, vocabulary size and fingerprint, and the token 
 shards store one sequence per document, EOS included, so a reader never appends anything.
 
 Opening a shard reads its 34-byte header and checks the file sizes it implies (a truncated or
-padded file is one line, at start-up, at any corpus size); the arrays are `np.memmap`s, so
-opening costs the same for 10^8 and 10^10 tokens and only the pages a row touches are read.
+padded file is one line, at start-up, at any corpus size). Tokens and index entries are then read
+on demand with `pread` (see `IndexedShard`), so opening costs the same for 10^8 and 10^10 tokens,
+only the bytes a row needs are read, and nothing of the corpus stays in the process.
 Checksums read every byte, so they are checked by `loomtrain data verify`, not at every start.
 """
 from __future__ import annotations
@@ -124,27 +125,75 @@ def write_manifest(out_dir: str, shards: list[dict], *, tokenizer: dict, dtype: 
 
 
 # ------------------------------------------------------------------------------------ reading
+def _pread(path: str, offset: int, nbytes: int) -> bytes:
+    """`nbytes` at `offset` of `path`. Opened per call (a few microseconds) so that thousands
+    of shards hold no file descriptors between reads."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, nbytes, offset)
+    finally:
+        os.close(fd)
+    if len(data) != nbytes:
+        raise DataError(f"data.source: {path} ended early (a read at byte {offset} got {len(data)} of {nbytes} "
+                        "bytes): truncated while in use?")
+    return data
+
+
 @dataclass
 class IndexedShard:
-    """One memory-mapped `.bin`/`.idx` pair. Documents d in [0, num_documents)."""
+    """One `.bin`/`.idx` pair, read on demand. Documents d in [0, num_documents).
+
+    Why `pread` and not `np.memmap`: on this kernel a memory map maps the page cache's large
+    folios whole, so each random row of a training run added 0.4-2 MB to the process's resident
+    memory (measured), and a run that shuffles rows would end up "holding" its whole index and
+    corpus. Reads through the page cache keep the same caching, shared by every rank on the
+    node, with nothing resident in the process; a row is one or two reads of a few KB.
+    """
 
     prefix: str
     dtype: np.dtype
     num_sequences: int
     num_documents: int
     num_tokens: int
-    lengths: np.ndarray  # int32[n] (memmap)
-    pointers: np.ndarray  # int64[n] byte offsets (memmap)
-    doc_index: np.ndarray  # int64[d + 1] sequence numbers (memmap)
-    tokens: np.ndarray  # dtype[num_tokens] (memmap)
+
+    def _ints(self, array: str, first: int, count: int) -> np.ndarray:
+        """`count` entries from `first` of the index's lengths (int32), pointers or doc_index (int64)."""
+        n = self.num_sequences
+        base, item, dt = {"lengths": (HEADER_BYTES, 4, np.int32), "pointers": (HEADER_BYTES + 4 * n, 8, np.int64),
+                          "doc_index": (HEADER_BYTES + 12 * n, 8, np.int64)}[array]
+        if count <= 0:
+            return np.empty(0, dtype=dt)
+        return np.frombuffer(_pread(self.prefix + ".idx", base + item * first, item * count), dtype=dt)
 
     def doc_starts(self, d0: int, d1: int) -> np.ndarray:
         """Token offsets where documents d0..d1 begin (d1 may be num_documents: the end)."""
-        seq = np.asarray(self.doc_index[d0:d1 + 1], dtype=np.int64)
+        seq = self._ints("doc_index", d0, d1 - d0 + 1).astype(np.int64)
         out = np.full(seq.shape, self.num_tokens, dtype=np.int64)
         inside = seq < self.num_sequences
-        out[inside] = np.asarray(self.pointers[seq[inside]], dtype=np.int64) // self.dtype.itemsize
+        if inside.any():
+            lo, hi = int(seq[inside].min()), int(seq[inside].max())
+            out[inside] = self._ints("pointers", lo, hi - lo + 1)[seq[inside] - lo] // self.dtype.itemsize
         return out
+
+    def starts_of(self, docs: np.ndarray) -> np.ndarray:
+        """`doc_starts` of scattered documents (start-up: one index entry per window)."""
+        n, docs = self.num_sequences, np.asarray(docs, dtype=np.int64)
+        out = np.full(docs.shape, self.num_tokens, dtype=np.int64)
+        fd = os.open(self.prefix + ".idx", os.O_RDONLY)
+        try:
+            for i, d in enumerate(docs.tolist()):
+                seq = int.from_bytes(os.pread(fd, 8, HEADER_BYTES + 12 * n + 8 * d), "little", signed=True)
+                if seq < n:
+                    ptr = int.from_bytes(os.pread(fd, 8, HEADER_BYTES + 4 * n + 8 * seq), "little", signed=True)
+                    out[i] = ptr // self.dtype.itemsize
+        finally:
+            os.close(fd)
+        return out
+
+    def tokens(self, begin: int, count: int) -> np.ndarray:
+        """Token ids [begin, begin + count) of this shard."""
+        size = self.dtype.itemsize
+        return np.frombuffer(_pread(self.prefix + ".bin", begin * size, count * size), dtype=self.dtype)
 
 
 def _read_header(idx: str) -> tuple[int, int, int, int]:
@@ -167,7 +216,8 @@ def _read_header(idx: str) -> tuple[int, int, int, int]:
 
 
 def open_shard(prefix: str) -> IndexedShard:
-    """Map PREFIX.idx and PREFIX.bin; any size that disagrees with the header is one DataError."""
+    """Check PREFIX.idx and PREFIX.bin against the header (a few small reads, at any size); any
+    size or boundary that disagrees is one DataError."""
     idx, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (idx, bin_path):
         if not os.path.isfile(path):
@@ -181,18 +231,17 @@ def open_shard(prefix: str) -> IndexedShard:
     if n == 0 or d < 2:
         raise DataError(f"data.source: {idx} holds no documents")
     dtype = np.dtype(DTYPE_CODES[code])
-    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=HEADER_BYTES, shape=(n,))
-    pointers = np.memmap(idx, dtype=np.int64, mode="r", offset=HEADER_BYTES + 4 * n, shape=(n,))
-    doc_index = np.memmap(idx, dtype=np.int64, mode="r", offset=HEADER_BYTES + 12 * n, shape=(d,))
-    end = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize
+    shard = IndexedShard(prefix, dtype, n, d - 1, 0)
+    end = int(shard._ints("pointers", n - 1, 1)[0]) + int(shard._ints("lengths", n - 1, 1)[0]) * dtype.itemsize
     bin_size = os.path.getsize(bin_path)
     if bin_size != end:
         raise DataError(f"data.source: {bin_path} is {bin_size} bytes where its index implies {end}: "
                         f"{'truncated' if bin_size < end else 'corrupt'} (prepare it again)")
-    if int(doc_index[0]) != 0 or int(doc_index[-1]) != n or int(pointers[0]) != 0:
+    if int(shard._ints("doc_index", 0, 1)[0]) != 0 or int(shard._ints("doc_index", d - 1, 1)[0]) != n \
+            or int(shard._ints("pointers", 0, 1)[0]) != 0:
         raise DataError(f"data.source: {idx} has an inconsistent document index (corrupt)")
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(end // dtype.itemsize,))
-    return IndexedShard(prefix, dtype, n, d - 1, end // dtype.itemsize, lengths, pointers, doc_index, tokens)
+    shard.num_tokens = end // dtype.itemsize
+    return shard
 
 
 def read_manifest(directory: str) -> dict:

@@ -35,7 +35,7 @@ COMMANDS = {
     "report": "summarize RUN_DIR/metrics.jsonl (steps, loss, tokens/s, MFU, memory); --plot draws it",
     "plan": "predict step times of static, best single-degree and heterogeneous sequence parallelism",
     "ckpt": "checkpoint tools: inspect, verify, export-hf, import-deepspeed",
-    "data": "data tools: prepare (tokenise once into memory-mapped shards), verify",
+    "data": "data tools: prepare (tokenise once into token shards), verify",
     "plan-offload": "choose the interleaved optimizer-offload split and predict the update time for a machine",
 }
 CKPT_ACTIONS = {
