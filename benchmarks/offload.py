@@ -3,7 +3,7 @@ DeepSpeed ZeRO-Offload (where it imports), loomtrain `cpu` and loomtrain `interl
 
     python benchmarks/offload.py [--hidden 512] [--layers 4] [--steps 10] [--seq 256] [--batch 4]
                                  [--systems none,fsdp2_cpu_offload,deepspeed_offload,cpu,interleaved]
-                                 [--gpu-fraction auto] [--json PATH]
+                                 [--gpu-fraction auto] [--json PATH] [--optimizer-only]
 
 One invocation runs every system on the same Llama geometry and batch shape, each in its own
 process (so each one's peak host memory is its own), one rank each. Per system it prints the
@@ -29,6 +29,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,6 +53,9 @@ def parse(argv):
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--gpu-fraction", default="auto")
     p.add_argument("--json", default=None)
+    p.add_argument("--optimizer-only", action="store_true",
+                   help="time only the optimizer steps of none / cpu / interleaved (fractions 0.3, 0.7) in one "
+                        "process, round-robin over --steps rounds: robust to a loaded machine")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one system, print JSON
     return p.parse_args(argv)
 
@@ -127,13 +131,14 @@ def _init_one_rank():
 
 def _fsdp2(args) -> dict:
     _init_one_rank()
-    model = _hf_model(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mesh = init_device_mesh(device.type, (1,))
+    model = _hf_model(args).to(device)
     for block in model.model.layers:
-        fully_shard(block, offload_policy=CPUOffloadPolicy())
-    fully_shard(model, offload_policy=CPUOffloadPolicy())
+        fully_shard(block, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda"))
+    fully_shard(model, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step_s, update_s = [], []
     for _ in range(args.steps):
         ids = torch.randint(0, 256, (args.batch, args.seq), generator=gen).to(device)
@@ -183,8 +188,51 @@ def run_one(args) -> dict:
     return _loomtrain(args, args.one)
 
 
+def optimizer_only(args) -> dict:
+    """Round-robin optimizer steps over the model's parameters with random gradients: every system
+    sees the same machine load, so their ratios hold even when absolute times do not."""
+    from loomtrain.offload.optimizer import OffloadAdamW
+    model = _hf_model(args)
+    opts = {}
+    for name, fraction, size in (("none", None, 0), ("cpu", 0.0, 0), ("interleaved_0.3", 0.3, 1 << 16),
+                                 ("interleaved_0.7", 0.7, 1 << 16)):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if fraction is None:
+            opts[name] = torch.optim.AdamW(params, lr=1e-4, fused=True)
+            continue
+        opt = OffloadAdamW(params, lr=1e-4)
+        opt.materialize(size or sum(p.numel() for p in params))
+        opt.set_split(round(fraction * len(opt.subgroups)))
+        opts[name] = opt
+    times = {name: [] for name in opts}
+    for _ in range(args.steps):
+        for name, opt in opts.items():
+            start = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - start)
+    for opt in opts.values():
+        if isinstance(opt, OffloadAdamW):
+            opt.close()
+    n = sum(p.numel() for p in model.parameters())
+    base = statistics.median(times["cpu"][1:])
+    print(f"optimizer step only, {n / 1e6:.1f}M params, median of {args.steps - 1} round-robin rounds:")
+    out = {}
+    for name, ts in times.items():
+        ms = statistics.median(ts[1:]) * 1e3
+        out[name] = {"update_ms": ms, "vs_cpu": base * 1e3 / ms}
+        print(f"  {name:<16} {ms:8.1f} ms  {base * 1e3 / ms:5.2f}x vs loomtrain cpu")
+    return out
+
+
 def main() -> None:
     args = parse(sys.argv[1:])
+    if args.optimizer_only:
+        out = {"mode": "gpu" if torch.cuda.is_available() else "cpu-standin", "load_avg_1m": os.getloadavg()[0],
+               "optimizer_only": optimizer_only(args)}
+        print(json.dumps(out))
+        return
     if args.one:
         print("BENCH_JSON " + json.dumps(run_one(args)), flush=True)
         return

@@ -422,6 +422,9 @@ def _check_offload(o: OffloadConfig) -> None:
         raise ConfigError(f"offload.gpu_fraction={frac!r}: must be auto or a number within [0, 1]")
     if not isinstance(frac, str) and not (math.isfinite(frac) and 0 <= frac <= 1):
         raise ConfigError(f"offload.gpu_fraction={frac}: must be auto or a number within [0, 1]")
+    if o.optimizer != "interleaved" and frac != "auto":
+        raise ConfigError(f"offload.gpu_fraction={frac}: applies only to offload.optimizer=interleaved "
+                          f"(it is {o.optimizer})")
     if o.group_size < 0:
         raise ConfigError(f"offload.group_size={o.group_size}: must be 0 (planned) or a positive count of parameters")
     if not (math.isfinite(o.replan_drift) and o.replan_drift > 0):

@@ -111,6 +111,7 @@ def test_plan_offload_does_not_import_torch():
     ("offload.optimizer=gpu", "offload.optimizer='gpu': must be one of none, cpu, interleaved"),
     ("offload.gpu_fraction=1.5", "offload.gpu_fraction=1.5: must be auto or a number within [0, 1]"),
     ("offload.gpu_fraction=half", "offload.gpu_fraction='half': must be auto or a number within [0, 1]"),
+    ("offload.gpu_fraction=0.5", "offload.gpu_fraction=0.5: applies only to offload.optimizer=interleaved (it is none)"),
     ("offload.group_size=-4", "offload.group_size=-4: must be 0 (planned) or a positive count of parameters"),
     ("offload.replan_drift=0", "offload.replan_drift=0.0: must be finite and positive (0.15 = 15%)"),
 ])

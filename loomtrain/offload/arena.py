@@ -53,7 +53,8 @@ class HostArena:
             soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
             # CUDA's pinned allocations are not always charged to RLIMIT_MEMLOCK, but a container that
             # sets a small limit usually means it: refuse rather than fail inside cudaHostAlloc.
-            if soft != resource.RLIM_INFINITY and 0 < soft < nbytes and os.environ.get("LOOMTRAIN_IGNORE_MEMLOCK") != "1":
+            ignore = os.environ.get("LOOMTRAIN_IGNORE_MEMLOCK") == "1"
+            if soft != resource.RLIM_INFINITY and 0 < soft < nbytes and not ignore:
                 raise ConfigError(f"offload: pinning {nbytes / GB:.2f} GB of host memory exceeds the locked-memory "
                                   f"limit ({soft / GB:.2f} GB, ulimit -l); raise it or set LOOMTRAIN_IGNORE_MEMLOCK=1")
         self.buffer = torch.empty(numel, dtype=torch.float32, pin_memory=pin)

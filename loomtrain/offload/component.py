@@ -122,7 +122,8 @@ class OffloadComponent(Hook):
         if n_dev and opt.last_device_s > 0:
             predicted = update_time(n_dev, opt.group_size, math.ceil(n_dev / opt.group_size), m)
             scale = predicted / opt.last_device_s
-            m = replace(m, h2d_gbps=m.h2d_gbps * scale, d2h_gbps=m.d2h_gbps * scale, gpu_adam_gps=m.gpu_adam_gps * scale)
+            m = replace(m, h2d_gbps=m.h2d_gbps * scale, d2h_gbps=m.d2h_gbps * scale,
+                        gpu_adam_gps=m.gpu_adam_gps * scale)
         self.machine = m
         self._replan()
 

@@ -72,6 +72,20 @@ def adamw_step(master, grad, exp_avg, exp_avg_sq, step: torch.Tensor, hp: Hyper)
           beta2=hp.beta2, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.eps, maximize=False)
 
 
+def host_grad_views(sub: SubGroup) -> list[torch.Tensor] | None:
+    """The sub-group's gradients as views, when they already lie in host memory as fp32 (no GPU):
+    the CPU path then updates from them directly instead of gathering a copy first."""
+    views = []
+    for seg in sub.segments:
+        if seg.param.grad is None:
+            return None  # gather_grads raises the clear error
+        grad = local_flat(seg.param.grad)
+        if grad.device.type != "cpu" or grad.dtype != torch.float32:
+            return None
+        views.append(grad[seg.p_off:seg.p_off + seg.n])
+    return views
+
+
 def gather_grads(sub: SubGroup, dst: torch.Tensor, non_blocking: bool = False) -> None:
     for seg in sub.segments:
         grad = seg.param.grad
@@ -110,9 +124,18 @@ class CpuPath:
         start = time.perf_counter()
         for sub in subs:
             st, a, b = flats[sub.group], sub.start, sub.end
-            gather_grads(sub, st.grad[a:b])  # blocking: the host reads them next
-            adamw_step(st.master[a:b], st.grad[a:b], st.exp_avg[a:b], st.exp_avg_sq[a:b], st.step.clone(),
-                       hypers[sub.group])
+            grads = None if self.cuda else host_grad_views(sub)
+            if grads is None:
+                gather_grads(sub, st.grad[a:b])  # blocking: the host reads them next
+                adamw_step(st.master[a:b], st.grad[a:b], st.exp_avg[a:b], st.exp_avg_sq[a:b], st.step.clone(),
+                           hypers[sub.group])
+            else:  # one fused call over the segments, reading the gradients where they are
+                spans = [slice(a + seg.g_off, a + seg.g_off + seg.n) for seg in sub.segments]
+                hp = hypers[sub.group]
+                adamw([st.master[x] for x in spans], grads, [st.exp_avg[x] for x in spans],
+                      [st.exp_avg_sq[x] for x in spans], [], [st.step.clone() for _ in spans], fused=True,
+                      amsgrad=False, beta1=hp.beta1, beta2=hp.beta2, lr=hp.lr, weight_decay=hp.weight_decay,
+                      eps=hp.eps, maximize=False)
             scatter_params(sub, st.master[a:b], non_blocking=self.cuda)
         if self.cuda and subs:
             torch.cuda.current_stream(self.device).synchronize()
