@@ -3,13 +3,15 @@
 What it relaxes. A plan is micro-steps; each step holds disjoint aligned groups of ranks; a group of
 degree d runs its sequences one after the other (load = sum of their times + a fixed latency) and
 holds sum ceil(L / d) <= capacity tokens per rank; a step lasts as long as its slowest group plus a
-fixed overhead. The relaxation keeps, per micro-step, only three consequences of that:
+fixed overhead. The relaxation keeps, per micro-step, only these consequences of that:
 
 * height: the step lasts at least as long as each sequence in it, alone, at its degree;
-* area:   N ranks x the step's height >= the rank-seconds (degree x time) of its sequences;
+* area:   N ranks x the step's height >= the rank-seconds (degree x time) of its sequences, plus
+          the part of wide groups' idle time short sequences cannot use cheaply;
 * memory: N x capacity >= the rank-tokens (degree x ceil(L / degree)) of its sequences;
+* groups: the long sequences at each degree fill a whole number of groups, within the N ranks;
 
-and drops alignment and the packing of sequences into groups. Every real plan satisfies these, so
+and drops alignment and which sequence shares which group. Every real plan satisfies these, so
 the optimum of the relaxation -- or any lower bound HiGHS proves on it within its time limit
 (`mip_dual_bound`) -- is a lower bound on every plan's step time.
 
@@ -101,13 +103,16 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
     add up to at most N; `long`: indices placed with binaries (the rest are divisible), in leader
     order; `upper`: the step time of some plan (no step of a better plan is taller).
 
-    Idle rank-time in a wide group: a group of degree d holding long sequences (load t_g) in a
-    step of height h has d x (h - t_g) rank-seconds left, which only sequences at degree d can
-    use, at rho_d x their least rank-seconds or more (rho_d: the least such ratio over the short
-    sequences). So of that time at least a share c_d = 1 - 1/rho_d is lost to the divisible work,
-    and the step's area row counts lam[m, d] >= c_d x d x (G x h - sum of the long loads), G the
-    groups of degree d holding long ones: at least one if any (z), at least one per big one.
-    The products of h with binaries are linearised with `upper` as the big-M."""
+    Groups: per step and degree d, an integer G (binary digits g_b) of groups of degree d holding
+    long sequences: at least one if any runs at d, one per big one, their loads (sum of times +
+    a latency per group) within G x h, and the degrees of all of them within N ranks. The
+    product G x h is exact: P = sum 2**b r_b with r_b = h g_b, linearised with `upper` as big-M.
+
+    Idle rank-time in those groups: d x (G h - their loads) rank-seconds, which only sequences at
+    degree d can use, at rho_d x their least rank-seconds or more (rho_d: the least such ratio
+    over the short sequences). So a share c_d = 1 - 1/rho_d of it is lost to the divisible work:
+    the step's area row also counts lam >= c_d x d x (P - loads).
+    """
     time, mem, feasible = np.asarray(time, float), np.asarray(mem, float), np.asarray(feasible, bool)
     big = np.asarray(big, bool)
     lat = np.asarray(lat, float)
@@ -159,25 +164,39 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
             rows.add([h[m]] + cols, [1.0] + [-(time[i, k] + lat[k]) for _, k in slots[p][m]], lo=0.0)
     for m in range(k_long):
         members = [(c, long[p], k) for p in range(m, k_long) for c, k in slots[p][m]]
-        lam_cols = []
+        lam_cols, rank_cols, rank_vals = [], [], []
         for k in range(n_deg):
             at_k = [(c, i) for c, i, kk in members if kk == k]
-            if not at_k or lost[k] <= 0 or big_m <= 0:
+            if not at_k or big_m <= 0:
                 continue
-            scale = lost[k] * width[k]
-            loads = [c for c, _ in at_k], [scale * time[i, k] for _, i in at_k]
-            lam, z, v = new(), new(True, 1.0), new()
-            lam_cols.append(lam)
-            for c, _ in at_k:  # z: some long sequence runs at this degree here
-                rows.add([z, c], [1.0, -1.0], lo=0.0)
-            rows.add([v, h[m], z], [1.0, -1.0, -big_m], lo=-big_m)  # v >= h z
-            rows.add([lam, v] + loads[0], [1.0, -scale] + loads[1], lo=0.0)
+            # G = sum 2**b g_b groups of degree 2**k hold long sequences here; P = G x h exactly
+            bits = [new(True, 1.0) for _ in range((n_ranks >> k).bit_length())]
+            prods = [new(hi=big_m) for _ in bits]
+            for g, r in zip(bits, prods):
+                rows.add([r, h[m]], [1.0, -1.0], hi=0.0)  # r <= h
+                rows.add([r, g], [1.0, -big_m], hi=0.0)  # r <= U g
+                rows.add([r, h[m], g], [1.0, -1.0, -big_m], lo=-big_m)  # r >= h - U (1 - g)
+            weights = [float(1 << b) for b in range(len(bits))]
+            rank_cols += bits
+            rank_vals += [w * (1 << k) for w in weights]
+            cols, loads = [c for c, _ in at_k], [time[i, k] for _, i in at_k]
+            for c in cols:  # at least one group if any long sequence runs at this degree
+                rows.add(bits + [c], weights + [-1.0], lo=0.0)
             bigs = [c for c, i in at_k if big[i, k]]
-            if bigs:  # one group per big one: sum of h y over them
-                ws = [new() for _ in bigs]
-                for w, c in zip(ws, bigs):
-                    rows.add([w, h[m], c], [1.0, -1.0, -big_m], lo=-big_m)  # w >= h y
-                rows.add([lam] + ws + loads[0], [1.0] + [-scale] * len(ws) + loads[1], lo=0.0)
+            if len(bigs) > 1:  # one group per big one
+                rows.add(bits + bigs, weights + [-1.0] * len(bigs), lo=0.0)
+            # their load fits G groups of height h: sum t + lat x G <= G h
+            rows.add(prods + bits + cols, weights + [-lat[k] * w for w in weights] + [-t for t in loads],
+                     lo=0.0)
+            if lost[k] > 0:  # idle time in those groups: lam >= c d (G h - lat G - sum t)
+                scale = lost[k] * width[k]
+                lam = new()
+                lam_cols.append(lam)
+                rows.add([lam] + prods + bits + cols,
+                         [1.0] + [-scale * w for w in weights] + [scale * lat[k] * w for w in weights]
+                         + [scale * t for t in loads], lo=0.0)
+        if rank_cols:  # the groups holding long sequences fit the N ranks
+            rows.add(rank_cols, rank_vals, hi=float(n_ranks))
         rows.add([h[m], a[m]] + [c for c, _, _ in members] + lam_cols,
                  [float(n_ranks), -1.0] + [-area[i, k] for _, i, k in members] + [-1.0] * len(lam_cols),
                  lo=0.0)  # area
@@ -186,9 +205,6 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
             coef[c] += n_mem
         rows.add([q[m]] + list(coef), [-1.0] + list(coef.values()), lo=0.0)  # memory
         rows.add([a[m]] + lead[m], [1.0] + [-a_short] * len(lead[m]), hi=0.0)  # short work: open steps
-        wide = [(c, k) for c, i, k in members if big[i, k]]
-        if wide:  # one group each: ranks
-            rows.add([c for c, _ in wide], [float(1 << k) for _, k in wide], hi=float(n_ranks))
     rows.add(a + [a_s], [1.0] * (k_long + 1), lo=a_short)
     rows.add(q + [q_s], [1.0] * (k_long + 1), lo=q_short)
     rows.add([h_s, a_s], [float(n_ranks), -1.0], lo=0.0)
