@@ -65,6 +65,52 @@ def _quiet_stdout():
         os.close(saved)
 
 
+SLACK = 0.02  # a short sequence whose best degree is within 2% of both least costs stays fixed
+
+
+def _pareto(area_i, mem_i, ks):
+    """The degrees where neither a sequence's rank-seconds nor its rank-tokens is beaten by another's."""
+    out = []
+    for k in ks:
+        if not any((area_i[o] <= area_i[k] and mem_i[o] <= mem_i[k]) and
+                   (area_i[o] < area_i[k] or mem_i[o] < mem_i[k] or o < k) for o in ks if o != k):
+            out.append(int(k))
+    return out
+
+
+def _couple(rows, new, short, area, mem, feasible, n_ranks, h, lead, area_rows, q, q_s, h_s, j, q_short):
+    """Short sequences pay rank-seconds and rank-tokens of one same degree (fractions x over the
+    degrees where neither is beaten), not the least of each from two different degrees: a second
+    area row per step in those actual rank-seconds (ac), and memory totals in x. Where one degree
+    beats all others, nothing changes but the memory row, as before."""
+    fixed_a = fixed_q = a_max = 0.0
+    x_area, x_mem, x_cols = [], [], []
+    for i in short:
+        ks = _pareto(area[i], mem[i], np.flatnonzero(feasible[i]))
+        a_max += float(max(area[i, k] for k in ks))
+        least_a, least_q = min(float(area[i, k]) for k in ks), min(float(mem[i, k]) for k in ks)
+        if any(area[i, k] <= (1 + SLACK) * least_a and mem[i, k] <= (1 + SLACK) * least_q for k in ks):
+            fixed_a, fixed_q = fixed_a + least_a, fixed_q + least_q  # (nearly) one best degree
+            continue
+        cols = [new(hi=1.0) for _ in ks]
+        rows.add(cols, [1.0] * len(cols), 1.0, 1.0)
+        x_cols += cols
+        x_area += [float(area[i, k]) for k in ks]
+        x_mem += [float(mem[i, k]) for k in ks]
+    if not x_cols:
+        rows.add(q + [q_s], [1.0] * (len(q) + 1), lo=q_short)
+        return
+    rows.add(q + [q_s] + x_cols, [1.0] * (len(q) + 1) + [-v for v in x_mem], lo=fixed_q)
+    ac = [new() for _ in h]
+    ac_s = new()
+    for m, (cols, vals) in enumerate(area_rows):
+        rows.add([h[m], ac[m]] + cols, [float(n_ranks), -1.0] + vals, lo=0.0)
+        rows.add([ac[m]] + lead[m], [1.0] + [-a_max] * len(lead[m]), hi=0.0)
+    rows.add(ac + [ac_s] + x_cols, [1.0] * (len(ac) + 1) + [-v for v in x_area], lo=fixed_a)
+    rows.add([h_s, ac_s], [float(n_ranks), -1.0], lo=0.0)
+    rows.add([j, ac_s], [max(a_max, 1.0), -1.0], lo=0.0)
+
+
 @dataclass(frozen=True)
 class MilpBound:
     value: float  # proven lower bound on the relaxation's optimum (0.0 when HiGHS gave none)
@@ -162,6 +208,7 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
             if m < p:  # only in an existing step
                 rows.add(cols + lead[m], [1.0] * len(cols) + [-1.0] * len(lead[m]), hi=0.0)
             rows.add([h[m]] + cols, [1.0] + [-(time[i, k] + lat[k]) for _, k in slots[p][m]], lo=0.0)
+    area_rows = []
     for m in range(k_long):
         members = [(c, long[p], k) for p in range(m, k_long) for c, k in slots[p][m]]
         lam_cols, rank_cols, rank_vals = [], [], []
@@ -197,6 +244,7 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
                          + [scale * t for t in loads], lo=0.0)
         if rank_cols:  # the groups holding long sequences fit the N ranks
             rows.add(rank_cols, rank_vals, hi=float(n_ranks))
+        area_rows.append(([c for c, _, _ in members], [-area[i, k] for _, i, k in members]))
         rows.add([h[m], a[m]] + [c for c, _, _ in members] + lam_cols,
                  [float(n_ranks), -1.0] + [-area[i, k] for _, i, k in members] + [-1.0] * len(lam_cols),
                  lo=0.0)  # area
@@ -206,7 +254,7 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
         rows.add([q[m]] + list(coef), [-1.0] + list(coef.values()), lo=0.0)  # memory
         rows.add([a[m]] + lead[m], [1.0] + [-a_short] * len(lead[m]), hi=0.0)  # short work: open steps
     rows.add(a + [a_s], [1.0] * (k_long + 1), lo=a_short)
-    rows.add(q + [q_s], [1.0] * (k_long + 1), lo=q_short)
+    _couple(rows, new, short, area, mem, feasible, n_ranks, h, lead, area_rows, q, q_s, h_s, j, q_short)
     rows.add([h_s, a_s], [float(n_ranks), -1.0], lo=0.0)
     rows.add([j, q_s], [n_mem, -1.0], lo=0.0)
     rows.add([j, a_s], [max(a_short, 1.0), -1.0], lo=0.0)  # short-only work needs a step
