@@ -3,13 +3,15 @@
 What it relaxes. A plan is micro-steps; each step holds disjoint aligned groups of ranks; a group of
 degree d runs its sequences one after the other (load = sum of their times + a fixed latency) and
 holds sum ceil(L / d) <= capacity tokens per rank; a step lasts as long as its slowest group plus a
-fixed overhead. The relaxation keeps, per micro-step, only three consequences of that:
+fixed overhead. The relaxation keeps, per micro-step, only these consequences of that:
 
 * height: the step lasts at least as long as each sequence in it, alone, at its degree;
-* area:   N ranks x the step's height >= the rank-seconds (degree x time) of its sequences;
+* area:   N ranks x the step's height >= the rank-seconds (degree x time) of its sequences, plus
+          the part of wide groups' idle time short sequences cannot use cheaply;
 * memory: N x capacity >= the rank-tokens (degree x ceil(L / degree)) of its sequences;
+* groups: the long sequences at each degree fill a whole number of groups, within the N ranks;
 
-and drops alignment and the packing of sequences into groups. Every real plan satisfies these, so
+and drops alignment and which sequence shares which group. Every real plan satisfies these, so
 the optimum of the relaxation -- or any lower bound HiGHS proves on it within its time limit
 (`mip_dual_bound`) -- is a lower bound on every plan's step time.
 
@@ -63,6 +65,52 @@ def _quiet_stdout():
         os.close(saved)
 
 
+SLACK = 0.02  # a short sequence whose best degree is within 2% of both least costs stays fixed
+
+
+def _pareto(area_i, mem_i, ks):
+    """The degrees where neither a sequence's rank-seconds nor its rank-tokens is beaten by another's."""
+    out = []
+    for k in ks:
+        if not any((area_i[o] <= area_i[k] and mem_i[o] <= mem_i[k]) and
+                   (area_i[o] < area_i[k] or mem_i[o] < mem_i[k] or o < k) for o in ks if o != k):
+            out.append(int(k))
+    return out
+
+
+def _couple(rows, new, short, area, mem, feasible, n_ranks, h, lead, area_rows, q, q_s, h_s, j, q_short):
+    """Short sequences pay rank-seconds and rank-tokens of one same degree (fractions x over the
+    degrees where neither is beaten), not the least of each from two different degrees: a second
+    area row per step in those actual rank-seconds (ac), and memory totals in x. Where one degree
+    beats all others, nothing changes but the memory row, as before."""
+    fixed_a = fixed_q = a_max = 0.0
+    x_area, x_mem, x_cols = [], [], []
+    for i in short:
+        ks = _pareto(area[i], mem[i], np.flatnonzero(feasible[i]))
+        a_max += float(max(area[i, k] for k in ks))
+        least_a, least_q = min(float(area[i, k]) for k in ks), min(float(mem[i, k]) for k in ks)
+        if any(area[i, k] <= (1 + SLACK) * least_a and mem[i, k] <= (1 + SLACK) * least_q for k in ks):
+            fixed_a, fixed_q = fixed_a + least_a, fixed_q + least_q  # (nearly) one best degree
+            continue
+        cols = [new(hi=1.0) for _ in ks]
+        rows.add(cols, [1.0] * len(cols), 1.0, 1.0)
+        x_cols += cols
+        x_area += [float(area[i, k]) for k in ks]
+        x_mem += [float(mem[i, k]) for k in ks]
+    if not x_cols:
+        rows.add(q + [q_s], [1.0] * (len(q) + 1), lo=q_short)
+        return
+    rows.add(q + [q_s] + x_cols, [1.0] * (len(q) + 1) + [-v for v in x_mem], lo=fixed_q)
+    ac = [new() for _ in h]
+    ac_s = new()
+    for m, (cols, vals) in enumerate(area_rows):
+        rows.add([h[m], ac[m]] + cols, [float(n_ranks), -1.0] + vals, lo=0.0)
+        rows.add([ac[m]] + lead[m], [1.0] + [-a_max] * len(lead[m]), hi=0.0)
+    rows.add(ac + [ac_s] + x_cols, [1.0] * (len(ac) + 1) + [-v for v in x_area], lo=fixed_a)
+    rows.add([h_s, ac_s], [float(n_ranks), -1.0], lo=0.0)
+    rows.add([j, ac_s], [max(a_max, 1.0), -1.0], lo=0.0)
+
+
 @dataclass(frozen=True)
 class MilpBound:
     value: float  # proven lower bound on the relaxation's optimum (0.0 when HiGHS gave none)
@@ -101,13 +149,16 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
     add up to at most N; `long`: indices placed with binaries (the rest are divisible), in leader
     order; `upper`: the step time of some plan (no step of a better plan is taller).
 
-    Idle rank-time in a wide group: a group of degree d holding long sequences (load t_g) in a
-    step of height h has d x (h - t_g) rank-seconds left, which only sequences at degree d can
-    use, at rho_d x their least rank-seconds or more (rho_d: the least such ratio over the short
-    sequences). So of that time at least a share c_d = 1 - 1/rho_d is lost to the divisible work,
-    and the step's area row counts lam[m, d] >= c_d x d x (G x h - sum of the long loads), G the
-    groups of degree d holding long ones: at least one if any (z), at least one per big one.
-    The products of h with binaries are linearised with `upper` as the big-M."""
+    Groups: per step and degree d, an integer G (binary digits g_b) of groups of degree d holding
+    long sequences: at least one if any runs at d, one per big one, their loads (sum of times +
+    a latency per group) within G x h, and the degrees of all of them within N ranks. The
+    product G x h is exact: P = sum 2**b r_b with r_b = h g_b, linearised with `upper` as big-M.
+
+    Idle rank-time in those groups: d x (G h - their loads) rank-seconds, which only sequences at
+    degree d can use, at rho_d x their least rank-seconds or more (rho_d: the least such ratio
+    over the short sequences). So a share c_d = 1 - 1/rho_d of it is lost to the divisible work:
+    the step's area row also counts lam >= c_d x d x (P - loads).
+    """
     time, mem, feasible = np.asarray(time, float), np.asarray(mem, float), np.asarray(feasible, bool)
     big = np.asarray(big, bool)
     lat = np.asarray(lat, float)
@@ -157,27 +208,43 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
             if m < p:  # only in an existing step
                 rows.add(cols + lead[m], [1.0] * len(cols) + [-1.0] * len(lead[m]), hi=0.0)
             rows.add([h[m]] + cols, [1.0] + [-(time[i, k] + lat[k]) for _, k in slots[p][m]], lo=0.0)
+    area_rows = []
     for m in range(k_long):
         members = [(c, long[p], k) for p in range(m, k_long) for c, k in slots[p][m]]
-        lam_cols = []
+        lam_cols, rank_cols, rank_vals = [], [], []
         for k in range(n_deg):
             at_k = [(c, i) for c, i, kk in members if kk == k]
-            if not at_k or lost[k] <= 0 or big_m <= 0:
+            if not at_k or big_m <= 0:
                 continue
-            scale = lost[k] * width[k]
-            loads = [c for c, _ in at_k], [scale * time[i, k] for _, i in at_k]
-            lam, z, v = new(), new(True, 1.0), new()
-            lam_cols.append(lam)
-            for c, _ in at_k:  # z: some long sequence runs at this degree here
-                rows.add([z, c], [1.0, -1.0], lo=0.0)
-            rows.add([v, h[m], z], [1.0, -1.0, -big_m], lo=-big_m)  # v >= h z
-            rows.add([lam, v] + loads[0], [1.0, -scale] + loads[1], lo=0.0)
+            # G = sum 2**b g_b groups of degree 2**k hold long sequences here; P = G x h exactly
+            bits = [new(True, 1.0) for _ in range((n_ranks >> k).bit_length())]
+            prods = [new(hi=big_m) for _ in bits]
+            for g, r in zip(bits, prods):
+                rows.add([r, h[m]], [1.0, -1.0], hi=0.0)  # r <= h
+                rows.add([r, g], [1.0, -big_m], hi=0.0)  # r <= U g
+                rows.add([r, h[m], g], [1.0, -1.0, -big_m], lo=-big_m)  # r >= h - U (1 - g)
+            weights = [float(1 << b) for b in range(len(bits))]
+            rank_cols += bits
+            rank_vals += [w * (1 << k) for w in weights]
+            cols, loads = [c for c, _ in at_k], [time[i, k] for _, i in at_k]
+            for c in cols:  # at least one group if any long sequence runs at this degree
+                rows.add(bits + [c], weights + [-1.0], lo=0.0)
             bigs = [c for c, i in at_k if big[i, k]]
-            if bigs:  # one group per big one: sum of h y over them
-                ws = [new() for _ in bigs]
-                for w, c in zip(ws, bigs):
-                    rows.add([w, h[m], c], [1.0, -1.0, -big_m], lo=-big_m)  # w >= h y
-                rows.add([lam] + ws + loads[0], [1.0] + [-scale] * len(ws) + loads[1], lo=0.0)
+            if len(bigs) > 1:  # one group per big one
+                rows.add(bits + bigs, weights + [-1.0] * len(bigs), lo=0.0)
+            # their load fits G groups of height h: sum t + lat x G <= G h
+            rows.add(prods + bits + cols, weights + [-lat[k] * w for w in weights] + [-t for t in loads],
+                     lo=0.0)
+            if lost[k] > 0:  # idle time in those groups: lam >= c d (G h - lat G - sum t)
+                scale = lost[k] * width[k]
+                lam = new()
+                lam_cols.append(lam)
+                rows.add([lam] + prods + bits + cols,
+                         [1.0] + [-scale * w for w in weights] + [scale * lat[k] * w for w in weights]
+                         + [scale * t for t in loads], lo=0.0)
+        if rank_cols:  # the groups holding long sequences fit the N ranks
+            rows.add(rank_cols, rank_vals, hi=float(n_ranks))
+        area_rows.append(([c for c, _, _ in members], [-area[i, k] for _, i, k in members]))
         rows.add([h[m], a[m]] + [c for c, _, _ in members] + lam_cols,
                  [float(n_ranks), -1.0] + [-area[i, k] for _, i, k in members] + [-1.0] * len(lam_cols),
                  lo=0.0)  # area
@@ -186,11 +253,8 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
             coef[c] += n_mem
         rows.add([q[m]] + list(coef), [-1.0] + list(coef.values()), lo=0.0)  # memory
         rows.add([a[m]] + lead[m], [1.0] + [-a_short] * len(lead[m]), hi=0.0)  # short work: open steps
-        wide = [(c, k) for c, i, k in members if big[i, k]]
-        if wide:  # one group each: ranks
-            rows.add([c for c, _ in wide], [float(1 << k) for _, k in wide], hi=float(n_ranks))
     rows.add(a + [a_s], [1.0] * (k_long + 1), lo=a_short)
-    rows.add(q + [q_s], [1.0] * (k_long + 1), lo=q_short)
+    _couple(rows, new, short, area, mem, feasible, n_ranks, h, lead, area_rows, q, q_s, h_s, j, q_short)
     rows.add([h_s, a_s], [float(n_ranks), -1.0], lo=0.0)
     rows.add([j, q_s], [n_mem, -1.0], lo=0.0)
     rows.add([j, a_s], [max(a_short, 1.0), -1.0], lo=0.0)  # short-only work needs a step

@@ -16,12 +16,11 @@ makes the same choice greedily, in tens of milliseconds, so every rank can run i
 3. Short sequences in bulk: `_waterfill` decides how much work each step takes (filling idle
    time beside long sequences first), then one heap places them longest first on the group
    furthest below its step's level (LPT), within each rank's token capacity.
-4. Portfolio: a few alphas and micro-step counts; then, for the winner, its few longest
-   sequences narrowed to fit one tall step (`_heterogeneous`), and a local search that moves
-   sequences off each step's slowest group (`local_search.py`: `widen` gives the sequence that
-   holds a step up the next degree and packs again; `polish` moves sequences); one more
-   candidate keeps short sequences off groups that spend 2x their rank-seconds on them; the
-   best after polishing wins. The same packer with one degree for every group (each feasible degree) competes; the fastest plan by the cost model wins, so the
+4. Portfolio: a few alphas and micro-step counts (more for small batches); for the winner, its
+   few longest sequences narrowed to fit one tall step (`_heterogeneous`), `widen` (the sequence
+   holding a step up gets the next degree) and a candidate keeping short sequences off groups
+   costing 2x; the best after `polish` (moves off each step's slowest group) wins. The same packer
+   with one degree for every group competes; the fastest plan by the cost model wins, so the
    result is never slower than the best homogeneous plan.
 
 Plain data in, ties broken by index: every rank computes the same plan, which
@@ -84,6 +83,8 @@ def _prepare(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostMode
 
 # ------------------------------------------------------------------------- the packer
 FILL = 0.9  # share of free memory the water-filling plans for (LPT needs a little slack)
+# batches of <= SMALL sequences pack fast: a wider portfolio (alphas, betas, n_long) for them
+SMALL, WIDE = 300, (tuple(2.0 ** (e / 8) for e in range(-8, 9)), (0.3, 0.45, 0.55, 0.65, 0.8, 0.9, 1.0), 5)
 MIN_RATE = 0.5  # a candidate keeps short sequences off groups that need 2x their rank-seconds
 LARGE = 0.5  # a sequence over this share of the mean step time is placed one by one
 
@@ -375,7 +376,7 @@ def compare_plans(lengths: Sequence[int], n_ranks: int, capacity: int, cost: Cos
         if k == k_static or bound <= min((c.time for c in homog.values()), default=math.inf):
             homog[k] = _homogeneous(b, k)
     hom = min(homog.values(), key=lambda c: (c.time, c.degree, c.n_steps))
-    het = _heterogeneous(b)
+    het = _heterogeneous(b) if len(b.lengths) > SMALL else _heterogeneous(b, *WIDE)
     best = het if het is not None and het.time < hom.time else hom  # ties: the simpler plan
     plans = {id(c): _to_plan(b, c) for c in {id(c): c for c in
                                               (best, hom, homog.get(k_static, hom))}.values()}
