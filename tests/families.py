@@ -53,9 +53,6 @@ _ALL = {layout: "match" for layout in LAYOUTS}
 EXPECTED: dict[str, dict[str, str]] = {family: dict(_ALL) for family in FAMILIES}
 # Falcon's fused query_key_value has no tensor-parallel plan in transformers.
 EXPECTED["falcon"]["tp2"] = "refused"
-# Tied input/output embeddings are refused under pipeline parallelism (for now).
-for _family in ("gemma2", "gemma3_text", "gpt2", "starcoder2", "cohere", "falcon"):
-    EXPECTED[_family]["pp2"] = "refused"
 
 # pp2 x tp2 on 4 ranks: the families whose plans use more than colwise/rowwise.
 PP_TP_FAMILIES = ("qwen3", "gemma3_text", "olmo2", "glm4", "phi3")
@@ -74,12 +71,35 @@ LAYOUT_OVERRIDES = {
     "tp2": ["parallel.tp=2"],
     "pp2": ["parallel.pp=2"],
     "pp2_tp2": ["parallel.pp=2", "parallel.tp=2"],
+    "pp2_dp2": ["parallel.pp=2", "parallel.zero=3"],
 }
+# Tied-embedding variants trained at pp2 x dp2 in the 4-rank launch (pp2 alone: test_tied_pipeline).
+TIED_FAMILIES = ("llama", "qwen3")
+TIED = ["model.config.tie_word_embeddings=true"]
 
 
 def family_case(family: str, layout: str = "1proc", *extra: str) -> list[str]:
     """The overrides of one (family, layout) run."""
     return FAMILIES[family] + BASE + LAYOUT_OVERRIDES[layout] + list(extra)
+
+
+# ----------------------------------------------------------------------------- the README table
+
+README_BEGIN = "<!-- family-matrix: generated from tests/families.py, checked by tests/test_family_matrix.py -->"
+README_END = "<!-- family-matrix end -->"
+_HEADERS = {"1proc": "1 process", "zero3_dp2": "ZeRO-3 dp2", "tp2": "tp2", "pp2": "pp2"}
+_WORDS = {"match": "matches", "refused": "refused before launch"}
+
+
+def readme_table() -> list[str]:
+    """The README's family table: what the matrix checks, one row per family."""
+    lines = ["| family | " + " | ".join(_HEADERS[layout] for layout in LAYOUTS) + " | pp2 x tp2 |",
+             "|---" * (len(LAYOUTS) + 2) + "|"]
+    for family in FAMILIES:
+        cells = ["trains" if layout == "1proc" else _WORDS[EXPECTED[family][layout]] for layout in LAYOUTS]
+        cells.append("matches" if family in PP_TP_FAMILIES else "")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- the launch
