@@ -12,7 +12,7 @@ import pytest
 from transformers import CONFIG_MAPPING
 
 from families import (EXPECTED, FAMILIES, LAYOUTS, PP_TP_FAMILIES, README_BEGIN, README_END, TIED, TIED_FAMILIES,
-                      family_case, readme_table, run_matrix)
+                      TP_DP_FAMILIES, family_case, readme_table, run_matrix)
 from harness import LOSS_RTOL, PARAM_ATOL, ROOT, load_result, reference
 from loomtrain.config import load_config
 from loomtrain.errors import ConfigError
@@ -97,10 +97,11 @@ def two_ranks(out):
 
 @pytest.fixture(scope="module")
 def four_ranks(out):
-    """pp2 x tp2 of the families with more than colwise/rowwise in their plans, and tied
-    embeddings at pp2 x dp2, in one 4-rank launch."""
+    """pp2 x tp2 of the families with more than colwise/rowwise in their plans, tied embeddings
+    at pp2 x dp2, and per-head norms at tp2 x ZeRO-3 dp2, in one 4-rank launch."""
     cases = {f"{f}__pp2_tp2": family_case(f, "pp2_tp2") for f in PP_TP_FAMILIES}
     cases.update({f"{f}_tied__pp2_dp2": family_case(f, "pp2_dp2", *TIED) for f in TIED_FAMILIES})
+    cases.update({f"{f}__tp2_dp2": family_case(f, "tp2_dp2") for f in TP_DP_FAMILIES})
     path = os.path.join(out, "four")
     run_matrix(4, cases, path)
     return path
@@ -124,6 +125,11 @@ def _failures(path: str, names: dict[str, tuple]) -> list[str]:
 
 def test_pp2_tp2_matches_one_process(four_ranks, refs):
     failures = _failures(four_ranks, {f"{f}__pp2_tp2": refs[f] for f in PP_TP_FAMILIES})
+    assert not failures, "\n".join(failures)
+
+
+def test_per_head_norms_at_tp2_dp2_match_one_process(four_ranks, refs):
+    failures = _failures(four_ranks, {f"{f}__tp2_dp2": refs[f] for f in TP_DP_FAMILIES})
     assert not failures, "\n".join(failures)
 
 
