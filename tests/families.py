@@ -12,6 +12,18 @@ To add a family: put its tiny config in `FAMILIES` and its expected outcome per 
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from harness import ROOT, free_port
+from loomtrain.config import load_config
+from loomtrain.runtime.trainer import Trainer
+
 LAYOUTS = ("1proc", "zero3_dp2", "tp2", "pp2")
 
 _GQA = ["model.config.hidden_size=64", "model.config.intermediate_size=96", "model.config.num_hidden_layers=4",
@@ -53,9 +65,6 @@ _ALL = {layout: "match" for layout in LAYOUTS}
 EXPECTED: dict[str, dict[str, str]] = {family: dict(_ALL) for family in FAMILIES}
 # Falcon's fused query_key_value has no tensor-parallel plan in transformers.
 EXPECTED["falcon"]["tp2"] = "refused"
-# Tied input/output embeddings are refused under pipeline parallelism (for now).
-for _family in ("gemma2", "gemma3_text", "gpt2", "starcoder2", "cohere", "falcon"):
-    EXPECTED[_family]["pp2"] = "refused"
 
 # pp2 x tp2 on 4 ranks: the families whose plans use more than colwise/rowwise.
 PP_TP_FAMILIES = ("qwen3", "gemma3_text", "olmo2", "glm4", "phi3")
@@ -74,7 +83,14 @@ LAYOUT_OVERRIDES = {
     "tp2": ["parallel.tp=2"],
     "pp2": ["parallel.pp=2"],
     "pp2_tp2": ["parallel.pp=2", "parallel.tp=2"],
+    "pp2_dp2": ["parallel.pp=2", "parallel.zero=3"],
+    "tp2_dp2": ["parallel.tp=2", "parallel.zero=3"],
 }
+# Per-head norms whose gradients are summed over tp, under FSDP as well (4-rank launch).
+TP_DP_FAMILIES = ("qwen3", "gemma3_text")
+# Tied-embedding variants trained at pp2 x dp2 in the 4-rank launch (pp2 alone: test_tied_pipeline).
+TIED_FAMILIES = ("llama", "qwen3")
+TIED = ["model.config.tie_word_embeddings=true"]
 
 
 def family_case(family: str, layout: str = "1proc", *extra: str) -> list[str]:
@@ -82,18 +98,30 @@ def family_case(family: str, layout: str = "1proc", *extra: str) -> list[str]:
     return FAMILIES[family] + BASE + LAYOUT_OVERRIDES[layout] + list(extra)
 
 
+# ----------------------------------------------------------------------------- the README table
+
+README_BEGIN = "<!-- family-matrix: generated from tests/families.py, checked by tests/test_family_matrix.py -->"
+README_END = "<!-- family-matrix end -->"
+_HEADERS = {"1proc": "1 process", "zero3_dp2": "ZeRO-3 dp2", "tp2": "tp2", "pp2": "pp2"}
+_WORDS = {"match": "matches", "refused": "refused before launch"}
+
+
+def readme_table() -> list[str]:
+    """The README's family table: what the matrix checks, one row per family."""
+    lines = ["| family | " + " | ".join(_HEADERS[layout] for layout in LAYOUTS) + " | pp2 x tp2 |",
+             "|---" * (len(LAYOUTS) + 2) + "|"]
+    for family in FAMILIES:
+        cells = ["trains" if layout == "1proc" else _WORDS[EXPECTED[family][layout]] for layout in LAYOUTS]
+        cells.append("matches" if family in PP_TP_FAMILIES else "")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return lines
+
+
 # ----------------------------------------------------------------------------- the launch
 
 def run_matrix(nproc: int, cases: dict[str, list[str]], out_dir: str, timeout: int = 1200) -> None:
     """Run every case in one torchrun launch of `nproc` gloo ranks (this file is the worker).
     A case that raises is recorded in OUT_DIR/name.error and the launch goes on with the next."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from harness import ROOT, free_port
-
     os.makedirs(out_dir, exist_ok=True)
     cases_path = os.path.join(out_dir, "cases.json")
     with open(cases_path, "w", encoding="utf-8") as fh:
@@ -101,22 +129,16 @@ def run_matrix(nproc: int, cases: dict[str, list[str]], out_dir: str, timeout: i
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", os.path.abspath(__file__), cases_path, out_dir]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # a case that raised on some ranks only leaves the others waiting
+        errors = sorted(f for f in os.listdir(out_dir) if f.endswith(".error"))
+        raise AssertionError(f"torchrun timed out after {timeout} s; cases that raised: {errors}") from None
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
 def _worker() -> None:
-    import json
-    import os
-    import sys
-
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from loomtrain.config import load_config
-    from loomtrain.runtime.trainer import Trainer
-
     cases_path, out_dir = sys.argv[1], sys.argv[2]
     with open(cases_path, encoding="utf-8") as fh:
         cases = json.load(fh)

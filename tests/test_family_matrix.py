@@ -11,8 +11,9 @@ import os
 import pytest
 from transformers import CONFIG_MAPPING
 
-from families import EXPECTED, FAMILIES, LAYOUTS, family_case, run_matrix
-from harness import LOSS_RTOL, PARAM_ATOL, load_result, reference
+from families import (EXPECTED, FAMILIES, LAYOUTS, PP_TP_FAMILIES, README_BEGIN, README_END, TIED, TIED_FAMILIES,
+                      TP_DP_FAMILIES, family_case, readme_table, run_matrix)
+from harness import LOSS_RTOL, PARAM_ATOL, ROOT, load_result, reference
 from loomtrain.config import load_config
 from loomtrain.errors import ConfigError
 from loomtrain.models.build import build_hf_config
@@ -94,6 +95,53 @@ def two_ranks(out):
     return path
 
 
+@pytest.fixture(scope="module")
+def four_ranks(out):
+    """pp2 x tp2 of the families with more than colwise/rowwise in their plans, tied embeddings
+    at pp2 x dp2, and per-head norms at tp2 x ZeRO-3 dp2, in one 4-rank launch."""
+    cases = {f"{f}__pp2_tp2": family_case(f, "pp2_tp2") for f in PP_TP_FAMILIES}
+    cases.update({f"{f}_tied__pp2_dp2": family_case(f, "pp2_dp2", *TIED) for f in TIED_FAMILIES})
+    cases.update({f"{f}__tp2_dp2": family_case(f, "tp2_dp2") for f in TP_DP_FAMILIES})
+    path = os.path.join(out, "four")
+    run_matrix(4, cases, path)
+    return path
+
+
+def _failures(path: str, names: dict[str, tuple]) -> list[str]:
+    """Run name -> reference; one line per run that raised or does not match."""
+    failures = []
+    for name, ref in names.items():
+        error = os.path.join(path, f"{name}.error")
+        if os.path.exists(error):
+            with open(error, encoding="utf-8") as fh:
+                failures.append(f"{name}: raised {fh.read().splitlines()[0]}")
+            continue
+        try:
+            _assert_matches(load_result(path, name), ref, name)
+        except AssertionError as exc:
+            failures.append(str(exc).splitlines()[0])
+    return failures
+
+
+def test_pp2_tp2_matches_one_process(four_ranks, refs):
+    failures = _failures(four_ranks, {f"{f}__pp2_tp2": refs[f] for f in PP_TP_FAMILIES})
+    assert not failures, "\n".join(failures)
+
+
+def test_per_head_norms_at_tp2_dp2_match_one_process(four_ranks, refs):
+    failures = _failures(four_ranks, {f"{f}__tp2_dp2": refs[f] for f in TP_DP_FAMILIES})
+    assert not failures, "\n".join(failures)
+
+
+def test_tied_pp2_dp2_matches_one_process(four_ranks, out):
+    refs = {f"{f}_tied__pp2_dp2": reference(family_case(f, "1proc", *TIED), os.path.join(out, f"ref_{f}_tied"))
+            for f in TIED_FAMILIES}
+    for name, (_, params) in refs.items():
+        assert params["lm_head.weight"].equal(params["model.embed_tokens.weight"]), name
+    failures = _failures(four_ranks, refs)
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_one_process_trains(refs, family):
     losses, _ = refs[family]
@@ -104,17 +152,7 @@ def test_one_process_trains(refs, family):
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_matrix_layout_matches_one_process(two_ranks, refs, layout):
-    failures = []
-    for family in _expected(layout, "match"):
-        error = os.path.join(two_ranks, f"{family}__{layout}.error")
-        if os.path.exists(error):
-            with open(error, encoding="utf-8") as fh:
-                failures.append(f"{family} {layout}: raised {fh.read().splitlines()[0]}")
-            continue
-        try:
-            _assert_matches(load_result(two_ranks, f"{family}__{layout}"), refs[family], f"{family} {layout}")
-        except AssertionError as exc:
-            failures.append(str(exc).splitlines()[0])
+    failures = _failures(two_ranks, {f"{f}__{layout}": refs[f] for f in _expected(layout, "match")})
     assert not failures, "\n".join(failures)
 
 
@@ -133,3 +171,13 @@ def test_matrix_refusals_happen_before_launch(tmp_path, family, layout):
 
 def test_tested_families_list_is_the_matrix():
     assert set(TESTED_FAMILIES) == set(_expected("tp2", "match"))
+
+
+def test_readme_family_table_is_the_matrix():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert README_BEGIN in text and README_END in text, "README.md lost its family table markers"
+    table = text[text.index(README_BEGIN) + len(README_BEGIN):text.index(README_END)].strip().splitlines()
+    assert table == readme_table(), "README.md's family table differs from tests/families.py; regenerate it " \
+                                    "with: python -c 'import sys; sys.path.insert(0, \"tests\"); " \
+                                    "import families; print(*families.readme_table(), sep=chr(10))'"

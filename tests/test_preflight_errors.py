@@ -147,7 +147,7 @@ def test_cli_errors_are_one_line(cli_errors, name, needles):
     (["model.architecture=falcon", "model.config.hidden_size=64", "model.config.num_attention_heads=4",
       "model.config.num_hidden_layers=2", "parallel.tp=2"], 2, ["query_key_value", "fused QKV", "parallel.tp=1"]),
     (["model.architecture=gpt2", "model.config.n_embd=64", "model.config.n_head=4", "model.config.n_layer=2",
-      "parallel.pp=2"], 2, ["tie_word_embeddings=false"]),
+      "parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble"], 2, ["tie_word_embeddings=false", "ZBVZeroBubble"]),
     (["model.config.num_hidden_layers=2", "parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",
       "parallel.pp_virtual_stages=2"], 2, ["4 stages", "num_hidden_layers=2"]),
     (["parallel.tp=2", "parallel.zero=1"], 4, ["parallel.zero=1", "zero=2 or 3"]),

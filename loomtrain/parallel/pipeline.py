@@ -28,6 +28,7 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
 from loomtrain.errors import ConfigError
 from loomtrain.models.loss import token_loss_sum
 from loomtrain.models.build import find_blocks
+from loomtrain.parallel.tied import ties_embeddings
 
 _SINGLE = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}
 _MULTI = {"Interleaved1F1B": ScheduleInterleaved1F1B, "ZBVZeroBubble": ScheduleZBVZeroBubble}
@@ -132,16 +133,21 @@ def carve_stage(model: nn.Module, start: int, end: int, *, first: bool, last: bo
     """Keep blocks [start, end) of `model` (in place) and drop what other stages own."""
     blocks = find_blocks(model)
     arity = block_output_arity(blocks[0])
+    tied = ties_embeddings(model)
     for i in range(len(blocks)):
         if not start <= i < end:
             blocks[i] = PassThrough(arity)
     base = model.base_model
     if not first:
-        model.set_input_embeddings(nn.Identity())
+        # A tied embedding stays on the last stage, unused: it holds the weight the head shares,
+        # under its HF names and with the embedding's initialisation (see `tied`).
+        if not (tied and last):
+            model.set_input_embeddings(nn.Identity())
+        kept = model.get_input_embeddings()
         # Anything else the base model adds to the embeddings (GPT-2's learned positions `wpe`,
         # embedding dropout) belongs to the first stage only: later stages get hidden states.
         for name, module in base.named_children():
-            if isinstance(module, nn.Embedding):
+            if isinstance(module, nn.Embedding) and module is not kept:
                 setattr(base, name, ZeroEmbedding(module.embedding_dim))
             elif isinstance(module, nn.Dropout):
                 setattr(base, name, nn.Identity())

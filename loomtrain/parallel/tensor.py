@@ -48,7 +48,8 @@ def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> list[PlanEntry]:
     fused `c_attn`). Every entry must name a module of the block; an entry loomtrain cannot apply
     is a `ConfigError` naming it."""
     model_type = model.config.model_type
-    block = blocks[0]
+    # A pipeline stage's blocks before its own are parameter-free stand-ins.
+    block = next((b for b in blocks if any(True for _ in b.parameters())), blocks[0])
     entries = block_entries(model_plan(model.config), model_type)
     for entry in entries:
         try:

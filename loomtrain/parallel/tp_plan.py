@@ -69,7 +69,10 @@ class PlanEntry:
 
 def model_plan(hf_config) -> dict[str, str]:
     """The config's `base_model_tp_plan` (the config class default unless the config overrides it)."""
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    try:
+        text = hf_config.get_text_config()
+    except (AttributeError, ValueError):  # no sub-configs, or several text configs (encoder-decoder)
+        text = hf_config
     return dict(getattr(text, "base_model_tp_plan", None) or {})
 
 

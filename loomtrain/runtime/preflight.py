@@ -112,9 +112,10 @@ def _check_pipeline(cfg: Config, hf_config, pp: int, dp: int) -> None:
     if pcfg.zero < 2 and dp > 1:
         raise ConfigError(f"parallel.zero={pcfg.zero} with parallel.pp={pp}: pipeline stages are sharded with "
                           "FSDP2 across data parallel; use parallel.zero=2 or 3")
-    if getattr(hf_config, "tie_word_embeddings", False):
+    if getattr(hf_config, "tie_word_embeddings", False) and pcfg.pp_schedule == "ZBVZeroBubble":
         raise ConfigError(f"parallel.pp={pp}: {hf_config.model_type} ties its input and output embeddings, which "
-                          "would live on different pipeline stages; set model.config.tie_word_embeddings=false")
+                          "parallel.pp_schedule=ZBVZeroBubble puts on one rank in two stages; use GPipe, 1F1B or "
+                          "Interleaved1F1B, or set model.config.tie_word_embeddings=false")
     if pcfg.pp_schedule == "Interleaved1F1B" and pcfg.pp_virtual_stages < 2:
         raise ConfigError("parallel.pp_schedule=Interleaved1F1B needs parallel.pp_virtual_stages >= 2")
     stages = pp * stages_per_rank(pcfg.pp_schedule, pcfg.pp_virtual_stages)

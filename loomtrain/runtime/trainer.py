@@ -46,6 +46,7 @@ from loomtrain.resilience.faults import FaultInjector, Faults
 from loomtrain.resilience.orphan import OrphanGuard
 from loomtrain.resilience.straggler import StragglerMonitor, TimedLoader, hetero_work
 from loomtrain.resilience.watchdog import Watchdog
+from loomtrain.parallel.tied import TiedEmbeddings, ties_embeddings
 from loomtrain.runtime.components import MetricsLogger, PipelineTimeline, SampleLog
 from loomtrain.runtime.metrics import device_peak_flops, peak_memory_gb, step_record
 from loomtrain.runtime.preflight import preflight
@@ -125,6 +126,7 @@ class Trainer:
                 eos_id=self.tokenizer.eos_id)
         self.flops = flop_model(self.hf_config)
         self.pp_group = self.mesh["pp"].get_group() if self.mesh is not None and self.dims.pp > 1 else None
+        self.ties_embeddings = False  # set by _build_part: the model ties its input and output embeddings
         self.parts = self._build_parts()
         self.par = self.parts[0]
         self.model_parts = [part.module for part in self.parts]
@@ -144,6 +146,9 @@ class Trainer:
                                  seed=cfg.train.seed)
         self.data_timer = TimedLoader(self.loader)  # the runner reads through it: data wait is timed
         self.pipeline = self._build_pipeline() if self.pp_group is not None else None
+        # Tied embeddings under PP: the first and last stage's copies get their summed gradient.
+        self.tied = (TiedEmbeddings.build(self.model_parts, self.stage_ids, self.n_stages, self.mesh.root,
+                                          self.dims.pp) if self.pp_group is not None and self.ties_embeddings else None)
         self.runner = self._build_runner()
         compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.peak_flops, self.peak_source = device_peak_flops(env.device, compute_dtype, cfg.train.peak_tflops)
@@ -246,6 +251,7 @@ class Trainer:
     def _build_part(self, carve: tuple | None) -> Parallelized:
         cfg, env = self.cfg, self.env
         meta = model_lib.build_meta_model(self.hf_config)
+        self.ties_embeddings = ties_embeddings(meta)
         if carve is not None:
             start, end, first, last = carve
             pipeline.carve_stage(meta, start, end, first=first, last=last)
@@ -270,9 +276,15 @@ class Trainer:
         start = time.perf_counter()
         hooks.call("before_step", loop)
         result = loop.last_result = self.runner.run()
+        if self.tied is not None:
+            self.tied.sum_grads()
         hooks.call("after_backward", loop)
         params = [p for module in self.model_parts for p in module.parameters()]
+        if self.tied is not None:  # the shared weight counts once in the norm
+            params = self.tied.counted_once(params)
         grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, pp_group=self.pp_group)
+        if self.tied is not None:
+            self.tied.clip_left_out(cfg.optim.grad_clip, grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         skip = self._nonfinite(loop.step + 1, result.loss, float(grad_norm), lr)
         hooks.call("before_optimizer_step", loop)
