@@ -28,7 +28,10 @@ from loomtrain.config import ResilienceConfig
 from loomtrain.hooks import LoopState
 from loomtrain.resilience.watchdog import Watchdog, line_up
 
-WINDOW = 12
+# 16 steps: on this 2-core machine at load 15 a clean rank's CPU time per unit of work was seen
+# to rise 40% for about 25 steps (sharing a core with a busy neighbour); 3 flagged windows of 16
+# steps need 48 steps of it, while a rank that is slow for good is flagged in every window.
+WINDOW = 16
 # Bigger steps than the parity tests' (more CPU per step): less relative timing noise.
 PACKED = ["data.seq_len=64", "data.global_batch_size=16", "data.micro_batch_size=4",
           f"resilience.window_steps={WINDOW}"]
