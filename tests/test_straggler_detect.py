@@ -72,6 +72,18 @@ def test_slow_member_is_a_straggler_not_a_link():
     assert [(f.kind, f.rank) for f in found] == [("straggler", 2)]
 
 
+def test_pipeline_stages_are_compared_within_themselves():
+    """Stage 0 (embeddings) does more work than stage 1 by design: no rank of it is a straggler;
+    a slow rank is found among its own stage's peers."""
+    stage0, stage1 = [0.08] * 4, [0.05] * 4
+    det = Detector(cohorts=[(0, 1, 2, 3), (4, 5, 6, 7)])
+    assert all(det.update(stage0 + stage1) == [] for _ in range(6))
+    slow = stage0 + [0.05, 0.05, 0.065, 0.05]
+    found = [f for _ in range(3) for f in det.update(slow)]
+    assert [(f.kind, f.rank) for f in found] == [("straggler", 6)]
+    assert Detector().flags(stage0 + stage1)[0] != {}  # without cohorts stage 0 would be flagged
+
+
 def test_floor_mad_floor_and_absent_ranks():
     cfg = DetectConfig()
     # identical peers (MAD 0): 3% slower is below the slowdown threshold, 10% is above

@@ -1,7 +1,7 @@
 """Injected faults (`fault.*` keys) for tests and demos: a slow rank, a slow link, a hang.
 
 Slowness is injected as *real extra CPU work* proportional to the work the rank did in the step
-(`slow_factor` 1.3 burns 30% more CPU time on top of what the step's forward/backward used), so
+(`slow_factor` 1.3 burns 30% more CPU time on top of what the step used up to its optimizer step), so
 it is unambiguous against scheduling noise on a loaded machine: the straggler monitor measures
 the training thread's CPU time, which a busy neighbour does not inflate, and a slower chip would show exactly
 this. A slow link delays each collective of the named group's probes by `slow_link_s` (the
@@ -72,6 +72,8 @@ class FaultInjector(Hook):
                 time.sleep(1.0)
         self._cpu0 = compute_cpu_s()
 
-    def after_backward(self, loop: LoopState) -> None:
+    def after_optimizer_step(self, loop: LoopState) -> None:
+        # the whole step's work so far (forward, backward, clipping, optimizer), before the
+        # straggler monitor, registered later, closes the step's measurement
         if self.faults.slow_factor > 1.0:
             burn_cpu((self.faults.slow_factor - 1.0) * (compute_cpu_s() - self._cpu0))

@@ -6,15 +6,16 @@ What is measured, and why:
 * compute: the training thread's CPU time over the step (`clock.compute_cpu_s` says why that
   clock), minus the CPU time spent fetching data. It is divided by the rank's work (1 for packed rows, which every rank gets alike; the
   heterogeneous planner's predicted seconds for the rank's groups), so uneven work by design is
-  not mistaken for a slow rank.
+  not mistaken for a slow rank; pipeline stages, whose work differs by design, are compared only
+  within themselves.
 * data wait: timed separately (`TimedLoader`), reported as evidence, never blamed on compute.
 * links: every window each mesh dimension's groups are probed at once (one barrier on the side
   group, then `probe_reps` small all-reduces; the minimum counts, which drops scheduling noise),
   and a group's figure is the median over its members.
 
-Each rank keeps the lower quartile of its per-step compute per unit of work over a window (a GC
-pause or a noisy neighbour adds time to some steps, never takes it away) and the median of the
-other figures; the first `warmup_steps` steps and steps that saved a checkpoint are left out. The
+Each rank reduces a window to one compute rate (`window_rate`: the lower quartile of its steps,
+as a GC pause or a noisy neighbour only ever adds time; the ratio of sums when its work varies by
+step) and the median of the other figures; the first `warmup_steps` steps and steps that saved a checkpoint are left out. The
 figures travel in one all-gather on a gloo group of their own, so nothing is added to the
 training collectives; rank 0 runs `Detector`. Active at 3+ ranks on CPU (CUDA work is not in
 process CPU time: on CUDA the monitor says so and stays off).
@@ -86,6 +87,30 @@ def mesh_groups(root) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def window_rate(cpu, work) -> float:
+    """A window's compute seconds per unit of work. Same work every step (packed rows): the lower
+    quartile of the steps, since interference only adds time. Work that varies by step (the
+    heterogeneous planner's): the ratio of the sums, since then the planner's per-step prediction
+    error, which averages out over a window, is what spreads single steps."""
+    pairs = [(c, w) for c, w in zip(cpu, work) if w > 0]
+    if not pairs:
+        return float("nan")
+    if max(w for _, w in pairs) - min(w for _, w in pairs) <= 1e-9 * max(w for _, w in pairs):
+        return low_quartile([c / w for c, w in pairs])
+    return sum(c for c, _ in pairs) / sum(w for _, w in pairs)
+
+
+def stage_cohorts(root) -> list[tuple[int, ...]] | None:
+    """Under pipeline parallelism, the ranks of each stage: only they do the same work."""
+    if root is None or "pp" not in root.mesh_dim_names:
+        return None
+    table = root.mesh
+    d = root.mesh_dim_names.index("pp")
+    if table.shape[d] == 1:
+        return None
+    return [tuple(sorted(int(r) for r in table.select(d, i).flatten().tolist())) for i in range(table.shape[d])]
+
+
 class StragglerMonitor(Hook):
     """See the module docstring. `work` returns this rank's work in the step just run."""
 
@@ -126,7 +151,8 @@ class StragglerMonitor(Hook):
                     group = self.mesh_root[name].get_group()
                     self.dims.append((name, group, tuple(sorted(dist.get_process_group_ranks(group)))))
         self.detector = Detector(groups=[ranks for _, ranks in self.groups],
-                                 cfg=DetectConfig(link_floor_s=self.cfg.link_floor_s))
+                                 cfg=DetectConfig(link_floor_s=self.cfg.link_floor_s),
+                                 cohorts=stage_cohorts(self.mesh_root))
 
     def before_step(self, loop: LoopState) -> None:
         if self.active:
@@ -188,12 +214,11 @@ class StragglerMonitor(Hook):
 
     def _window(self, step: int) -> None:
         probes = self._probe()
-        rates = [cpu / work for cpu, work, _, _ in self.samples if work > 0]
-        if rates:
+        mine = [float("nan")] * 4 + [0.0]
+        if self.samples:
             cols = list(zip(*self.samples))
-            mine = [low_quartile(rates)] + [statistics.median(c) for c in cols[1:]] + [float(len(self.samples))]
-        else:
-            mine = [float("nan")] * 4 + [0.0]
+            mine = [window_rate(cols[0], cols[1]), *(statistics.median(c) for c in cols[1:]),
+                    float(len(self.samples))]
         self.samples.clear()
         vec = torch.tensor(mine + probes, dtype=torch.float64)
         rows = [torch.zeros_like(vec) for _ in range(self.world)]

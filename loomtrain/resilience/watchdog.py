@@ -96,8 +96,9 @@ def line_up(summaries: dict[int, dict], world_size: int) -> str:
     """One line naming who the others wait for (pure; `summaries[rank]` from `summarize`)."""
     missing_dumps = sorted(set(range(world_size)) - set(summaries))
     if not any(s.get("recorded") for s in summaries.values()):
-        return ("no collective record (torch's flight recorder is off: set TORCH_FR_BUFFER_SIZE); "
-                "see the stacks" + (f"; no dump from ranks {_ranks_text(missing_dumps)}" if missing_dumps else ""))
+        return ("no collective recorded on any rank (still starting up, or torch's flight recorder is off: "
+                "TORCH_FR_BUFFER_SIZE); see the stacks"
+                + (f"; no dump from ranks {_ranks_text(missing_dumps)}" if missing_dumps else ""))
     waits: dict[tuple[str, int], list[int]] = {}
     for rank, s in summaries.items():
         if s.get("latest"):
@@ -150,6 +151,11 @@ class Watchdog(Hook):
         self._thread.start()
         return self
 
+    @property
+    def armed(self) -> tuple[float, str] | None:
+        """(timeout seconds, what it guards) of the current deadline, or None."""
+        return None if self._deadline is None else (self._timeout, self._what)
+
     def _arm(self, seconds: float, what: str, key: str) -> None:
         self._what, self._timeout = f"{what} (resilience.{key}={seconds:g})", seconds
         self._deadline = time.monotonic() + seconds if seconds > 0 else None
@@ -173,7 +179,18 @@ class Watchdog(Hook):
         self._step_deadline(self._step)
 
     def after_step(self, loop: LoopState, record: dict) -> None:
-        self._step_deadline(loop.step + 1)  # the hooks after a step and the next step's start
+        if loop.step >= self.max_steps:
+            self._final()
+        else:
+            self._step_deadline(loop.step + 1)  # the hooks after a step and the next step's start
+
+    def on_stop(self, loop: LoopState) -> None:
+        self._final()
+
+    def _final(self) -> None:
+        """The end of the run commits the last checkpoint (in the checkpointer's `end_fit`, which
+        runs before this component's)."""
+        self._arm(self.cfg.checkpoint_timeout_s, "the end of the run (final checkpoint)", "checkpoint_timeout_s")
 
     def end_fit(self, loop: LoopState, exc: BaseException | None) -> None:
         self.stop()
