@@ -35,8 +35,9 @@ FAMILIES: dict[str, list[str]] = {
     "mistral": ["model.architecture=mistral", *_GQA],
     "qwen2": ["model.architecture=qwen2", *_GQA],
     "qwen3": ["model.architecture=qwen3", *_GQA, *_HD16],
-    # Gemma-2 soft-caps attention logits, which sdpa cannot do: HF refuses sdpa for it.
-    "gemma2": ["model.architecture=gemma2", *_GQA, *_HD16, "model.attn_implementation=eager",
+    # Gemma-2 soft-caps attention logits, which neither the packed kernel nor sdpa does: the default
+    # attention (auto) must pick eager for it, which this entry checks by not naming one.
+    "gemma2": ["model.architecture=gemma2", *_GQA, *_HD16,
                "model.config.sliding_window=8", "model.config.query_pre_attn_scalar=16"],
     "gemma3_text": ["model.architecture=gemma3_text", *_GQA, *_HD16, "model.config.sliding_window=8",
                     "model.config.query_pre_attn_scalar=16",

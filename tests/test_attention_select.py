@@ -3,6 +3,8 @@ an impossible explicit choice is refused before training in one line, the banner
 attention, and a training run on the packed kernel follows the sdpa run's loss curve."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
@@ -35,10 +37,27 @@ def test_auto_falls_back_to_sdpa_for_what_the_kernel_lacks(hf_config, gap):
     assert "\n" not in str(err.value) and gap in str(err.value)
 
 
-def test_softcapping_falls_back():
+def test_softcapping_falls_back_to_eager():
+    """sdpa cannot soft-cap (HF refuses to build Gemma 2 with it), so auto must pick eager."""
     cfg = LlamaConfig()
     cfg.attn_logit_softcapping = 50.0
-    assert choose_attention("auto", cfg, 64).name == "sdpa"
+    assert choose_attention("auto", cfg, 64).name == "eager"
+    both = LlamaConfig(attention_dropout=0.1)
+    both.attn_logit_softcapping = 50.0
+    assert choose_attention("auto", both, 64).name == "eager"
+
+
+def test_gemma2_trains_with_the_default_attention(tmp_path, capsys):
+    """A tiny Gemma 2 (soft-capping on) trains with no attention key given, on eager."""
+    from families import family_case
+    from loomtrain.runtime.trainer import Trainer
+
+    args = family_case("gemma2", "1proc", f"train.output_dir={tmp_path}", "train.max_steps=2")
+    assert not any(a.startswith("model.attn_implementation=") for a in args)
+    losses = Trainer(load_config(None, args)).fit().losses
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    banner = [line for line in capsys.readouterr().out.splitlines() if "attention" in line]
+    assert banner and "attention eager (auto: the packed kernel lacks attn_logit_softcapping" in banner[0]
 
 
 def test_explicit_choices_pass_through():

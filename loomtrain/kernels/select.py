@@ -1,7 +1,9 @@
 """Which attention a run uses: `model.attn_implementation=auto` takes loomtrain's packed kernel
-unless the model needs something the kernel does not do, in which case it keeps HF's sdpa.
+unless the model needs something the kernel does not do, in which case it keeps an HF path that
+does it: eager for logit soft-capping (HF's sdpa cannot soft-cap, and Gemma 2 refuses to build
+with it), sdpa for the rest.
 
-The kernel lacks (and so `auto` falls back to sdpa for):
+The kernel lacks (and so `auto` falls back for):
 - attention dropout > 0 (HF's `attention_dropout` / GPT-2's `attn_pdrop`),
 - logit soft-capping (`attn_logit_softcapping`, Gemma 2),
 - a sliding window shorter than the training sequence (`sliding_window` < data.seq_len; a window
@@ -18,6 +20,7 @@ from loomtrain.errors import ConfigError
 PACKED = "loomtrain_packed"
 AUTO = "auto"
 FALLBACK = "sdpa"
+SOFTCAP_FALLBACK = "eager"
 
 
 @dataclass(frozen=True)
@@ -50,10 +53,12 @@ def choose_attention(requested: str, hf_config, seq_len: int) -> AttentionChoice
     if requested == PACKED:
         if gaps:
             raise ConfigError(f"model.attn_implementation={PACKED} cannot run this model ({', '.join(gaps)}); "
-                              f"use model.attn_implementation=auto or sdpa")
+                              "use model.attn_implementation=auto")
         return AttentionChoice(PACKED, "requested")
     if requested == AUTO:
         if gaps:
-            return AttentionChoice(FALLBACK, f"auto: the packed kernel lacks {', '.join(gaps)}")
+            softcap = any(g.startswith("attn_logit_softcapping") for g in gaps)
+            return AttentionChoice(SOFTCAP_FALLBACK if softcap else FALLBACK,
+                                   f"auto: the packed kernel lacks {', '.join(gaps)}")
         return AttentionChoice(PACKED, "auto")
     return AttentionChoice(requested, "requested")

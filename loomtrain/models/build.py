@@ -164,8 +164,10 @@ def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id:
     _check_geometry(hf, dict(mcfg.config))
     # `auto` and `loomtrain_packed` are resolved once the model exists (`parallel.compose`, through
     # the kernel layer, which registers the implementation with transformers); until then HF builds
-    # the model with sdpa, an implementation it always knows.
-    hf._attn_implementation = "sdpa" if mcfg.attn_implementation in DEFERRED_ATTENTION else mcfg.attn_implementation
+    # the model with sdpa, or eager for a model that soft-caps attention logits (HF refuses to build
+    # those with sdpa, which cannot soft-cap; `auto` then keeps eager).
+    placeholder = "eager" if getattr(hf, "attn_logit_softcapping", None) else "sdpa"
+    hf._attn_implementation = placeholder if mcfg.attn_implementation in DEFERRED_ATTENTION else mcfg.attn_implementation
     if hf.vocab_size < vocab_size:
         raise ConfigError(f"model vocab_size={hf.vocab_size} is smaller than the tokenizer's {vocab_size}; "
                           "raise model.config.vocab_size or use a matching data.tokenizer")

@@ -64,6 +64,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
     else:
         if choice.name == PACKED:
             use_packed(model)
+        elif model.config._attn_implementation != choice.name:
+            model.set_attn_implementation(choice.name)
         attention = f"{choice.name} ({choice.reason})"
     checkpointed = apply_activation_checkpointing(blocks, pcfg.activation_checkpointing)
     if pcfg.compile:
