@@ -158,6 +158,8 @@ class FaultConfig:
     slow_link_s: float = 0.02  # added to each collective of slow_group's probes
     hang_rank: int = -1
     hang_step: int = 0  # hang_rank stops inside a collective in this step (1-based)
+    kill_rank: int = -1
+    kill_step: int = 0  # kill_rank SIGKILLs itself at the start of this step (1-based), first attempt only
 
 @dataclass(frozen=True)
 class OffloadConfig:
@@ -453,6 +455,8 @@ def _check_resilience(cfg: Config) -> None:
         raise ConfigError(f"fault.slow_group={f.slow_group!r}: must be two or more ranks, e.g. 2,3")
     if f.hang_rank >= 0 and f.hang_step < 1:
         raise ConfigError(f"fault.hang_step={f.hang_step}: must be at least 1 with fault.hang_rank")
+    if f.kill_rank >= 0 and f.kill_step < 1:
+        raise ConfigError(f"fault.kill_step={f.kill_step}: must be at least 1 with fault.kill_rank")
 
 
 def resolve_degrees(p: ParallelConfig, world_size: int) -> dict[str, int]:

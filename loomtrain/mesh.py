@@ -66,6 +66,7 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) 
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store = attempt_store(store)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
         return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend,
@@ -80,9 +81,18 @@ def _job_store(timeout_s: float) -> dist.Store | None:
     if not host or not port:
         return None
     try:
-        return dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+        return attempt_store(dist.TCPStore(host, int(port), is_master=False,
+                                           timeout=datetime.timedelta(seconds=timeout_s)))
     except (RuntimeError, ValueError):
         return None
+
+
+def attempt_store(store: dist.Store) -> dist.Store:
+    """The job's store seen through a prefix per torchelastic attempt: the agent's store outlives
+    a restart (`--max-restarts`), and without the prefix the restarted group's gloo would read the
+    dead group's addresses (and its exit agreements) and fail to connect."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"loomtrain/attempt_{attempt}", store)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import glob
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -198,6 +199,44 @@ def torchrun_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:
     return argv + ["--module", "loomtrain.launch", *worker_args]
 
 
+class FailureLog(logging.Handler):
+    """Collects the worker failures torchelastic's process context logs ("failed (exitcode: X)
+    local_rank: R ..."), one per failed attempt: after a run that `--max-restarts` recovered, the
+    agent returns only the last attempt's result, and these are the record of why it restarted."""
+
+    LOGGER = "torch.distributed.elastic.multiprocessing.api"
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.failures: list[tuple[int, int]] = []  # (exit code, local rank)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("failed (exitcode") and isinstance(record.args, tuple) \
+                and len(record.args) >= 2:
+            try:
+                self.failures.append((int(record.args[0]), int(record.args[1])))
+            except (TypeError, ValueError):
+                pass
+
+    def summary(self, node_rank: int, nproc: int) -> str | None:
+        """"loomtrain: restarted 1 time after rank 1 died (SIGKILL)", or None without a restart."""
+        if not self.failures:
+            return None
+        causes = []
+        for code, local_rank in self.failures:
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+            causes.append(f"rank {node_rank * nproc + local_rank} died ({how})")
+        n = len(self.failures)
+        return f"loomtrain: restarted {n} time{'s' if n > 1 else ''} after {'; '.join(causes)}"
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
 @contextlib.contextmanager
 def _quiet_torch_logs(quiet: bool) -> Iterator[None]:
     """While the agent runs, drop its own log lines (warnings, 'failed (exitcode ...)'), which
@@ -239,9 +278,15 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
     store = hold_endpoint(spec)
     stops = AgentSignals(spec.stop_grace_s)
     stops.install()
+    failures = FailureLog()
+    failure_logger = logging.getLogger(FailureLog.LOGGER)
+    failure_logger.addHandler(failures)
     try:
         with _quiet_torch_logs(not spec.verbose and not os.environ.get("LOGLEVEL")):
             elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+        restarted = failures.summary(spec.node_rank or 0, spec.nproc_per_node)
+        if restarted:
+            print(restarted, file=sys.stderr, flush=True)
     except ChildFailedError as err:
         lines = condense_failure(err, config.logs_specs.root_log_dir, config.run_id)
         for line in lines:
@@ -257,6 +302,7 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
               file=sys.stderr, flush=True)
         return 1
     finally:
+        failure_logger.removeHandler(failures)
         stops.restore()
         del store
     return 0
@@ -270,7 +316,9 @@ _COMM_ERROR_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection
 
 def _failure_rank_key(rank: int, f: ProcessFailure) -> tuple:
     if not isinstance(f.message, dict):
-        return (2, float(f.timestamp), rank)  # killed or exited without recording an exception
+        # killed by a signal (the OOM killer, `fault.kill_rank`): a cause, not an echo; a bare
+        # non-zero exit without a recorded exception: last
+        return (0.5 if f.exitcode < 0 else 2, float(f.timestamp), rank)
     loom = (f.message.get("extraInfo") or {}).get("loomtrain") or {}
     text = str(f.message.get("message", ""))
     echo = loom.get("type") in _COMM_ERROR_TYPES or any(m in text for m in _COMM_ERROR_MARKERS)
@@ -280,7 +328,8 @@ def _failure_rank_key(rank: int, f: ProcessFailure) -> tuple:
 def pick_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
     """The root cause among the failed ranks.
 
-    A recorded exception beats a bare exit or signal, and an ordinary exception beats a
+    A recorded ordinary exception beats a death by signal, which beats a communication error
+    (the other ranks' echo of the dead one), which beats a bare exit. An ordinary exception beats a
     communication error (usually another rank's failure seen through a closed socket: the rank
     that failed first tears its process group down before its own exception gets recorded, so
     the time of recording alone would blame the wrong rank). Then the earliest, then the lowest rank.

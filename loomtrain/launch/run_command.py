@@ -13,13 +13,20 @@ import os
 from loomtrain.config import load_config
 from loomtrain.launch.agent import launch, launch_spec, set_omp_threads, worker_main
 from loomtrain.launch.spec import in_worker
+from loomtrain.resilience.faults import restart_count
 from loomtrain.runtime.preflight import preflight
 from loomtrain.runtime.trainer import Trainer
 
 
 def _train(config: str | None, overrides: list[str]) -> None:
-    """Worker body of `run`: load the config and train (the Trainer runs `preflight` itself)."""
-    Trainer(load_config(config, overrides)).fit()
+    """Worker body of `run`: load the config and train (the Trainer runs `preflight` itself).
+
+    In a group that torchelastic restarted (`--max-restarts`) a run that saves checkpoints
+    resumes from its last committed one (`checkpoint.resume=auto`) instead of starting over."""
+    cfg = load_config(config, overrides)
+    if restart_count() > 0 and cfg.checkpoint.resume == "none":
+        cfg = cfg.replace(checkpoint={"resume": "auto"})
+    Trainer(cfg).fit()
 
 
 def cmd_run(ns: argparse.Namespace) -> int:

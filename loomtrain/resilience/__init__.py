@@ -7,7 +7,9 @@ Components on the training loop's hook points (`loomtrain.hooks`), built by the 
   clock.py      the compute clock: the training thread's CPU time, and why
   straggler.py  `StragglerMonitor`: per-rank timing and one side-group all-gather per window,
                 reported to the console, `{train.output_dir}/events.jsonl` and the summary
-  faults.py     the `fault.*` keys: injected slowness (extra CPU work), slow links, hangs
+  faults.py     the `fault.*` keys: injected slowness (extra CPU work), slow links, hangs, and a
+                rank that SIGKILLs itself in the first attempt (for `--max-restarts` recovery,
+                which resumes from the last committed checkpoint: `loomtrain.launch.run_command`)
   watchdog.py   start-up / step / checkpoint deadlines; on expiry every rank dumps its stacks and
                 last collectives, the dumps are lined up through the job's store, one line names
                 the rank that never entered, and the job exits 3

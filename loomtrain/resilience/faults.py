@@ -6,10 +6,14 @@ it is unambiguous against scheduling noise on a loaded machine: the straggler mo
 the training thread's CPU time, which a busy neighbour does not inflate, and a slower chip would show exactly
 this. A slow link delays each collective of the named group's probes by `slow_link_s` (the
 training collectives themselves are not slowed). A hang stops `hang_rank` at the start of
-`hang_step`, before that step's first collective, so the other ranks wait inside it.
+`hang_step`, before that step's first collective, so the other ranks wait inside it. A kill
+SIGKILLs `kill_rank` at the start of `kill_step`, in the first attempt only (torchelastic's
+`TORCHELASTIC_RESTART_COUNT` is 0), so that under `--max-restarts` the restarted group runs through.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -21,6 +25,14 @@ from loomtrain.resilience.clock import compute_cpu_s
 def parse_ranks(text: str) -> tuple[int, ...]:
     """"2,3" -> (2, 3); "" -> ()."""
     return tuple(sorted(int(part) for part in text.replace(" ", "").split(",") if part))
+
+
+def restart_count() -> int:
+    """How many times torchelastic restarted this worker group (0 in the first attempt, or outside it)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
 
 
 def burn_cpu(seconds: float) -> None:
@@ -41,16 +53,19 @@ class Faults:
     slow_group: tuple[int, ...] = ()
     slow_link_s: float = 0.0
     hang_step: int = 0  # 0: no hang on this rank
+    kill_step: int = 0  # 0: no kill on this rank (or not in this attempt)
 
     @classmethod
-    def from_config(cls, cfg: FaultConfig, rank: int) -> "Faults":
+    def from_config(cls, cfg: FaultConfig, rank: int, attempt: int | None = None) -> "Faults":
+        attempt = restart_count() if attempt is None else attempt
         return cls(rank=rank, slow_factor=cfg.slow_factor if cfg.slow_rank == rank else 1.0,
                    slow_group=parse_ranks(cfg.slow_group), slow_link_s=cfg.slow_link_s,
-                   hang_step=cfg.hang_step if cfg.hang_rank == rank else 0)
+                   hang_step=cfg.hang_step if cfg.hang_rank == rank else 0,
+                   kill_step=cfg.kill_step if cfg.kill_rank == rank and attempt == 0 else 0)
 
     @property
     def active(self) -> bool:
-        return self.slow_factor > 1.0 or self.hang_step > 0
+        return self.slow_factor > 1.0 or self.hang_step > 0 or self.kill_step > 0
 
     def link_delay(self, group_ranks) -> float:
         """Seconds to add to each probe collective on the group of `group_ranks`."""
@@ -66,6 +81,10 @@ class FaultInjector(Hook):
         self._cpu0 = 0.0
 
     def before_step(self, loop: LoopState) -> None:
+        if self.faults.kill_step and loop.step + 1 == self.faults.kill_step:
+            print(f"loomtrain: fault: rank {self.faults.rank} kills itself (SIGKILL) at step {loop.step + 1}",
+                  flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.faults.hang_step and loop.step + 1 == self.faults.hang_step:
             print(f"loomtrain: fault: rank {self.faults.rank} hangs at step {loop.step + 1}", flush=True)
             while True:  # injected hang: never returns; the watchdog ends the job

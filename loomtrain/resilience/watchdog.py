@@ -36,6 +36,7 @@ from torch._C import _distributed_c10d as c10d
 
 from loomtrain.config import ResilienceConfig
 from loomtrain.hooks import Hook, LoopState
+from loomtrain.mesh import attempt_store
 
 HANG_EXIT_CODE = 3
 _POLL_S = 0.5
@@ -205,7 +206,8 @@ class Watchdog(Hook):
         if not host or not port or self.world == 1:
             return None
         try:
-            return dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=30))
+            return attempt_store(dist.TCPStore(host, int(port), is_master=False,
+                                               timeout=datetime.timedelta(seconds=30)))
         except (RuntimeError, ValueError):
             return None
 
