@@ -2,7 +2,7 @@
 
     python benchmarks/hetero_vs_static.py [--nproc 2] [--context 512] [--capacity 256] [--batch 24] [--steps 4]
     python benchmarks/hetero_vs_static.py --nproc 4 --context 65536 --capacity 16384 --batch 48 --long 1 \
-        --steps 2 --hidden 64 --layers 1          # long context: one 64K document in every batch
+        --steps 3 --hidden 64 --layers 1   # long context: a 64K document in every batch; ~15 min on 2 cores
 
 Relaunches itself under torchrun (one thread per rank, so an idle rank cannot lend its core to
 a busy one and hide the imbalance). The same model trains on the same long-tailed batches of
