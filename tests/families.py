@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import torch.distributed as dist
-from safetensors.torch import save_file
 
-from harness import ROOT, free_port
+from harness import run_cases, save_result
 from loomtrain.config import load_config
 from loomtrain.runtime.trainer import Trainer
 
@@ -123,20 +121,7 @@ def readme_table() -> list[str]:
 def run_matrix(nproc: int, cases: dict[str, list[str]], out_dir: str, timeout: int = 1200) -> None:
     """Run every case in one torchrun launch of `nproc` gloo ranks (this file is the worker).
     A case that raises is recorded in OUT_DIR/name.error and the launch goes on with the next."""
-    os.makedirs(out_dir, exist_ok=True)
-    cases_path = os.path.join(out_dir, "cases.json")
-    with open(cases_path, "w", encoding="utf-8") as fh:
-        json.dump(cases, fh)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", os.path.abspath(__file__), cases_path, out_dir]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:  # a case that raised on some ranks only leaves the others waiting
-        errors = sorted(f for f in os.listdir(out_dir) if f.endswith(".error"))
-        raise AssertionError(f"torchrun timed out after {timeout} s; cases that raised: {errors}") from None
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    run_cases(nproc, cases, out_dir, timeout=timeout, worker=os.path.basename(__file__))
 
 
 def _worker() -> None:
@@ -156,9 +141,7 @@ def _worker() -> None:
             dist.barrier()
             continue
         if dist.get_rank() == 0:
-            with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as fh:
-                json.dump({"losses": result.losses, "grad_norms": result.grad_norms}, fh)
-            save_file({k: v.contiguous() for k, v in params.items()}, os.path.join(out_dir, f"{name}.safetensors"))
+            save_result(out_dir, name, result, params)
         dist.barrier()
     dist.destroy_process_group()
 

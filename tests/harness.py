@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 1e-5
@@ -46,19 +46,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cases(nproc: int, cases: dict[str, list[str]], out_dir: str, timeout: int = 600) -> None:
-    """Run every case in one torchrun launch of `nproc` gloo ranks; raise with the log on failure."""
+def run_cases(nproc: int, cases: dict[str, list[str]], out_dir: str, timeout: int = 600,
+              worker: str = "parity_worker.py") -> None:
+    """Run every case in one torchrun launch of `nproc` gloo ranks of `worker` (a script in tests/
+    taking CASES.json OUT_DIR); raise with the log on failure. A worker that records a case's
+    exception in OUT_DIR/name.error and goes on gets those names listed if the launch times out
+    (a case that raised on some ranks only leaves the others waiting)."""
     os.makedirs(out_dir, exist_ok=True)
     cases_path = os.path.join(out_dir, "cases.json")
     with open(cases_path, "w", encoding="utf-8") as fh:
         json.dump(cases, fh)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-           os.path.join(ROOT, "tests", "parity_worker.py"), cases_path, out_dir]
+           os.path.join(ROOT, "tests", worker), cases_path, out_dir]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        errors = sorted(f for f in os.listdir(out_dir) if f.endswith(".error"))
+        raise AssertionError(f"torchrun timed out after {timeout} s; cases that raised: {errors}") from None
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+def save_result(out_dir: str, name: str, result, params: dict[str, torch.Tensor]) -> None:
+    """What a worker's rank 0 writes for one case; `load_result` reads it back."""
+    with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as fh:
+        json.dump({"losses": result.losses, "grad_norms": result.grad_norms}, fh)
+    save_file({k: v.contiguous() for k, v in params.items()}, os.path.join(out_dir, f"{name}.safetensors"))
 
 
 def load_result(out_dir: str, name: str) -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -9,8 +9,8 @@ import os
 import sys
 
 import torch.distributed as dist
-from safetensors.torch import save_file
 
+from harness import save_result
 from loomtrain.config import load_config
 from loomtrain.runtime.trainer import Trainer
 
@@ -26,9 +26,7 @@ def main() -> None:
         result = trainer.fit()
         params = trainer.full_state_dict()
         if dist.get_rank() == 0:
-            with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as fh:
-                json.dump({"losses": result.losses, "grad_norms": result.grad_norms}, fh)
-            save_file({k: v.contiguous() for k, v in params.items()}, os.path.join(out_dir, f"{name}.safetensors"))
+            save_result(out_dir, name, result, params)
         dist.barrier()
     dist.destroy_process_group()
 
