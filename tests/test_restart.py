@@ -1,11 +1,13 @@
 """Elastic recovery (`loomtrain run --max-restarts K`) in real 2-rank gloo runs through the CLI.
 
-`fault.kill_rank=1 fault.kill_step=4` SIGKILLs rank 1 at the start of step 4 in the first attempt
+`fault.kill_rank=1 fault.kill_step=5` SIGKILLs rank 1 at the start of step 5 in the first attempt
 only. With `--max-restarts 1` torchelastic restarts the group, which resumes from the last
-committed checkpoint (step 2: `checkpoint.every=2`) and runs to the end: the job exits 0, the
-launcher says it restarted and why, and the loss of every step equals an uninterrupted run of the
-same config (step 3 is logged twice in metrics.jsonl, once per attempt; the later record wins, as
-in `loomtrain report`). With `--max-restarts 0` the same fault fails the job with one line naming
+committed checkpoint and runs to the end: the job exits 0, the launcher says it restarted and why,
+and the loss of every step equals an uninterrupted run of the same config (steps after the resumed
+checkpoint are logged twice in metrics.jsonl, once per attempt; the later record wins, as in
+`loomtrain report`). Step 5, not 4: checkpoints commit in the background, and at load 20+ step 2's
+had not committed by the start of step 4, so the restart rightly began at step 1. Step 4's save
+request waits for step 2's commit (one checkpoint in flight), so by step 5 one is committed. With `--max-restarts 0` the same fault fails the job with one line naming
 the dead rank. The three launches run at once: start-up dominates.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from harness import ROOT, case
 STEPS = 6
 COMMON = [f"train.max_steps={STEPS}", "checkpoint.every=2", "resilience.startup_timeout_s=0",
           "resilience.hang_timeout_s=0", "resilience.checkpoint_timeout_s=0"]
-KILL = ["fault.kill_rank=1", "fault.kill_step=4"]
+KILL = ["fault.kill_rank=1", "fault.kill_step=5"]
 
 
 def _env() -> dict:
