@@ -141,6 +141,7 @@ class ResilienceConfig:
     window_steps: int = 10  # steps per detection window (one side-group all-gather each)
     warmup_steps: int = 2  # first steps of a run left out of the statistics
     probe_reps: int = 3  # timed small all-reduces per mesh group and window (the minimum counts)
+    min_slowdown: float = 0.10  # a straggler computes at least this much slower than its peers' median
     link_floor_s: float = 0.0002  # a slow link's probe must exceed the other groups' median by this
     startup_timeout_s: float = 900.0  # deadlines of the hang watchdog (0 disables one)
     hang_timeout_s: float = 600.0  # one training step
@@ -445,6 +446,8 @@ def _check_resilience(cfg: Config) -> None:
             raise ConfigError(f"resilience.{key}={getattr(r, key)}: must be at least 1")
     if r.warmup_steps < 0:
         raise ConfigError(f"resilience.warmup_steps={r.warmup_steps}: must not be negative")
+    if not 0 <= r.min_slowdown < 100:
+        raise ConfigError(f"resilience.min_slowdown={r.min_slowdown}: must be within [0, 100), e.g. 0.1 for 10%")
     for key in ("startup_timeout_s", "hang_timeout_s", "checkpoint_timeout_s", "orphan_check_s", "link_floor_s"):
         if not 0 <= getattr(r, key) < float("inf"):
             raise ConfigError(f"resilience.{key}={getattr(r, key)}: must be finite and >= 0 (0 disables it)")

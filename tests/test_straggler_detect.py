@@ -86,12 +86,12 @@ def test_pipeline_stages_are_compared_within_themselves():
 
 def test_floor_mad_floor_and_absent_ranks():
     cfg = DetectConfig()
-    # identical peers (MAD 0): 3% slower is below the slowdown threshold, 10% is above
-    assert outliers([1.0, 1.0, 1.0, 1.03], z=cfg.z, min_slowdown=cfg.min_slowdown, floor=cfg.floor_s,
+    # identical peers (MAD 0): 8% slower is below the slowdown threshold (10%), 12% is above
+    assert outliers([1.0, 1.0, 1.0, 1.08], z=cfg.z, min_slowdown=cfg.min_slowdown, floor=cfg.floor_s,
                     mad_floor=cfg.mad_floor) == {}
-    flagged = outliers([1.0, 1.0, 1.0, 1.10], z=cfg.z, min_slowdown=cfg.min_slowdown, floor=cfg.floor_s,
+    flagged = outliers([1.0, 1.0, 1.0, 1.12], z=cfg.z, min_slowdown=cfg.min_slowdown, floor=cfg.floor_s,
                        mad_floor=cfg.mad_floor)
-    assert list(flagged) == [3] and math.isclose(flagged[3].slowdown, 0.10, rel_tol=1e-9)
+    assert list(flagged) == [3] and math.isclose(flagged[3].slowdown, 0.12, rel_tol=1e-9)
     # 50% slower but only 50 microseconds: under the absolute floor
     assert outliers([1e-4, 1e-4, 1e-4, 1.5e-4], z=cfg.z, min_slowdown=cfg.min_slowdown, floor=cfg.floor_s,
                     mad_floor=cfg.mad_floor) == {}

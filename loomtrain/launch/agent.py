@@ -4,7 +4,7 @@ Launcher side: `launch()` builds torchrun's own arguments with `torch.distribute
 turns them into a `LaunchConfig` with `config_from_args` and runs the agent with `elastic_launch`
 (exactly what `torch.distributed.run.run` does, minus its `--standalone` rewrite, which would bind
 rendezvous to `localhost`). A worker failure comes back as `ChildFailedError`; `condense_failure`
-turns it into one line.
+turns it into one line (`loomtrain.launch.failures`).
 
 Worker side: `worker_main()` runs under `@record` with an error handler that also marks a `LoomError`
 in the error file (`extraInfo.loomtrain`), so the launcher can tell a user error (print its message)
@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import glob
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -34,24 +32,19 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import (
-    ChildFailedError,
-    ErrorHandler,
-    ProcessFailure,
-    record,
-)
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ErrorHandler, record
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.launcher.api import elastic_launch
 from torch.distributed.run import config_from_args, determine_local_world_size, get_args_parser
 
 from loomtrain.errors import LoomError
+from loomtrain.launch.failures import FailureLog, condense_failure
 from loomtrain.launch.lifecycle import AgentSignals, default_rdzv_id, hold_endpoint, without_stop_signals
 from loomtrain.launch.spec import LaunchSpec, UsageError, in_worker, one_line, parse_nnodes
 from loomtrain.resilience.watchdog import HANG_EXIT_CODE
 
 # Set by the launcher for its workers: they leave the one-line error message to the launcher.
 LAUNCHER_ENV = "LOOMTRAIN_LAUNCHER"
-_NOT_AVAILABLE = "<N/A>"
 
 
 # --------------------------------------------------------------------------------------- worker
@@ -199,44 +192,6 @@ def torchrun_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:
     return argv + ["--module", "loomtrain.launch", *worker_args]
 
 
-class FailureLog(logging.Handler):
-    """Collects the worker failures torchelastic's process context logs ("failed (exitcode: X)
-    local_rank: R ..."), one per failed attempt: after a run that `--max-restarts` recovered, the
-    agent returns only the last attempt's result, and these are the record of why it restarted."""
-
-    LOGGER = "torch.distributed.elastic.multiprocessing.api"
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.failures: list[tuple[int, int]] = []  # (exit code, local rank)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if str(record.msg).startswith("failed (exitcode") and isinstance(record.args, tuple) \
-                and len(record.args) >= 2:
-            try:
-                self.failures.append((int(record.args[0]), int(record.args[1])))
-            except (TypeError, ValueError):
-                pass
-
-    def summary(self, node_rank: int, nproc: int) -> str | None:
-        """"loomtrain: restarted 1 time after rank 1 died (SIGKILL)", or None without a restart."""
-        if not self.failures:
-            return None
-        causes = []
-        for code, local_rank in self.failures:
-            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
-            causes.append(f"rank {node_rank * nproc + local_rank} died ({how})")
-        n = len(self.failures)
-        return f"loomtrain: restarted {n} time{'s' if n > 1 else ''} after {'; '.join(causes)}"
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
 @contextlib.contextmanager
 def _quiet_torch_logs(quiet: bool) -> Iterator[None]:
     """While the agent runs, drop its own log lines (warnings, 'failed (exitcode ...)'), which
@@ -306,84 +261,6 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
         stops.restore()
         del store
     return 0
-
-
-# Exceptions that are usually the echo of another rank's failure (its sockets closed under us).
-_COMM_ERROR_TYPES = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
-_COMM_ERROR_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer",
-                       "Broken pipe", "NCCL error", "ProcessGroupNCCL", "ProcessGroupGloo")
-
-
-def _failure_rank_key(rank: int, f: ProcessFailure) -> tuple:
-    if not isinstance(f.message, dict):
-        # killed by a signal (the OOM killer, `fault.kill_rank`): a cause, not an echo; a bare
-        # non-zero exit without a recorded exception: last
-        return (0.5 if f.exitcode < 0 else 2, float(f.timestamp), rank)
-    loom = (f.message.get("extraInfo") or {}).get("loomtrain") or {}
-    text = str(f.message.get("message", ""))
-    echo = loom.get("type") in _COMM_ERROR_TYPES or any(m in text for m in _COMM_ERROR_MARKERS)
-    return (1 if echo else 0, float(loom.get("time", f.timestamp)), rank)
-
-
-def pick_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
-    """The root cause among the failed ranks.
-
-    A recorded ordinary exception beats a death by signal, which beats a communication error
-    (the other ranks' echo of the dead one), which beats a bare exit. An ordinary exception beats a
-    communication error (usually another rank's failure seen through a closed socket: the rank
-    that failed first tears its process group down before its own exception gets recorded, so
-    the time of recording alone would blame the wrong rank). Then the earliest, then the lowest rank.
-    """
-    return min(failures.items(), key=lambda item: _failure_rank_key(*item))
-
-
-def _log_path(failure: ProcessFailure, root_log_dir: str | None, run_id: str | None) -> str | None:
-    if failure.error_file and failure.error_file != _NOT_AVAILABLE:
-        rank_dir = os.path.dirname(failure.error_file)
-    elif root_log_dir and run_id:
-        dirs = sorted(glob.glob(os.path.join(root_log_dir, f"{run_id}_*", "attempt_*",
-                                             str(failure.local_rank))), key=os.path.getmtime)
-        if not dirs:
-            return None
-        rank_dir = dirs[-1]
-    else:
-        return None
-    for name in ("stderr.log", "error.json"):
-        path = os.path.join(rank_dir, name)
-        if os.path.isfile(path) and os.path.getsize(path) > 0:
-            return path
-    return None
-
-
-def condense_failure(err: ChildFailedError, root_log_dir: str | None = None,
-                     run_id: str | None = None) -> list[str]:
-    """`ChildFailedError` -> the lines the launcher prints: one for a LoomError; for a crash the
-    exception and where its full log is, after the traceback when that rank's output was not on
-    the console (local ranks other than 0 write to files only)."""
-    rank, failure = pick_failure(err.failures)
-    msg = failure.message
-    lines: list[str] = []
-    if isinstance(msg, dict):
-        info = msg.get("extraInfo") or {}
-        loom = info.get("loomtrain") or {}
-        if loom.get("type") == "HangDetected":  # the watchdog's one line naming the stuck rank
-            return [f"loomtrain: {one_line(loom.get('message', ''), 1000)}"]
-        if loom.get("user_error"):
-            return [f"loomtrain: error: rank {rank}: {one_line(loom.get('message', ''))}"]
-        what = one_line(msg.get("message") or "unknown error")
-        stack = info.get("py_callstack")
-        if failure.local_rank != 0 and isinstance(stack, str) and stack.strip():
-            lines += [f"[rank{rank}]: {line}" for line in stack.rstrip().splitlines()]
-    elif failure.exitcode < 0:
-        what = f"killed by signal {failure.signal_name()}"
-    else:
-        what = f"exited with code {failure.exitcode} without recording an exception"
-    lines.append(f"loomtrain: error: rank {rank} failed: {what}")
-    path = _log_path(failure, root_log_dir, run_id)
-    if path:
-        kind = "traceback" if path.endswith(".json") else "log"
-        lines.append(f"loomtrain: full {kind} of rank {rank}: {path}")
-    return lines
 
 
 # ------------------------------------------------------------------------------------ _selfcheck

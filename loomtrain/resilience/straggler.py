@@ -151,7 +151,8 @@ class StragglerMonitor(Hook):
                     group = self.mesh_root[name].get_group()
                     self.dims.append((name, group, tuple(sorted(dist.get_process_group_ranks(group)))))
         self.detector = Detector(groups=[ranks for _, ranks in self.groups],
-                                 cfg=DetectConfig(link_floor_s=self.cfg.link_floor_s),
+                                 cfg=DetectConfig(min_slowdown=self.cfg.min_slowdown,
+                                                 link_floor_s=self.cfg.link_floor_s),
                                  cohorts=stage_cohorts(self.mesh_root))
 
     def before_step(self, loop: LoopState) -> None:
