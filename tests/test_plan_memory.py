@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from loomtrain.config import Config
+from loomtrain.config import Config, replace
 from loomtrain.errors import ConfigError
 from loomtrain.parallel.hetero import CostModel, plan_batch
 from loomtrain.parallel.hetero.memory import MemoryModel, resolve_capacity
@@ -66,7 +66,7 @@ def test_state_shards_as_zero_says():
 
 
 def test_for_run_reads_zero_dtype_and_shards():
-    cfg = Config().replace(parallel={"zero": 1}, model={"dtype": "bfloat16"})
+    cfg = replace(Config(), parallel={"zero": 1}, model={"dtype": "bfloat16"})
     m = MemoryModel.for_run(cfg, CostModel(), params=1000, data_ranks=4, reserve_bytes=5.0)
     assert (m.zero, m.act_bytes, m.state_shards, m.reserve_bytes) == (1, 2, 4, 5.0)
     assert MemoryModel.for_run(Config(), CostModel(), 1000, 0).state_shards == 1

@@ -5,7 +5,7 @@ coerces them, `checks` validates them before any process starts. Everything a ca
 re-exported here: `from loomtrain.config import load_config, Config`.
 """
 from loomtrain.config.checks import check, resolve_degrees
-from loomtrain.config.load import from_dict, load_config, parse_overrides
+from loomtrain.config.load import from_dict, load_config, parse_overrides, replace
 from loomtrain.config.schema import (
     CheckpointConfig,
     Config,
@@ -21,4 +21,4 @@ from loomtrain.config.schema import (
 
 __all__ = ["CheckpointConfig", "Config", "DataConfig", "FaultConfig", "ModelConfig", "OffloadConfig",
            "OptimConfig", "ParallelConfig", "ResilienceConfig", "TrainConfig", "check", "from_dict",
-           "load_config", "parse_overrides", "resolve_degrees"]
+           "load_config", "parse_overrides", "replace", "resolve_degrees"]

@@ -119,3 +119,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return from_dict(merge(raw, parse_overrides(overrides or [])))
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """`replace(cfg, train={"max_steps": 5})`: a new, checked Config with some keys of some sections
+    changed."""
+    return from_dict(merge(cfg.to_dict(), sections))

@@ -176,12 +176,6 @@ class Config:
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
 
-    def replace(self, **sections: Any) -> "Config":
-        """`cfg.replace(train={"max_steps": 5})`: a new Config with some keys of some sections changed."""
-        from loomtrain.config.load import from_dict  # load builds Configs: imported when called
-
-        return from_dict(merge(self.to_dict(), sections))
-
 
 def _plain(obj: Any) -> Any:
     if isinstance(obj, Mapping):

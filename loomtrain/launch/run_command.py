@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from loomtrain.config import load_config
+from loomtrain.config import load_config, replace as replace_config
 from loomtrain.launch.agent import launch, launch_spec, set_omp_threads, worker_main
 from loomtrain.launch.spec import in_worker
 from loomtrain.resilience.faults import restart_count
@@ -25,7 +25,7 @@ def _train(config: str | None, overrides: list[str]) -> None:
     resumes from its last committed one (`checkpoint.resume=auto`) instead of starting over."""
     cfg = load_config(config, overrides)
     if restart_count() > 0 and cfg.checkpoint.resume == "none":
-        cfg = cfg.replace(checkpoint={"resume": "auto"})
+        cfg = replace_config(cfg, checkpoint={"resume": "auto"})
     Trainer(cfg).fit()
 
 
