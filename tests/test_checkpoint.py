@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -241,13 +242,17 @@ def test_snapshot_holds_pre_step_values(tmp_path, monkeypatch):
     changes every parameter) before the copy is done: the optimizer must wait for it, and the
     checkpoint holds the step-3 values although the live tensors change right after the request."""
     ref = Trainer(_cfg(str(tmp_path / "ref"), steps=4)).setup()
+    start = time.perf_counter()
     for _ in range(3):
         ref.train_step()
+    step_s = (time.perf_counter() - start) / 3
     after3 = ref.full_state_dict()
     out = str(tmp_path / "run")
-    # The copy of step 3 stalls for 2 s half-way (a slow copy): training goes on with step 4's
-    # forward and backward and then must wait before its optimizer step changes the parameters.
-    monkeypatch.setenv("LOOMTRAIN_CKPT_FAULT", "copy@3=sleep:2")
+    # The copy of step 3 stalls half-way (a slow copy) for 10 steps' time, at least 2 s: training
+    # goes on with step 4's forward and backward and then must wait before its optimizer step
+    # changes the parameters. (Scaled by the measured step: at a load of 25 on 2 cores a fixed 2 s
+    # was once shorter than step 4's forward and backward, and nothing waited.)
+    monkeypatch.setenv("LOOMTRAIN_CKPT_FAULT", f"copy@3=sleep:{max(2.0, 10 * step_s):.2f}")
     trainer = Trainer(_cfg(out, "checkpoint.every=3", steps=4)).setup()
     monkeypatch.delenv("LOOMTRAIN_CKPT_FAULT")
     trainer.fit()
