@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -138,10 +137,11 @@ def test_busy_rendezvous_endpoint_is_one_line(tmp_path):
     port = free_port()
     other = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     try:
-        start = time.monotonic()
+        # it fails at once instead of waiting for the rendezvous timeout (600 s): the subprocess
+        # timeout is the bound (no wall-clock assertion: at load 30 on 2 cores importing torch
+        # alone can take 30 s)
         proc = loomtrain("_selfcheck", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                         "--log-dir", str(tmp_path), cwd=str(tmp_path), timeout=60)
-        assert time.monotonic() - start < 30
+                         "--log-dir", str(tmp_path), cwd=str(tmp_path), timeout=240)
     finally:
         del other
     assert "selfcheck ok" not in proc.stdout  # it did not run inside the other job's rendezvous
