@@ -49,6 +49,21 @@ def refs(out):
 
 
 @pytest.fixture(scope="module")
+def four_ranks(out):
+    """Pipeline (2 stages x 2 data-parallel ranks, 4 micro-batches through 1F1B) and HSDP 2x2
+    (2 micro-batches), ZeRO-2, each reducing once or after every micro-batch."""
+    cases = {}
+    for sync in ("step", "micro_batch"):
+        cases[f"pp2_z2_{sync}"] = case("llama", *ACCUM, "parallel.pp=2", "parallel.zero=2",
+                                       f"parallel.grad_sync={sync}")
+        cases[f"hsdp_z2_{sync}"] = case("llama", *ACCUM, "parallel.dp_replicate=2", "parallel.dp_shard=2",
+                                        "parallel.zero=2", f"parallel.grad_sync={sync}")
+    path = os.path.join(out, "four")
+    run_cases(4, cases, path, worker="accum_worker.py")
+    return path
+
+
+@pytest.fixture(scope="module")
 def two_ranks(out):
     path = os.path.join(out, "two")
     run_cases(2, _cases(), path, worker="accum_worker.py")
@@ -128,3 +143,28 @@ def test_hetero_scheduler_reduces_once(two_ranks, refs):
     once = sum(c["total"] for c in _counts(two_ranks, "hetero_z2_step"))
     every = sum(c["total"] for c in _counts(two_ranks, "hetero_z2_micro_batch"))
     assert once < every, (once, every)
+
+
+def test_pipeline_stages_reduce_once(four_ranks, refs):
+    """Under pipeline parallelism torch's schedule runs the micro-batches; each stage's full
+    backward runs in the same accumulation context, so a stage (one block and the root's
+    embeddings or head: 2 FSDP units with parameters) gathers and reduces once per step."""
+    for sync in ("step", "micro_batch"):
+        assert_parity(load_result(four_ranks, f"pp2_z2_{sync}"), refs["llama"], f"pp2 x dp2 ZeRO-2, {sync}")
+    stage_units = 2
+    for name, times in (("pp2_z2_step", 1), ("pp2_z2_micro_batch", M)):
+        for c in _counts(four_ranks, name):
+            fsdp = c["by_group"]["mesh_dp_shard_cp"]
+            # reduce-scatters, plus the gradient norm's sum over the shards
+            assert (fsdp.get(AG, 0), fsdp.get(AR, 0)) == (times * stage_units, times * stage_units + 1), (name, c)
+
+
+def test_hsdp_reduces_once(four_ranks, refs):
+    """HSDP 2x2: sharded over one pair, replicated across pairs; reduced once either way."""
+    for sync in ("step", "micro_batch"):
+        assert_parity(load_result(four_ranks, f"hsdp_z2_{sync}"), refs["llama"], f"HSDP 2x2 ZeRO-2, {sync}")
+    once = [c["by_op"] for c in _counts(four_ranks, "hsdp_z2_step")]
+    every = [c["by_op"] for c in _counts(four_ranks, "hsdp_z2_micro_batch")]
+    assert all(o.get(AG, 0) == UNITS for o in once), once
+    assert all(e.get(AG, 0) == 2 * UNITS for e in every), every  # 2 micro-batches per rank here
+    assert all(e.get(AR, 0) > o.get(AR, 0) for e, o in zip(every, once)), (every, once)

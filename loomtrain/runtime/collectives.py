@@ -6,22 +6,25 @@ counting them, not only by timing. The count comes from torch's own flight recor
 buffer of recent collectives that every process group writes to when `TORCH_FR_BUFFER_SIZE` is
 set before the first process group is created (`loomtrain run` sets it; the hang watchdog reads
 the same buffer). Nothing is patched or wrapped: FSDP2's all-gathers and reduce-scatters, DDP's
-bucketed all-reduces, pipeline sends/receives and our own small all-reduces are all seen.
+bucketed all-reduces and our own small all-reduces are all seen. On gloo FSDP2's reduce-scatter
+is recorded as `gloo:all_reduce`.
 
-    counter = CollectiveCounter()          # raises CollectivesUnavailable if the recorder is off
+    counter = CollectiveCounter()          # CollectivesUnavailable if the recorder is off
     mark = counter.mark()
     trainer.train_step()
     count = counter.since(mark)            # CollectiveCount
     print(count.total, count.by_op)        # e.g. 9 {'gloo:all_gather': 3, 'gloo:all_reduce': 6}
 
 A `CollectiveCount` is this process's view: `total` collectives (every rank of a group enters the
-same ones), `p2p` point-to-point operations (pipeline sends and receives, counted apart), and
-breakdowns by operation name and by process group (then operation). `complete` is False when the ring buffer
+same ones), `p2p` point-to-point operations (pipeline sends and receives, counted apart, where the
+backend records them: gloo in torch 2.13 records none), and breakdowns by operation name and by
+process group (then operation; groups by their mesh name, e.g. `mesh_dp_shard_cp`, or `default_pg`). `complete` is False when the ring buffer
 wrapped inside the window (raise `TORCH_FR_BUFFER_SIZE`); the totals are then still exact (they
 come from per-group sequence numbers), only the breakdowns are partial.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from collections import Counter
@@ -32,8 +35,8 @@ from torch._C import _distributed_c10d as c10d
 from loomtrain.hooks import Hook, LoopState
 
 
-_OFF = ("collectives cannot be counted: torch's flight recorder holds nothing (set TORCH_FR_BUFFER_SIZE, "
-        "e.g. 2000, before the process group is created, as `loomtrain run` does; one process has no collectives)")
+_OFF = ("collectives cannot be counted: torch's flight recorder is off (set TORCH_FR_BUFFER_SIZE, e.g. 2000, "
+        "before the first process group is created, as `loomtrain run` does)")
 
 
 class CollectivesUnavailable(RuntimeError):
@@ -91,28 +94,29 @@ class CollectiveCounter:
     """Reads torch's flight recorder at the two ends of a window (see the module docstring).
 
     Reading the recorder costs a few milliseconds (it pickles the buffer): mark outside the code
-    you time. `probe` (default True) checks at construction that the recorder is on."""
+    you time. Construction raises `CollectivesUnavailable` when the recorder is off."""
 
-    def __init__(self, probe: bool = True):
-        if probe and not self.available():
+    def __init__(self) -> None:
+        if not self.available():
             raise CollectivesUnavailable(_OFF)
 
     @staticmethod
     def available() -> bool:
-        """True when the flight recorder is recording (some process group has written to it)."""
-        try:
-            return bool(_entries())
-        except CollectivesUnavailable:
-            return False
+        """True when torch's flight recorder is on in this process: it reads the same variables
+        (the NCCL name is the older one) when the first process group is created."""
+        for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
+            try:
+                if int(os.environ.get(name, "0")) > 0:
+                    return True
+            except ValueError:
+                pass
+        return False
 
     def mark(self) -> Mark:
-        """The start of a window. Raises `CollectivesUnavailable` if nothing was ever recorded
-        (the recorder is off, or no process group has run a collective yet)."""
-        entries = _entries()
-        if not entries:
-            raise CollectivesUnavailable(_OFF)
-        seq, p2p = _last_seq(entries)
-        return Mark(seq, p2p, time.time_ns())
+        """The start of a window."""
+        now = time.time_ns()  # before reading: an entry written meanwhile belongs to the window
+        seq, p2p = _last_seq(_entries())
+        return Mark(seq, p2p, now)
 
     def since(self, mark: Mark) -> CollectiveCount:
         entries = _entries()
@@ -136,8 +140,8 @@ class CollectiveCounter:
                 by_op[str(e.get("profiling_name"))] += 1
                 by_group.setdefault(label, Counter())[str(e.get("profiling_name"))] += 1
                 seen += 1
-        return CollectiveCount(total=total, p2p=p2p_total, by_op=dict(by_op), by_group={g: dict(c) for g, c in by_group.items()},
-                               complete=seen == total)
+        return CollectiveCount(total=total, p2p=p2p_total, by_op=dict(by_op),
+                               by_group={g: dict(c) for g, c in by_group.items()}, complete=seen == total)
 
 
 class StepCollectives(Hook):
@@ -153,7 +157,7 @@ class StepCollectives(Hook):
     (DDP rebuilds its buckets in step 2): `mean(skip=...)` leaves them out."""
 
     def __init__(self) -> None:
-        self.counter = CollectiveCounter(probe=False)  # nothing is recorded before set-up
+        self.counter = CollectiveCounter()
         self.counts: list[CollectiveCount] = []
         self._mark: Mark | None = None
 
