@@ -32,6 +32,7 @@ from loomtrain.parallel.tied import ties_embeddings
 
 _SINGLE = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}
 _MULTI = {"Interleaved1F1B": ScheduleInterleaved1F1B, "ZBVZeroBubble": ScheduleZBVZeroBubble}
+_SPLIT_BACKWARD = {"ZBVZeroBubble"}  # schedules whose backwards are mostly input/weight halves
 
 
 def stages_per_rank(schedule: str, virtual: int) -> int:
@@ -309,9 +310,12 @@ class Pipeline:
     @classmethod
     def build(cls, parts: list[nn.Module], ids: list[int], n_stages: int, pp_group, device: torch.device,
               schedule: str, n_microbatches: int, syncs: list | None = None) -> "Pipeline":
-        """`syncs[i](last)`: the context part i's full backward runs in (see `TimedStage`)."""
+        """`syncs[i](last)`: the context part i's full backward runs in (see `TimedStage`). A
+        zero-bubble schedule splits most backwards into input and weight halves, and FSDP's
+        hooks fire on the input half: there they are left to reduce every micro-batch."""
         timeline = Timeline()
-        syncs = syncs or [None] * len(parts)
+        if not syncs or schedule in _SPLIT_BACKWARD:
+            syncs = [None] * len(parts)
         stages = [TimedStage(StageModule(part, first=sid == 0, last=sid == n_stages - 1), sid, n_stages, device,
                              group=pp_group, timeline=timeline, sync=sync)
                   for part, sid, sync in zip(parts, ids, syncs)]
