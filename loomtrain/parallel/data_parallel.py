@@ -20,8 +20,9 @@ are reduced once per step, on the last micro-batch's backward, never after every
 | 2    | FSDP2 no gradient sync, no reshard after backward    | one all-gather + one reduce-scatter per unit |
 | 3    | FSDP2 no gradient sync (parameters reshard as usual) | all-gathers per micro-batch, one reduce-scatter per unit |
 
-ZeRO-2 thus keeps full parameters and full fp32 gradients between the micro-batches of a step
-(what DeepSpeed ZeRO-2 keeps too); ZeRO-3 keeps its parameter memory and holds full gradients.
+ZeRO-2 thus keeps full parameters and full fp32 gradients between the micro-batches of a step;
+ZeRO-3 keeps its parameter memory but holds full gradients. Where that memory is short,
+`parallel.grad_sync=micro_batch` reduces (and keeps sharded) after every micro-batch instead.
 FSDP2 accumulates the unsharded gradients in its reduce dtype (fp32), so the numbers are the same
 as reducing every micro-batch, up to float summation order.
 """
