@@ -18,6 +18,7 @@ _CHOICES = {
     "parallel.pp_schedule": ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble"),
     "parallel.cp_impl": ("ulysses", "ring"),
     "parallel.sequence_scheduler": ("static", "hetero"),
+    "parallel.grad_sync": ("step", "micro_batch"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.verify": ("fast", "size", "checksum", "sha256"),

@@ -68,6 +68,10 @@ class ParallelConfig:
     hetero_calibrate: bool = False
     activation_checkpointing: str = "none"  # none | full | every:N (checkpoint every N-th block)
     compile: bool = False
+    # when data-parallel gradients are reduced with several micro-batches per step: "step" (once,
+    # on the last micro-batch; ZeRO-2 keeps gathered parameters and full gradients in between) or
+    # "micro_batch" (after every micro-batch: less memory under ZeRO-2/3, more collectives)
+    grad_sync: str = "step"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ tensors to broadcast), so it is returned as a separate step.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from loomtrain.kernels.hf import use_packed
 from loomtrain.kernels.select import PACKED, choose_attention
 from loomtrain.parallel.activation import apply_activation_checkpointing
 from loomtrain.parallel.context.apply import apply_cp
-from loomtrain.parallel.data_parallel import apply_ddp, apply_fsdp
+from loomtrain.parallel.data_parallel import accumulate, apply_ddp, apply_fsdp
 from loomtrain.parallel.tensor import apply_tp
 from loomtrain.mesh import Mesh
 from loomtrain.models.build import find_blocks
@@ -42,6 +43,14 @@ class Parallelized:
     cp_rank: int = 0
     cp_impl: str = "ulysses"
     attention: str = "sdpa"  # the attention in use, as the run banner names it
+    zero: int = 0  # the ZeRO stage in force (parallel.zero)
+    grad_sync: str = "step"  # parallel.grad_sync: reduce gradients once per step, or every micro-batch
+
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        """Wrap one micro-batch's forward and backward: gradients are reduced only on the last
+        micro-batch of a step (`data_parallel.accumulate`), unless `parallel.grad_sync=micro_batch`."""
+        return accumulate(self.module, self.wrapper, last=last or self.grad_sync == "micro_batch",
+                          keep_params=self.uses_fsdp and self.zero == 2)
 
 
 def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelized:
@@ -79,7 +88,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
     tp = mesh is not None and mesh["tp"].size() > 1
     return Parallelized(model, None, uses_fsdp, tp, compute_dtype if mixed_by_autocast else None, checkpointed,
                         cp=cp, cp_rank=mesh["cp"].get_local_rank() if cp > 1 else 0, cp_impl=pcfg.cp_impl,
-                        attention=attention)
+                        attention=attention, zero=pcfg.zero, grad_sync=pcfg.grad_sync)
 
 
 def wrap_after_materialize(par: Parallelized, cfg: Config, mesh: Mesh | None) -> Parallelized:

@@ -10,15 +10,31 @@
 With `dp_replicate > 1` the FSDP mesh is 2-D (replicate x shard): HSDP, sharding inside a group
 and all-reducing across groups. FSDP2 keeps parameter names unchanged (they become DTensors), so
 checkpoints and optimizer state stay keyed by the model's own HF names.
+
+Gradient accumulation (`accumulate`): with several micro-batches per optimizer step, gradients
+are reduced once per step, on the last micro-batch's backward, never after every micro-batch:
+
+| zero | micro-batches before the last                        | collectives per step             |
+| ---- | ---------------------------------------------------- | -------------------------------- |
+| 0, 1 | DDP `no_sync`                                        | one all-reduce per bucket        |
+| 2    | FSDP2 no gradient sync, no reshard after backward    | one all-gather + one reduce-scatter per unit |
+| 3    | FSDP2 no gradient sync (parameters reshard as usual) | all-gathers per micro-batch, one reduce-scatter per unit |
+
+ZeRO-2 thus keeps full parameters and full fp32 gradients between the micro-batches of a step;
+ZeRO-3 keeps its parameter memory but holds full gradients. Where that memory is short,
+`parallel.grad_sync=micro_batch` reduces (and keeps sharded) after every micro-batch instead.
+FSDP2 accumulates the unsharded gradients in its reduce dtype (fp32), so the numbers are the same
+as reducing every micro-batch, up to float summation order.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from loomtrain.mesh import Mesh
@@ -64,3 +80,34 @@ def apply_ddp(model: nn.Module, mesh: Mesh) -> nn.Module:
     return DDP(model, process_group=mesh["dp_cp"].get_group(),
                device_ids=[device] if device.type == "cuda" else None,
                gradient_as_bucket_view=True, **no_sync)
+
+
+@contextlib.contextmanager
+def accumulate(module: nn.Module, wrapper: nn.Module | None, *, last: bool, keep_params: bool):
+    """Run one micro-batch's forward and backward inside this: unless `last`, its gradients stay
+    local (accumulated) and, with `keep_params` (ZeRO-2), the full parameters stay gathered for
+    the next micro-batch.
+
+    `module` is the (FSDP-sharded or plain) model, `wrapper` its DDP wrapper or None. The FSDP
+    switches are restored on exit, so nothing carries over to the next step or to a caller that
+    runs the model outside a step. A plain model (one process, tensor/context parallel only)
+    needs nothing."""
+    if last:
+        yield
+        return
+    if wrapper is not None:
+        with wrapper.no_sync():
+            yield
+        return
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.set_requires_gradient_sync(False)
+    if keep_params:
+        module.set_reshard_after_backward(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+        if keep_params:
+            module.set_reshard_after_backward(True)

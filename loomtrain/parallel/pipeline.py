@@ -32,6 +32,7 @@ from loomtrain.parallel.tied import ties_embeddings
 
 _SINGLE = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}
 _MULTI = {"Interleaved1F1B": ScheduleInterleaved1F1B, "ZBVZeroBubble": ScheduleZBVZeroBubble}
+_SPLIT_BACKWARD = {"ZBVZeroBubble"}  # schedules whose backwards are mostly input/weight halves
 
 
 def stages_per_rank(schedule: str, virtual: int) -> int:
@@ -254,19 +255,30 @@ class Timeline:
 
 class TimedStage(PipelineStage):
     """A `PipelineStage` that records each forward (F), full or input backward (B) and weight
-    backward (W) of a micro-batch in `timeline`."""
+    backward (W) of a micro-batch in `timeline`.
 
-    def __init__(self, *args, timeline: Timeline, **kwargs):
+    torch's schedules accumulate gradients over micro-batches themselves only when a stage's
+    module *is* the FSDP or DDP module; ours is a `StageModule` around it, so a full backward
+    runs inside `sync(last_backward)` (`Parallelized.micro_batch`): gradients are reduced once,
+    on the schedule's last backward of the stage. A split backward (zero-bubble input/weight)
+    keeps FSDP's per-backward hooks as they are."""
+
+    def __init__(self, *args, timeline: Timeline, sync=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.timeline = timeline
+        self.sync = sync
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
         with self.timeline.record("F", self.stage_index, fwd_chunk_id):
             return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
 
-    def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
-        with self.timeline.record("B", self.stage_index, bwd_chunk_id):
-            return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+    def backward_one_chunk(self, bwd_chunk_id: int, loss=None, full_backward: bool = True,
+                           last_backward: bool = False):
+        accumulate = (self.sync(last_backward) if self.sync is not None and full_backward
+                      else contextlib.nullcontext())
+        with self.timeline.record("B", self.stage_index, bwd_chunk_id), accumulate:
+            return super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward,
+                                              last_backward=last_backward)
 
     def backward_weight_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
         with self.timeline.record("W", self.stage_index, bwd_chunk_id):
@@ -297,12 +309,16 @@ class Pipeline:
 
     @classmethod
     def build(cls, parts: list[nn.Module], ids: list[int], n_stages: int, pp_group, device: torch.device,
-              schedule: str, n_microbatches: int) -> "Pipeline":
+              schedule: str, n_microbatches: int, syncs: list | None = None) -> "Pipeline":
+        """`syncs[i](last)`: the context part i's full backward runs in (see `TimedStage`). A
+        zero-bubble schedule splits most backwards into input and weight halves, and FSDP's
+        hooks fire on the input half: there they are left to reduce every micro-batch."""
         timeline = Timeline()
+        if not syncs or schedule in _SPLIT_BACKWARD:
+            syncs = [None] * len(parts)
         stages = [TimedStage(StageModule(part, first=sid == 0, last=sid == n_stages - 1), sid, n_stages, device,
-                             group=pp_group,
-                             timeline=timeline)
-                  for part, sid in zip(parts, ids)]
+                             group=pp_group, timeline=timeline, sync=sync)
+                  for part, sid, sync in zip(parts, ids, syncs)]
         pipe = cls(None, ids, n_stages, timeline)
 
         def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -69,10 +69,9 @@ def forward_backward(par: Parallelized, micro_batches: list, *, token_group, tok
     sample_ids: list[int] = []
     for i, (mb, (input_ids, labels, position_ids)) in enumerate(zip(micro_batches, batches)):
         last = i == len(micro_batches) - 1
-        # DDP: all-reduce once per step, on the last micro-batch. FSDP reduce-scatters every
-        # micro-batch, so gradients stay sharded (ZeRO-2/3 memory) while accumulating.
-        sync = par.wrapper.no_sync() if (par.wrapper is not None and not last) else contextlib.nullcontext()
-        with sync:
+        # Gradients are reduced once per step, on the last micro-batch (DDP no_sync, FSDP2 without
+        # gradient sync; ZeRO-2 also keeps its gathered parameters until then).
+        with par.micro_batch(last):
             with autocast:
                 out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False)
             vocab_parallel = isinstance(out.logits, DTensor)
@@ -160,7 +159,7 @@ class HeteroStep:
     def run(self) -> StepResult:
         sample_ids, docs = self.loader.next_sequences()
         lengths = [int(doc.size) - 1 for doc in docs]
-        loss_sum, global_tokens = self.scheduler.forward_backward(docs, self.call, ddp=self.par.wrapper)
+        loss_sum, global_tokens = self.scheduler.forward_backward(docs, self.call, sync=self.par.micro_batch)
         if self.token_group is not None:
             dist.all_reduce(loss_sum, group=self.token_group)
         return StepResult(loss_sum.item() / global_tokens, global_tokens, self.flops.exact_step_flops(lengths),

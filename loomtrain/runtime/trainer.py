@@ -246,7 +246,8 @@ class Trainer:
 
     def _build_pipeline(self) -> pipeline.Pipeline:
         return pipeline.Pipeline.build(self.model_parts, self.stage_ids, self.n_stages, self.pp_group,
-                                       self.env.device, self.cfg.parallel.pp_schedule, self._n_micro())
+                                       self.env.device, self.cfg.parallel.pp_schedule, self._n_micro(),
+                                       syncs=[part.micro_batch for part in self.parts])
 
     def _build_part(self, carve: tuple | None) -> Parallelized:
         cfg, env = self.cfg, self.env

@@ -115,11 +115,12 @@ class HeteroExecutor:
         dist.all_gather(everyone, mine, group=self.pool_group)
         verify_same_plan(plan, [int(t) for t in everyone])
 
-    def run(self, plan: Plan, docs: list[np.ndarray], call, loss_fn, *, ddp=None,
+    def run(self, plan: Plan, docs: list[np.ndarray], call, loss_fn, *, sync=None,
             timing: MicroStepTiming | None = None) -> tuple[torch.Tensor, int]:
         """Forward and backward of every micro-step of this rank; returns (local loss sum, global
         valid tokens). `call(input_ids, position_ids)` runs the model, `loss_fn(logits, labels)`
-        sums token losses."""
+        sums token losses; `sync(last)` gives the context a micro-step runs in (data parallel
+        reduces gradients on the last one only; `Parallelized.micro_batch`)."""
         self.check(plan)
         global_tokens = sum(int(doc.size) - 1 for doc in docs)
         scale = self.n / global_tokens
@@ -128,7 +129,7 @@ class HeteroExecutor:
         for i, slot in enumerate(slots):
             start = time.perf_counter()
             last = i == len(slots) - 1
-            sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
+            context = sync(last) if sync is not None else contextlib.nullcontext()
             if slot.seqs:
                 input_ids, labels, positions = pack_sequences([docs[s] for s in slot.seqs], slot.degree)
                 chunk = input_ids.shape[1] // slot.degree
@@ -141,7 +142,7 @@ class HeteroExecutor:
                 labels = torch.zeros_like(input_ids)
                 weight = 0.0
             set_group(self.model, self.groups[(slot.start, slot.degree)] if slot.degree > 1 else None)
-            with sync:
+            with context:
                 loss = loss_fn(call(input_ids, positions), labels)
                 (loss * weight).backward()
             if slot.seqs:

@@ -65,12 +65,13 @@ class HeteroScheduler:
                                                                if self.calibrated else "")
         return head + ":\n" + self.cost.describe(lengths=lengths, degrees=sorted({1, 2, self.ranks}))
 
-    def forward_backward(self, docs: list[np.ndarray], call: Call, ddp=None) -> tuple[torch.Tensor, int]:
+    def forward_backward(self, docs: list[np.ndarray], call: Call, sync=None) -> tuple[torch.Tensor, int]:
         """Plan `docs` (each n+1 tokens) and run forward and backward of this rank's share;
-        returns (this rank's loss sum, the global count of valid tokens)."""
+        returns (this rank's loss sum, the global count of valid tokens). `sync(last)` is the
+        context each micro-step runs in (gradients reduced on the last only)."""
         lengths = [int(doc.size) - 1 for doc in docs]
         self.last_plan = plan_batch(lengths, self.ranks, self.capacity, self.cost)
-        return self.executor.run(self.last_plan, docs, call, token_loss_sum, ddp=ddp)
+        return self.executor.run(self.last_plan, docs, call, token_loss_sum, sync=sync)
 
     def plan_metrics(self) -> dict:
         """The last plan, for the step's metrics record."""
