@@ -17,7 +17,11 @@ Each rank reduces a window to one compute rate (`window_rate`: the lower quartil
 as a GC pause or a noisy neighbour only ever adds time; the ratio of sums when its work varies by
 step) and the median of the other figures; the first `warmup_steps` steps and steps that saved a checkpoint are left out. The
 figures travel in one all-gather on a gloo group of their own, so nothing is added to the
-training collectives; rank 0 runs `Detector`. Active at 3+ ranks on CPU (CUDA work is not in
+training collectives; every rank runs `Detector` on the same table (so that under
+`resilience.straggler=rebalance` every rank reaches the same speed factors, `rebalance.py`),
+rank 0 reports. The window's per-step figures of every rank (compute, wall, work) ride in the same
+all-gather into `straggler_windows.jsonl`, for `loomtrain report --plot`'s heat-map; the first
+step planned with new speed factors is left out of the statistics. Active at 3+ ranks on CPU (CUDA work is not in
 process CPU time: on CUDA the monitor says so and stays off).
 """
 from __future__ import annotations

@@ -59,9 +59,12 @@ def effective_time(plan: Plan, speeds: Sequence[float], cost: CostModel) -> floa
             + len(plan.steps) * cost.step_overhead_s)
 
 
-def apply_speeds(plan: Plan, speeds: Sequence[float], cost: CostModel, budget: int = 2000) -> Plan:
+def apply_speeds(plan: Plan, speeds: Sequence[float], cost: CostModel, budget: int = 2000,
+                 evaluations: int = 60_000) -> Plan:
     """The plan with work moved off slow ranks (see the module docstring); `plan` itself when
-    every factor is equal or nothing can move."""
+    every factor is equal or nothing can move. At most `budget` changes and `evaluations`
+    candidate changes looked at (about 0.1 s of Python: it runs every step, on every rank;
+    a count, not a clock, so every rank stops at the same point)."""
     speeds = check_speeds(speeds, plan.n_ranks)
     if len(set(speeds)) <= 1 or not plan.steps:
         return plan
@@ -72,12 +75,15 @@ def apply_speeds(plan: Plan, speeds: Sequence[float], cost: CostModel, budget: i
 
     var: dict[tuple[int, int], float] = {}
 
-    def added(length: int, row) -> float:
-        """Seconds a sequence adds to a group: its own, plus the group's fixed cost if it was empty."""
-        key = (length, row[2])
+    def tau(length: int, degree: int) -> float:
+        """Seconds a sequence adds to a non-empty group of this degree (without its fixed cost)."""
+        key = (length, degree)
         if key not in var:
-            var[key] = cost.seq_time(length, row[2]) - cost.group_overhead(row[2])
-        return var[key] + (0.0 if row[3] else cost.group_overhead(row[2]))
+            var[key] = cost.seq_time(length, degree) - cost.group_overhead(degree)
+        return var[key]
+
+    def tok(length: int, degree: int) -> int:
+        return -(-length // degree)
 
     def eff(i: int, time: float | None = None) -> float:
         return (rows[i][5] if time is None else time) * slow[i]
@@ -85,36 +91,24 @@ def apply_speeds(plan: Plan, speeds: Sequence[float], cost: CostModel, budget: i
     n_steps = len(plan.steps)
     members = [[i for i, r in enumerate(rows) if r[0] == m] for m in range(n_steps)]
     height = [max(eff(i) for i in members[m]) for m in range(n_steps)]
-    moved = False
+    moved, left = False, [evaluations]
     for m in sorted(range(n_steps), key=lambda m: (-height[m], m)):
         while budget > 0:
             g = min(members[m], key=lambda i: (-eff(i), i))  # the group holding the step up
             if not rows[g][3]:
                 break
-            best = None  # (effective time after, -length, destination, sequence, time after, tokens after)
-            for s in sorted(rows[g][3], key=lambda s: (-lengths[s], s)):
-                for d, row in enumerate(rows):
-                    if d == g:
-                        continue
-                    degree = row[2]
-                    tokens = row[4] + -(-lengths[s] // degree)
-                    if tokens > plan.capacity:
-                        continue
-                    after = row[5] + added(lengths[s], row)
-                    limit = eff(g) - EPS if row[0] == m else height[row[0]] + EPS
-                    if eff(d, after) <= limit:
-                        cand = (eff(d, after), -lengths[s], d, s, after, tokens)
-                        best = cand if best is None or cand < best else best
-                if best is not None:
-                    break  # the longest sequence that can move
+            best = _best_change(rows, g, m, eff, tau, tok, height, lengths, plan.capacity, cost, left)
             if best is None:
                 break
-            _, _, d, s, after, tokens = best
-            rows[g][3].remove(s)
-            rows[g][4] -= -(-lengths[s] // rows[g][2])
-            rows[g][5] = cost.group_time([lengths[x] for x in rows[g][3]], rows[g][2])
-            rows[d][3].append(s)
-            rows[d][4], rows[d][5] = tokens, after
+            _, d, s, t = best
+            for src, dst, x in ((g, d, s), (d, g, t)):
+                if x is None:
+                    continue
+                rows[src][3].remove(x)
+                rows[dst][3].append(x)
+            for i in (g, d):
+                rows[i][4] = sum(tok(lengths[x], rows[i][2]) for x in rows[i][3])
+                rows[i][5] = cost.group_time([lengths[x] for x in rows[i][3]], rows[i][2])
             for k in {m, rows[d][0]}:
                 height[k] = max(eff(i) for i in members[k])
             budget -= 1
@@ -122,6 +116,51 @@ def apply_speeds(plan: Plan, speeds: Sequence[float], cost: CostModel, budget: i
     if not moved:
         return plan
     return _to_plan(plan, rows, speeds, cost)
+
+
+def _best_change(rows, g, m, eff, tau, tok, height, lengths, capacity, cost, left):
+    """The best way to shorten group `g`, which holds micro-step `m` up: move one of its sequences
+    `s` to group d, or swap it with a shorter sequence `t` of d. Scored by the longer of the two
+    groups afterwards when d is in the same micro-step (must end below g's time now), by g alone
+    when not (then d must stay within its own micro-step's time). Returns (score, d, s, t) or None;
+    None too once `left[0]` candidates have been looked at."""
+    kg, limit = rows[g][2], eff(g) - EPS
+    best = None
+    for d, row in enumerate(rows):
+        if d == g:
+            continue
+        kd, same = row[2], row[0] == m
+        cap_d = height[row[0]] + EPS
+        base_d = row[5] + (0.0 if row[3] else cost.group_overhead(kd))
+        for s in rows[g][3]:
+            left[0] -= len(row[3]) + 1
+            if left[0] < 0:
+                return None
+            ls = lengths[s]
+            gone = tau(ls, kg) + (cost.group_overhead(kg) if len(rows[g][3]) == 1 else 0.0)
+            for t in [None] + [x for x in row[3] if lengths[x] < ls]:
+                lt = 0 if t is None else lengths[t]
+                if t is None:
+                    g_time, d_time = rows[g][5] - gone, base_d + tau(ls, kd)
+                    d_tok = row[4] + tok(ls, kd)
+                    g_tok = 0
+                else:
+                    g_time = rows[g][5] - tau(ls, kg) + tau(lt, kg)
+                    d_time = row[5] - tau(lt, kd) + tau(ls, kd)
+                    d_tok = row[4] - tok(lt, kd) + tok(ls, kd)
+                    g_tok = rows[g][4] - tok(ls, kg) + tok(lt, kg)
+                if d_tok > capacity or g_tok > capacity:
+                    continue
+                eg, ed = eff(g, g_time), eff(d, d_time)
+                score = max(eg, ed) if same else eg
+                if score >= limit or (not same and ed > cap_d):
+                    continue
+                cand = (score, d, s, t)
+                if best is None or (score, -ls, lt, d, s) < (best[0], -lengths[best[2]],
+                                                            0 if best[3] is None else lengths[best[3]],
+                                                            best[1], best[2]):
+                    best = cand
+    return best
 
 
 def _to_plan(plan: Plan, rows, speeds, cost: CostModel) -> Plan:
