@@ -11,7 +11,11 @@ turns it into speed factors (`speed_factors`, relative to the median). Then roun
 alternating order so that drift on the machine hits both: `report` (the planner's plans, speeds
 all 1) and `rebalance` (the same factors the monitor would hand the scheduler). Step time is the
 wall time of a step followed by a barrier (the slowest rank's), median per mode, first two steps of
-each round left out. Also printed: the slow rank's predicted work share in each mode.
+each round left out. Also printed: the slow rank's predicted work share in each mode, and the
+critical path: per step, the most CPU seconds any rank computed (median over steps). That is the
+step time on hardware where every rank has its own core; the wall time is it only there. On a
+machine with fewer free cores than ranks the processes share cores, the wall time follows the
+total CPU work of all ranks, and moving work between ranks cannot shorten it.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ def _overrides(a) -> list[str]:
             "data.source=synthetic", "data.lengths=longtail", f"data.seq_len={a.seq_len}",
             f"data.global_batch_size={a.batch}", "data.micro_batch_size=2",
             "parallel.sequence_scheduler=hetero", f"parallel.hetero_tokens_per_rank={a.tokens_per_rank}",
-            "resilience.straggler=off", f"fault.slow_rank={a.slow_rank}", f"fault.slow_factor={a.slow_factor}",
+            "resilience.straggler='off'", f"fault.slow_rank={a.slow_rank}", f"fault.slow_factor={a.slow_factor}",
             "train.progress=false", "train.tensorboard=false", "train.peak_tflops=1",
             f"train.max_steps={a.steps * (2 * a.rounds + 1)}", "train.output_dir=/tmp/loomtrain-bench-rebalance"]
 
@@ -90,13 +94,17 @@ def worker(a) -> None:
     factors = speed_factors([float(r) for r in rates], 0.10)
     modes = {"report": [1.0] * world, "rebalance": factors}
     times = {m: [] for m in modes}
+    critical = {m: [] for m in modes}  # per step: the most CPU seconds any rank computed
     shares = {m: [] for m in modes}
     for r in range(a.rounds):
         for mode in (("report", "rebalance") if r % 2 == 0 else ("rebalance", "report")):
             rebalancer.apply(modes[mode])
-            wall, _, _, share = run_round()
+            wall, cpu, _, share = run_round()
             times[mode] += wall
             shares[mode] += share
+            rows = [torch.zeros(len(cpu), dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(rows, torch.tensor(cpu, dtype=torch.float64))
+            critical[mode] += torch.stack(rows).max(dim=0).values.tolist()
     mine = torch.tensor([statistics.mean(shares["report"]), statistics.mean(shares["rebalance"])],
                         dtype=torch.float64)
     everyone = [torch.zeros_like(mine) for _ in range(world)]
@@ -105,6 +113,8 @@ def worker(a) -> None:
         slow = a.slow_rank
         result = {"report_step_s": statistics.median(times["report"]),
                   "rebalance_step_s": statistics.median(times["rebalance"]),
+                  "report_critical_cpu_s": statistics.median(critical["report"]),
+                  "rebalance_critical_cpu_s": statistics.median(critical["rebalance"]),
                   "factors": factors, "slow_rank": slow, "slow_factor": a.slow_factor,
                   "slow_rank_share_report": float(everyone[slow][0]),
                   "slow_rank_share_rebalance": float(everyone[slow][1]),
@@ -112,9 +122,13 @@ def worker(a) -> None:
                   "hidden": a.hidden, "layers": a.layers, "seq_len": a.seq_len, "global_batch": a.batch,
                   "tokens_per_rank": a.tokens_per_rank}
         result["ratio"] = result["rebalance_step_s"] / result["report_step_s"]
+        result["critical_ratio"] = result["rebalance_critical_cpu_s"] / result["report_critical_cpu_s"]
         print(json.dumps(result))
         print(f"report {result['report_step_s'] * 1e3:.1f} ms/step | rebalance {result['rebalance_step_s'] * 1e3:.1f} "
-              f"ms/step | ratio {result['ratio']:.3f} | measured factors {factors} | rank {slow}'s predicted "
+              f"ms/step | ratio {result['ratio']:.3f} (wall)\n"
+              f"slowest rank's CPU per step: report {result['report_critical_cpu_s'] * 1e3:.1f} ms | rebalance "
+              f"{result['rebalance_critical_cpu_s'] * 1e3:.1f} ms | ratio {result['critical_ratio']:.3f}\n"
+              f"measured factors {factors} | rank {slow}'s predicted "
               f"work share {result['slow_rank_share_report']:.1%} -> {result['slow_rank_share_rebalance']:.1%}")
         if a.json:
             with open(a.json, "w", encoding="utf-8") as fh:
