@@ -84,7 +84,7 @@ def test_config_takes_rebalance_with_the_hetero_scheduler_only():
 
 
 # ------------------------------------------------------------------------------ a real run
-WINDOW, STEPS = 8, 56
+WINDOW, STEPS = 8, 64
 # sequences up to 128 tokens with room for 256 per rank and micro-step: plans with slack to move
 # work into (a plan whose groups are all full of memory has nowhere to put it)
 HETERO = ["parallel.sequence_scheduler=hetero", "data.seq_len=128", "data.global_batch_size=16",

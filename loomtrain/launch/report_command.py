@@ -86,21 +86,21 @@ def cmd_report(ns: argparse.Namespace) -> int:
     jsonl = run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, "metrics.jsonl")
     rows = read_metrics(jsonl)
     print(f"run: {os.path.dirname(os.path.abspath(jsonl))}")
-    table = summarize(rows)
+    run = os.path.dirname(jsonl) or "."
+    events = runlog.events_summary(run)
+    table = summarize(rows) + [("events", f"{len(events)}" + (":" if events else
+                                          " (no straggler, slow link, hang, rebalance or restart recorded)"))]
     width = max(len(k) for k, _ in table)
     for key, value in table:
         print(f"  {key:<{width}}  {value}")
-    run = os.path.dirname(jsonl) or "."
-    events = runlog.events_summary(run)
-    print(f"events: {len(events)}" + ("" if events else " (no straggler, slow link, hang or restart recorded)"))
     for line in events:
-        print(f"  {line}")
+        print(f"    {line}")
     if ns.plot:
-        png = ns.png or os.path.join(run, "metrics.png")
-        out = metrics.plot_metrics(jsonl, png)  # a LoomError when matplotlib is missing
-        print(f"plot: {out if isinstance(out, (str, os.PathLike)) else png}")
         if runlog.load_trace(run) is not None:
             print(f"heat-map: {heatmap.plot_heatmap(run)}")
         else:
             print("heat-map: none (no per-step straggler figures: the monitor runs at 3+ ranks on CPU)")
+        png = ns.png or os.path.join(run, "metrics.png")
+        out = metrics.plot_metrics(jsonl, png)  # a LoomError when matplotlib is missing
+        print(f"plot: {out if isinstance(out, (str, os.PathLike)) else png}")
     return 0
