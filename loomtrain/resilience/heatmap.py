@@ -89,8 +89,9 @@ def _mark(ax, events: list[dict], trace: Trace) -> None:
             group = [r for r in rec["group"] if isinstance(r, int)]
             if group:
                 ax.vlines(step, min(group) - 0.4, max(group) + 0.4, colors="lime", linewidth=3, label=label)
-        else:
-            ax.axvline(step, color="white" if kind == "rebalance" else "red", linestyle="--", linewidth=1,
+        else:  # a rebalance takes effect at its from_step: the line sits just before that step
+            at = rec["from_step"] - 0.5 if isinstance(rec.get("from_step"), (int, float)) else step
+            ax.axvline(at, color="white" if kind == "rebalance" else "red", linestyle="--", linewidth=1,
                        label=label)
     if labelled:
         ax.legend(loc="upper left", fontsize=7, framealpha=0.6)
