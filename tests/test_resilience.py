@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,26 @@ def test_slow_rank_is_named(straggler_runs):
     assert first["step"] <= WITHIN * WINDOW, first
     assert 0.15 < first["slowdown"] < 0.5, first  # 30% injected, measured as CPU time
     assert first["host"] and "compute" in first["evidence"] and first["windows"] >= 3
+
+
+def test_report_names_the_event_and_draws_the_heat_map(straggler_runs):
+    """`loomtrain report RUN_DIR --plot` on the slow-rank run, through the real command line: the
+    summary lists the straggler event, and the rank x step heat-map is a non-empty PNG."""
+    run = os.path.join(straggler_runs, "slow_rank")
+    proc = subprocess.run([sys.executable, "-m", "loomtrain.launch", "report", run, "--plot"], cwd=run,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    event = _events(straggler_runs, "slow_rank")[0]
+    assert f"step {event['step']}: straggler rank 2" in proc.stdout, proc.stdout
+    assert re.search(r"^  events +1:$", proc.stdout, re.M), proc.stdout
+    png = os.path.join(run, "straggler_heatmap.png")
+    assert f"heat-map: {png}" in proc.stdout, proc.stdout
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 1000
+    # every step of the run is in the per-step figures the heat-map is drawn from, for every rank
+    windows = _windows(straggler_runs, "slow_rank")
+    assert sum(len(w["steps"]) for w in windows) == 96
+    assert all(len(w["step_compute_s"]) == 4 for w in windows)
 
 
 def test_slow_group_is_reported_as_the_link(straggler_runs):

@@ -23,7 +23,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.verify": ("fast", "size", "checksum", "sha256"),
     "train.nonfinite": ("stop", "skip"),
-    "resilience.straggler": ("off", "report"),
+    "resilience.straggler": ("off", "report", "rebalance"),
 }
 
 
@@ -133,8 +133,11 @@ def _check_offload(o: OffloadConfig) -> None:
 def _check_resilience(cfg: Config) -> None:
     """`resilience.*` and `fault.*`: the policies not built yet, deadlines, fault parameters."""
     r, f = cfg.resilience, cfg.fault
-    if r.straggler in ("rebalance", "restart"):
-        raise ConfigError(f"resilience.straggler={r.straggler}: not built yet; use report or off")
+    if r.straggler == "restart":
+        raise ConfigError(f"resilience.straggler={r.straggler}: not built yet; use report, rebalance or off")
+    if r.straggler == "rebalance" and cfg.parallel.sequence_scheduler != "hetero":
+        raise ConfigError("resilience.straggler=rebalance moves work between ranks through the heterogeneous "
+                          "scheduler only; set parallel.sequence_scheduler=hetero, or use report")
     for key in ("window_steps", "probe_reps"):
         if getattr(r, key) < 1:
             raise ConfigError(f"resilience.{key}={getattr(r, key)}: must be at least 1")

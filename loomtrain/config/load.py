@@ -58,6 +58,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if base in (Mapping, dict, collections.abc.Mapping) and isinstance(value, Mapping):
             return dict(value)
     wanted = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    if isinstance(value, bool) and str in options:  # e.g. resilience.straggler=off
+        raise ConfigError(f"{key}: expected {wanted}, got {value!r} (YAML reads a bare off/on/no/yes as a "
+                          f"boolean: quote the word, {key}='off')")
     raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
 
 

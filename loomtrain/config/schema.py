@@ -127,7 +127,9 @@ class CheckpointConfig:
 class ResilienceConfig:
     """Straggler and hang detection (`loomtrain.resilience`)."""
 
-    straggler: str = "report"  # off | report (rebalance | restart: not built yet); active at 3+ ranks on CPU
+    # off | report | rebalance (hetero scheduler: slow ranks get less work) (restart: not built yet);
+    # active at 3+ ranks on CPU
+    straggler: str = "report"
     window_steps: int = 10  # steps per detection window (one side-group all-gather each)
     warmup_steps: int = 2  # first steps of a run left out of the statistics
     probe_reps: int = 3  # timed small all-reduces per mesh group and window (the minimum counts)

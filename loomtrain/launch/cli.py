@@ -32,7 +32,8 @@ from loomtrain.launch.spec import Parser, UsageError
 
 COMMANDS = {
     "run": "train: validate CONFIG.yaml, then start the workers (or train, inside a worker)",
-    "report": "summarize RUN_DIR/metrics.jsonl (steps, loss, tokens/s, MFU, memory); --plot draws it",
+    "report": ("summarize RUN_DIR/metrics.jsonl (steps, loss, tokens/s, MFU, memory) and its events "
+               "(stragglers, slow links, rebalances); --plot draws the curves and a rank x step heat-map"),
     "plan": "predict step times of static, best single-degree and heterogeneous sequence parallelism",
     "ckpt": "checkpoint tools: inspect, verify, export-hf, import-deepspeed",
     "data": "data tools: prepare (tokenise once into token shards), verify",
@@ -114,7 +115,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     elif command == "report":
         p = Parser(prog="loomtrain report", description=COMMANDS["report"])
         p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (or its metrics.jsonl)")
-        p.add_argument("--plot", action="store_true", help="also draw the curves to a PNG")
+        p.add_argument("--plot", action="store_true",
+                       help="also draw the curves to a PNG, and the rank x step heat-map to "
+                            "RUN_DIR/straggler_heatmap.png")
         p.add_argument("--png", default=None, metavar="PATH",
                        help="where --plot writes (default RUN_DIR/metrics.png)")
     elif command == "plan":

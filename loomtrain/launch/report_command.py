@@ -1,5 +1,7 @@
 """`loomtrain report RUN_DIR [--plot]`: a run's metrics.jsonl as a table (steps, loss, tokens/s,
-MFU, peak memory), and with --plot its curves as a PNG."""
+MFU, peak memory) and the resilience events of events.jsonl (stragglers, slow links, rebalances,
+restarts); with --plot its curves as a PNG and, when the straggler monitor logged per-step
+figures, a rank x step heat-map with the events marked (`loomtrain.resilience.heatmap`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +10,7 @@ import math
 import os
 
 from loomtrain.errors import LoomError
+from loomtrain.resilience import heatmap, runlog
 from loomtrain.runtime import metrics
 
 
@@ -83,12 +86,21 @@ def cmd_report(ns: argparse.Namespace) -> int:
     jsonl = run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, "metrics.jsonl")
     rows = read_metrics(jsonl)
     print(f"run: {os.path.dirname(os.path.abspath(jsonl))}")
-    table = summarize(rows)
+    run = os.path.dirname(jsonl) or "."
+    events = runlog.events_summary(run)
+    table = summarize(rows) + [("events", f"{len(events)}" + (":" if events else
+                                          " (no straggler, slow link, hang, rebalance or restart recorded)"))]
     width = max(len(k) for k, _ in table)
     for key, value in table:
         print(f"  {key:<{width}}  {value}")
+    for line in events:
+        print(f"    {line}")
     if ns.plot:
-        png = ns.png or os.path.join(os.path.dirname(jsonl) or ".", "metrics.png")
+        if runlog.load_trace(run) is not None:
+            print(f"heat-map: {heatmap.plot_heatmap(run)}")
+        else:
+            print("heat-map: none (no per-step straggler figures: the monitor runs at 3+ ranks on CPU)")
+        png = ns.png or os.path.join(run, "metrics.png")
         out = metrics.plot_metrics(jsonl, png)  # a LoomError when matplotlib is missing
         print(f"plot: {out if isinstance(out, (str, os.PathLike)) else png}")
     return 0

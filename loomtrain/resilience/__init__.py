@@ -7,6 +7,10 @@ Components on the training loop's hook points (`loomtrain.hooks`), built by the 
   clock.py      the compute clock: the training thread's CPU time, and why
   straggler.py  `StragglerMonitor`: per-rank timing and one side-group all-gather per window,
                 reported to the console, `{train.output_dir}/events.jsonl` and the summary
+  rebalance.py  `resilience.straggler=rebalance`: a reported straggler's speed factor goes to the
+                heterogeneous scheduler, whose plans then give its groups less work
+  runlog.py     reading events.jsonl and the per-step figures back (`loomtrain report`)
+  heatmap.py    `loomtrain report --plot`: the rank x step heat-map with the events marked
   faults.py     the `fault.*` keys: injected slowness (extra CPU work), slow links, hangs, and a
                 rank that SIGKILLs itself in the first attempt (for `--max-restarts` recovery,
                 which resumes from the last committed checkpoint: `loomtrain.launch.run_command`)

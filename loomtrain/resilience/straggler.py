@@ -17,7 +17,11 @@ Each rank reduces a window to one compute rate (`window_rate`: the lower quartil
 as a GC pause or a noisy neighbour only ever adds time; the ratio of sums when its work varies by
 step) and the median of the other figures; the first `warmup_steps` steps and steps that saved a checkpoint are left out. The
 figures travel in one all-gather on a gloo group of their own, so nothing is added to the
-training collectives; rank 0 runs `Detector`. Active at 3+ ranks on CPU (CUDA work is not in
+training collectives; every rank runs `Detector` on the same table (so that under
+`resilience.straggler=rebalance` every rank reaches the same speed factors, `rebalance.py`),
+rank 0 reports. The window's per-step figures of every rank (compute, wall, work) ride in the same
+all-gather into `straggler_windows.jsonl`, for `loomtrain report --plot`'s heat-map; the first
+step planned with new speed factors is left out of the statistics. Active at 3+ ranks on CPU (CUDA work is not in
 process CPU time: on CUDA the monitor says so and stays off).
 """
 from __future__ import annotations
@@ -38,6 +42,7 @@ from loomtrain.parallel.hetero.plan_types import Plan
 from loomtrain.resilience.detect import DetectConfig, Detector, Finding, low_quartile
 from loomtrain.resilience.clock import compute_cpu_s
 from loomtrain.resilience.faults import Faults
+from loomtrain.resilience.rebalance import Rebalancer, speed_factors
 
 
 class TimedLoader:
@@ -111,12 +116,17 @@ def stage_cohorts(root) -> list[tuple[int, ...]] | None:
     return [tuple(sorted(int(r) for r in table.select(d, i).flatten().tolist())) for i in range(table.shape[d])]
 
 
+def _rounded(table: torch.Tensor) -> list[list[float | None]]:
+    """Per rank, per step, rounded for the JSON line (NaN, which JSON lacks, as null)."""
+    return [[round(v, 6) if v == v else None for v in row] for row in table.tolist()]
+
+
 class StragglerMonitor(Hook):
     """See the module docstring. `work` returns this rank's work in the step just run."""
 
     def __init__(self, cfg: ResilienceConfig, *, rank: int, world_size: int, device_type: str, mesh_root,
                  output_dir: str, is_main: bool, work: Callable[[], float], loader: TimedLoader,
-                 faults: Faults, checkpoint_every: int):
+                 faults: Faults, checkpoint_every: int, rebalancer: Rebalancer | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.active = (cfg.straggler != "off" and world_size >= 3 and device_type == "cpu"
                        and dist.is_initialized())
@@ -129,7 +139,10 @@ class StragglerMonitor(Hook):
         self.hosts: list[str] = []
         self.detector: Detector | None = None
         self.samples: list[tuple[float, float, float, float]] = []
+        self.trace: list[tuple[int, float, float, float]] = []  # every step: (step, compute, wall, work)
         self.findings: list[tuple[int, Finding]] = []
+        self.rebalancer = rebalancer if cfg.straggler == "rebalance" else None
+        self.replan_step = 0  # the first step planned with new speed factors: left out of the statistics
         self.windows = 0
         self._start = (0.0, 0.0, 0.0, 0.0, None)
         self._end = (0.0, 0.0)
@@ -154,6 +167,8 @@ class StragglerMonitor(Hook):
                                  cfg=DetectConfig(min_slowdown=self.cfg.min_slowdown,
                                                  link_floor_s=self.cfg.link_floor_s),
                                  cohorts=stage_cohorts(self.mesh_root))
+        if self.rebalancer is not None:
+            self.rebalancer.setup(self.side, self.world)
 
     def before_step(self, loop: LoopState) -> None:
         if self.active:
@@ -174,8 +189,10 @@ class StragglerMonitor(Hook):
         compute = cpu1 - cpu0 - data_cpu
         wait = self.loader.wait_s - wait0
         saved = loop.last_checkpoint != ckpt0 or (self.ckpt_every and loop.step % self.ckpt_every == 0)
-        if loop.step > self.cfg.warmup_steps and not saved:
-            self.samples.append((compute, float(self.work()), wait, wall1 - wall0))
+        work = float(self.work())
+        self.trace.append((loop.step, compute, wall1 - wall0, work))
+        if loop.step > self.cfg.warmup_steps and not saved and loop.step != self.replan_step:
+            self.samples.append((compute, work, wait, wall1 - wall0))
         if loop.step % self.cfg.window_steps == 0:
             self._window(loop.step)
 
@@ -221,32 +238,69 @@ class StragglerMonitor(Hook):
             mine = [window_rate(cols[0], cols[1]), *(statistics.median(c) for c in cols[1:]),
                     float(len(self.samples))]
         self.samples.clear()
-        vec = torch.tensor(mine + probes, dtype=torch.float64)
+        # the window's steps, each rank's own figures (for `loomtrain report --plot`'s heat-map),
+        # padded to a fixed length: a window after a resume may be short
+        trace, pad = self.trace[-self.cfg.window_steps:], [float("nan")] * 3 * self.cfg.window_steps
+        self.trace.clear()
+        for i, (_, c, w, u) in enumerate(trace):
+            pad[3 * i:3 * i + 3] = (c, w, u)
+        vec = torch.tensor(mine + probes + pad, dtype=torch.float64)
         rows = [torch.zeros_like(vec) for _ in range(self.world)]
         dist.all_gather(rows, vec, group=self.side)
         self.windows += 1
-        if not self.is_main:
-            return
+        # every rank runs the detector on the same gathered table (deterministic), so that under
+        # the rebalance policy every rank reaches the same speed factors without another collective
         table = torch.stack(rows)
         rate, work, wait = table[:, 0], table[:, 1], table[:, 2]
         ok = torch.isfinite(rate) & torch.isfinite(work) & (work > 0)
         med_work = float(work[ok].median()) if bool(ok.any()) else 1.0
         compute = torch.where(ok, rate * med_work, torch.full_like(rate, float("nan")))
         cpu = rate * work
-        os.makedirs(self.output_dir, exist_ok=True)
+        per_step = table[:, 5 + len(self.dims):].reshape(self.world, -1, 3)[:, :len(trace)]
         group_probes = []
         for name, ranks in self.groups:
             col = 5 + [d for d, _, _ in self.dims].index(name)
             group_probes.append(float(table[list(ranks), col].median()))
-        with open(os.path.join(self.output_dir, "straggler_windows.jsonl"), "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, "compute_s": [round(v, 6) for v in compute.tolist()],
-                                 "cpu_s": [round(v, 6) for v in cpu.tolist()],
-                                 "work": [round(v, 6) for v in work.tolist()],
-                                 "data_wait_s": [round(v, 6) for v in wait.tolist()],
-                                 "probe_s": {",".join(map(str, r)): round(v, 6)
-                                             for (_, r), v in zip(self.groups, group_probes)}}) + "\n")
-        for finding in self.detector.update(compute.tolist(), group_probes if self.groups else None):
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "straggler_windows.jsonl"), "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "compute_s": [round(v, 6) for v in compute.tolist()],
+                                     "cpu_s": [round(v, 6) for v in cpu.tolist()],
+                                     "work": [round(v, 6) for v in work.tolist()],
+                                     "data_wait_s": [round(v, 6) for v in wait.tolist()],
+                                     "probe_s": {",".join(map(str, r)): round(v, 6)
+                                                 for (_, r), v in zip(self.groups, group_probes)},
+                                     "steps": [s for s, *_ in trace],
+                                     "step_compute_s": _rounded(per_step[:, :, 0]),
+                                     "step_wall_s": _rounded(per_step[:, :, 1]),
+                                     "step_work": _rounded(per_step[:, :, 2])}) + "\n")
+        findings = self.detector.update(compute.tolist(), group_probes if self.groups else None)
+        for finding in findings:
             self._report(step, finding, float(wait.nanmedian()))
+        if self.rebalancer is not None and any(f.kind == "straggler" for f in findings):
+            self._rebalance(step, rate.tolist())
+
+    def _rebalance(self, step: int, rates: list[float]) -> None:
+        """Speed factors from this window's compute rates to the heterogeneous planner, from the
+        next step on; that step re-plans and is left out of the statistics."""
+        factors = speed_factors(rates, self.cfg.min_slowdown)
+        rec = {"event": "rebalance", "step": step, "from_step": step + 1, "factors": factors,
+               **self.rebalancer.apply(factors)}
+        self.replan_step = step + 1
+        if not self.is_main:
+            return
+        slow = ", ".join(f"rank {r} x{f:.2f}" for r, f in enumerate(factors) if f != 1.0) or "none"
+        shares = ""
+        if "work_share_after" in rec:
+            worst = max(range(len(rec["speeds"])), key=lambda i: (rec["speeds"][i], -i))
+            shares = (f"; on the last batch pool rank {worst}'s predicted work share "
+                      f"{rec['work_share_before'][worst]:.1%} -> {rec['work_share_after'][worst]:.1%}, "
+                      f"predicted step {rec['predicted_step_s_before'] * 1e3:.1f} -> "
+                      f"{rec['predicted_step_s_after'] * 1e3:.1f} ms")
+        print(f"loomtrain: rebalance: from step {step + 1} the heterogeneous plans use speed factors "
+              f"({slow}){shares}", flush=True)
+        with open(os.path.join(self.output_dir, "events.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
 
     # ---------------------------------------------------------------- reports
     def _short(self, f: Finding) -> str:
@@ -273,6 +327,8 @@ class StragglerMonitor(Hook):
             line = (f"loomtrain: slow link: {rec['dim']} group of ranks {','.join(map(str, f.group))} "
                     f"is {f.slowdown:.0%} slower than the other groups of {len(f.group)}, while its ranks "
                     f"compute normally, at step {step} ({f.evidence()})")
+        if not self.is_main:
+            return
         print(line, flush=True)
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "events.jsonl"), "a", encoding="utf-8") as fh:

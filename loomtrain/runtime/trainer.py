@@ -44,6 +44,7 @@ from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_mat
 from loomtrain.parallel.hetero.scheduler import HeteroScheduler
 from loomtrain.resilience.faults import FaultInjector, Faults
 from loomtrain.resilience.orphan import OrphanGuard
+from loomtrain.resilience.rebalance import Rebalancer
 from loomtrain.resilience.straggler import StragglerMonitor, TimedLoader, hetero_work
 from loomtrain.resilience.watchdog import Watchdog
 from loomtrain.parallel.tied import TiedEmbeddings, ties_embeddings
@@ -225,7 +226,8 @@ class Trainer:
             cfg.resilience, rank=env.rank, world_size=env.world_size, device_type=env.device.type,
             mesh_root=self.mesh.root if self.mesh is not None else None, output_dir=cfg.train.output_dir,
             is_main=env.is_main, work=work, loader=self.data_timer, faults=faults,
-            checkpoint_every=cfg.checkpoint.every))
+            checkpoint_every=cfg.checkpoint.every,
+            rebalancer=Rebalancer(hetero) if hetero is not None and cfg.resilience.straggler == "rebalance" else None))
 
     def _n_micro(self) -> int:
         return self.cfg.data.global_batch_size // (self.dp_size * self.cfg.data.micro_batch_size)

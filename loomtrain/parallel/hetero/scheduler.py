@@ -19,6 +19,7 @@ from loomtrain.parallel.hetero.executor import HeteroExecutor
 from loomtrain.parallel.hetero.memory import MemoryModel, resolve_capacity
 from loomtrain.parallel.hetero.plan_types import Plan
 from loomtrain.parallel.hetero.planner import plan_batch
+from loomtrain.parallel.hetero.speeds import apply_speeds, check_speeds
 
 # share of a GPU's memory kept back from the memory model: CUDA context, NCCL buffers, the caching
 # allocator's fragmentation
@@ -48,6 +49,9 @@ class HeteroScheduler:
                                          self.memory, total)
         self.calibrated = False
         self.last_plan: Plan | None = None
+        # per pool rank, 1.0 typical, 1.5 = computes 1.5x as long (`set_speeds`; the straggler
+        # monitor's rebalance policy): None while every rank is alike
+        self.speeds: tuple[float, ...] | None = None
 
     @property
     def ranks(self) -> int:
@@ -58,6 +62,12 @@ class HeteroScheduler:
         self.cost, samples = self.executor.calibrate(call, token_loss_sum, self.seq_len, self.cost, vocab=vocab)
         self.calibrated = True
         return samples
+
+    def set_speeds(self, speeds) -> None:
+        """Speed factors for the plans from the next step on (`speeds.apply_speeds`); every rank
+        must set the same ones, which the plan's fingerprint check enforces."""
+        speeds = check_speeds(speeds, self.ranks)
+        self.speeds = None if len(set(speeds)) <= 1 else speeds
 
     def describe(self) -> str:
         lengths = sorted({max(1, self.seq_len // k) for k in (16, 4, 1)})
@@ -70,7 +80,8 @@ class HeteroScheduler:
         returns (this rank's loss sum, the global count of valid tokens). `sync(last)` is the
         context each micro-step runs in (gradients reduced on the last only)."""
         lengths = [int(doc.size) - 1 for doc in docs]
-        self.last_plan = plan_batch(lengths, self.ranks, self.capacity, self.cost)
+        plan = plan_batch(lengths, self.ranks, self.capacity, self.cost)
+        self.last_plan = plan if self.speeds is None else apply_speeds(plan, self.speeds, self.cost)
         return self.executor.run(self.last_plan, docs, call, token_loss_sum, sync=sync)
 
     def plan_metrics(self) -> dict:
