@@ -68,6 +68,9 @@ class ParallelConfig:
     hetero_calibrate: bool = False
     activation_checkpointing: str = "none"  # none | full | every:N (checkpoint every N-th block)
     compile: bool = False
+    # expert parallelism (mixture-of-experts models): experts sharded over ep ranks carved from
+    # dp_shard, tokens exchanged with all-to-all (parallel/expert.py); 1 = off
+    ep: int = 1
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from loomtrain.kernels.select import choose_attention, kernel_gaps
 from loomtrain.models.build import build_hf_config, build_meta_model, find_blocks
 from loomtrain.models.weights import SafetensorsSource, check_weights, listed
 from loomtrain.parallel.hetero.costmodel import CostModel
+from loomtrain.parallel.expert import check_moe_layout
 from loomtrain.parallel.pipeline import stages_per_rank
 from loomtrain.parallel.tensor import layer_plan
 from loomtrain.parallel.tp_plan import check_plan
@@ -190,5 +191,6 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
         if heads % pool:
             raise ConfigError(f"parallel.sequence_scheduler=hetero may form a group of all {pool} ranks, which "
                               f"must divide num_attention_heads={heads}")
+    check_moe_layout(cfg, hf_config, degrees)
     check_checkpoint_config(cfg)
     return degrees
