@@ -15,6 +15,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from harness import BASE, LOSS_RTOL, PARAM_ATOL, assert_parity, load_result, reference, run_cases
 from loomtrain.config import load_config
 from loomtrain.errors import ConfigError
+from loomtrain.launch import cli
 from loomtrain.models.flops import flop_model
 from loomtrain.models.moe import MoeAux, MoeSpec
 from loomtrain.runtime.preflight import preflight
@@ -36,6 +37,10 @@ LAYOUTS = {
     "zero3_dp2": (2, ["parallel.zero=3"]),
     "ep2": (2, ["parallel.ep=2"]),
     "ep2_dp_shard4": (4, ["parallel.ep=2"]),
+    # context parallel splits every row: the ranks of a micro-batch share its router statistics
+    "cp2": (2, ["parallel.cp=2"]),
+    # ZeRO-2 and recomputation: the recomputed forward exchanges tokens again, in the same order
+    "ep2_zero2_ac": (2, ["parallel.ep=2", "parallel.zero=2", "parallel.activation_checkpointing=full"]),
 }
 
 
@@ -166,7 +171,33 @@ def test_metrics_carry_expert_load_and_aux_loss(refs, out):
 
 
 # --------------------------------------------------------------------------- refusals
-def test_aux_loss_under_pipeline_parallel_is_refused_before_launch():
-    cfg = load_config(None, _case("mixtral", "parallel.pp=2"))
-    with pytest.raises(ConfigError, match="router_aux_loss"):
-        preflight(cfg, 2)
+@pytest.mark.parametrize("extra,world,match", [
+    (["parallel.pp=2"], 2, "router_aux_loss_coef with parallel.pp>1"),
+    (["parallel.ep=2", "parallel.zero=1"], 2, "needs parallel.zero=2 or 3"),
+    (["parallel.ep=3", "data.global_batch_size=12"], 3, "does not divide the model.s 4 experts"),
+    (["parallel.ep=4"], 2, "does not divide parallel.dp_shard=2"),
+    (["parallel.ep=2", "parallel.dp_replicate=2", "parallel.dp_shard=2"], 4, "dp_replicate=2 is not supported"),
+    (["parallel.ep=0"], 2, "parallel.ep=0: must be at least 1"),
+])
+def test_bad_moe_layouts_are_refused_before_launch(extra, world, match):
+    with pytest.raises(ConfigError, match=match):
+        preflight(load_config(None, _case("mixtral", *extra)), world)
+
+
+def test_ep_on_a_dense_model_is_refused_before_launch():
+    with pytest.raises(ConfigError, match="has no experts"):
+        preflight(load_config(None, BASE + ["model.architecture=llama", "parallel.ep=2"]), 2)
+
+
+def test_ep_checkpoint_exports_to_hf_bit_identical(launches, tmp_path):
+    """The ep2 run's last checkpoint, exported offline, loads with from_pretrained as the run's
+    final parameters, bit for bit (HF names, global shapes)."""
+    hf_dir = str(tmp_path / "hf")
+    assert cli.main(["ckpt", "export-hf", os.path.join(launches["n2"], "ep2_writer", "checkpoints"), hf_dir]) == 0
+    hf, info = AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    _, params = load_result(launches["n2"], "ep2_writer")
+    loaded = hf.state_dict()
+    assert set(params) == set(loaded)
+    for name, value in params.items():
+        assert torch.equal(loaded[name], value), name
