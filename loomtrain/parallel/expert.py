@@ -227,7 +227,10 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
     if cfg.parallel.zero < 2:
         raise ConfigError(f"parallel.ep={ep} needs parallel.zero=2 or 3 (FSDP): DDP would average expert "
                           "gradients over ranks that hold different experts")
-    others = {k: degrees[k] for k in ("dp_replicate", "tp", "pp", "cp") if degrees[k] > 1}
+    # pp: each stage's experts are sharded over the ep ranks of that stage (the expert mesh keeps
+    # pp outermost), and the auxiliary loss, which would couple the stages, is refused above.
+    others = {k: degrees[k] for k in ("dp_replicate", "tp", "cp") if degrees[k] > 1}
     if others:
         named = ", ".join(f"parallel.{k}={v}" for k, v in others.items())
-        raise ConfigError(f"parallel.ep={ep} composes with dp_shard only so far; {named} is not supported with it")
+        raise ConfigError(f"parallel.ep={ep} composes with dp_shard and pp only so far; {named} is not supported "
+                          "with it")
