@@ -190,6 +190,8 @@ def test_metrics_carry_expert_load_and_aux_loss(refs, out):
     (["parallel.ep=4"], 2, "does not divide parallel.dp_shard=2"),
     (["parallel.ep=2", "parallel.dp_replicate=2", "parallel.dp_shard=2"], 4, "dp_replicate=2 is not supported"),
     (["parallel.ep=0"], 2, "parallel.ep=0: must be at least 1"),
+    (["parallel.sequence_scheduler=hetero"], 2, "hetero with a mixture-of-experts model"),
+    (["parallel.ep=2", "parallel.cp=2", "parallel.dp_shard=2"], 4, "parallel.cp=2 is not supported"),
 ])
 def test_bad_moe_layouts_are_refused_before_launch(extra, world, match):
     with pytest.raises(ConfigError, match=match):
