@@ -90,7 +90,7 @@ def expert_containers(model: nn.Module, hf_config) -> list[tuple[str, nn.Module]
     found = []
     if patterns:
         for name, module in model.named_modules():
-            rel = name[len(prefix):] if name.startswith(prefix) else name
+            rel = name.removeprefix(prefix)
             if any(fnmatch.fnmatchcase(rel, pat) for pat in patterns):
                 found.append((name, module))
     else:
@@ -229,8 +229,13 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
                           "gradients over ranks that hold different experts")
     # pp: each stage's experts are sharded over the ep ranks of that stage (the expert mesh keeps
     # pp outermost), and the auxiliary loss, which would couple the stages, is refused above.
-    others = {k: degrees[k] for k in ("dp_replicate", "tp", "cp") if degrees[k] > 1}
+    # tp: attention is tensor-parallel, the MoE layer replicated over tp (each tp rank runs the
+    # same dispatch within its own ep group) -- which needs full-length hidden states there.
+    if degrees["tp"] > 1 and cfg.parallel.sequence_parallel:
+        raise ConfigError(f"parallel.ep={ep} with parallel.tp={degrees['tp']} needs parallel.sequence_parallel=false "
+                          "(the MoE layers run replicated over tp on full-length hidden states)")
+    others = {k: degrees[k] for k in ("dp_replicate", "cp") if degrees[k] > 1}
     if others:
         named = ", ".join(f"parallel.{k}={v}" for k, v in others.items())
-        raise ConfigError(f"parallel.ep={ep} composes with dp_shard and pp only so far; {named} is not supported "
+        raise ConfigError(f"parallel.ep={ep} composes with dp_shard, tp and pp only so far; {named} is not supported "
                           "with it")

@@ -82,6 +82,8 @@ def forward_backward(par: Parallelized, micro_batches: list, *, token_group, tok
             with loss_parallel() if vocab_parallel else contextlib.nullcontext():
                 loss = token_loss_sum(out.logits, labels)
                 aux = moe.term(out.router_logits, token_ranks) if moe is not None else None
+                if aux is not None and isinstance(loss, DTensor):  # tp: the same term on every tp rank
+                    aux = DTensor.from_local(aux, loss.device_mesh, loss.placements, run_check=False)
                 (loss * scale if aux is None else loss * scale + aux).backward()
         value = loss.detach()
         loss_sum += (value.full_tensor() if isinstance(value, DTensor) else value).double()
