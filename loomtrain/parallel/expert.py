@@ -6,6 +6,11 @@ x ep, ep innermost. Dense parts (attention, norms, routers, embeddings) stay dat
 FSDP-sharded over all dp_shard ranks as before; expert weights are DTensors sharded on dim 0 (the
 expert dim) over "ep", and FSDP shards each rank's experts again over "dp_shard_mod_ep". A
 parameter keeps its HF name and global shape, so checkpoints (DCP) reshard across ep degrees.
+With pp, the expert mesh keeps pp outermost: each stage's experts live on that stage's ep ranks.
+With tp (no sequence parallelism), attention is tensor-parallel as the model's plan says, minus
+the expert entries (`tp_plan.model_plan(experts_elsewhere=True)`), and each MoE layer runs
+replicated over tp: tp ranks see the same tokens and do the same dispatch in their own ep groups.
+Not yet: ep with cp or dp_replicate (HSDP), and the auxiliary loss under pp (`check_moe_layout`).
 
 Which modules. The model's own plan where transformers has one: `base_model_ep_plan` entries of
 style `ep_dispatch_experts` name the expert containers (`layers.*.mlp.experts`), whose grouped
