@@ -104,6 +104,7 @@ class ParallelDims:
     cp: int
     tp: int
     pp: int
+    ep: int = 1  # expert parallel: carved from dp_shard, not a factor of the world size
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
@@ -134,7 +135,19 @@ class ParallelDims:
         flat = {"dp": root["dp_replicate", "dp_shard"]._flatten("dp"),
                 "dp_shard_cp": root["dp_shard", "cp"]._flatten("dp_shard_cp"),
                 "dp_cp": root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")}
+        if self.ep > 1:
+            flat.update(self._expert_meshes(device_type))
         return Mesh(root, flat)
+
+    def _expert_meshes(self, device_type: str) -> dict[str, DeviceMesh]:
+        """Expert parallelism carves dp_shard into dp_shard_mod_ep x ep, ep innermost (adjacent
+        ranks exchange tokens). The two live in one mesh of their own: an expert weight is a DTensor
+        sharded over "ep", and FSDP shards it again over "dp_shard_mod_ep", which FSDP allows
+        only for two dimensions of the same root mesh."""
+        names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+        sizes = [self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp]
+        experts = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        return {"ep": experts["ep"], "dp_shard_mod_ep": experts["dp_shard_mod_ep"]}
 
 
 class Mesh:

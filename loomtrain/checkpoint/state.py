@@ -190,8 +190,10 @@ def restore_or_derive_rng(meta: dict, env, degrees: dict, *, seed: int, dp_rank:
 
 def layout_degrees(dims) -> dict:
     """The parallel degrees a checkpoint's layout records (and a resume compares)."""
-    return {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "cp": dims.cp, "tp": dims.tp,
-            "pp": dims.pp}
+    degrees = {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "cp": dims.cp, "tp": dims.tp,
+               "pp": dims.pp}
+    # ep only when on, so a layout without expert parallelism records what it always did
+    return {**degrees, "ep": dims.ep} if getattr(dims, "ep", 1) > 1 else degrees
 
 
 def versions() -> dict:

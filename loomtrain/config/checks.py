@@ -68,7 +68,7 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"{key}={flat[key]!r}: must be one of {', '.join(map(str, allowed))}")
     for key in ("data.seq_len", "data.global_batch_size", "data.micro_batch_size", "train.max_steps",
                 "parallel.dp_replicate", "parallel.tp", "parallel.pp", "parallel.cp",
-                "parallel.pp_virtual_stages", "train.log_every", "checkpoint.keep"):
+                "parallel.pp_virtual_stages", "train.log_every", "checkpoint.keep", "parallel.ep"):
         if flat[key] < 1:
             raise ConfigError(f"{key}={flat[key]}: must be at least 1")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
@@ -173,4 +173,8 @@ def resolve_degrees(p: ParallelConfig, world_size: int) -> dict[str, int]:
         raise ConfigError(
             f"parallel degrees dp_replicate*dp_shard*tp*pp*cp = {p.dp_replicate}*{shard}*{p.tp}*{p.pp}*{p.cp}"
             f" = {fixed * shard} but the world size is {world_size}; make them multiply to {world_size}")
-    return {"dp_replicate": p.dp_replicate, "dp_shard": shard, "cp": p.cp, "tp": p.tp, "pp": p.pp}
+    if shard % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide parallel.dp_shard={shard}: expert parallelism is "
+                          "carved from the sharded data-parallel ranks; make dp_shard a multiple of ep")
+    degrees = {"dp_replicate": p.dp_replicate, "dp_shard": shard, "cp": p.cp, "tp": p.tp, "pp": p.pp}
+    return {**degrees, "ep": p.ep} if p.ep > 1 else degrees

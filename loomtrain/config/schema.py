@@ -72,6 +72,9 @@ class ParallelConfig:
     # on the last micro-batch; ZeRO-2 keeps gathered parameters and full gradients in between) or
     # "micro_batch" (after every micro-batch: less memory under ZeRO-2/3, more collectives)
     grad_sync: str = "step"
+    # expert parallelism (mixture-of-experts models): experts sharded over ep ranks carved from
+    # dp_shard, tokens exchanged with all-to-all (parallel/expert.py); 1 = off
+    ep: int = 1
 
 
 @dataclass(frozen=True)

@@ -193,8 +193,6 @@ def build_meta_model(hf_config) -> nn.Module:
     except ValueError as exc:
         raise ConfigError(f"model: transformers cannot build a causal LM for "
                           f"model_type={hf_config.model_type!r}: {exc}") from None
-    if getattr(hf_config, "num_local_experts", 0) or getattr(hf_config, "num_experts", 0):
-        raise ConfigError(f"model: {hf_config.model_type} is a mixture-of-experts model; MoE is not supported yet")
     _compute_buffers(model)
     return model
 

@@ -32,6 +32,12 @@ every `nn.Linear` / HF `Conv1D` weight is a matmul weight, every `nn.Embedding` 
 The walk builds the model with eager attention: the count does not depend on the attention
 kernel, and some families refuse sdpa at construction (Gemma-2 soft-caps its attention logits).
 
+Mixture-of-experts models (`models.moe`) count *active* parameters, the convention of Switch,
+Mixtral and DeepSeek reports: a token multiplies by its top-k experts' weights, so k/E of every
+expert matrix is a matmul weight and the other (E-k)/E is `inactive_params`, left out of the PaLM
+N too; the router (E x hidden) multiplies every token. Expert weights are found by shape and name
+(grouped `gate_up_proj`/`down_proj` [E, ...], or a per-expert `experts` ModuleList of length E).
+
 A FLOP count is a metric, not a precondition: a config that cannot be counted (the meta build
 fails, the config lacks the attention geometry) gives `FlopModel.unknown()`, and the run trains
 with MFU reported as unknown rather than being refused.
@@ -49,6 +55,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from loomtrain.errors import LoomError
+from loomtrain.models.moe import MoeSpec, expert_params
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,10 @@ class FlopModel:
     # The part of embedding_params that is also the lm_head weight (vocab x hidden when tied):
     # it does a matmul per token, so the PaLM count keeps it in N.
     tied_embedding_params: int = 0
+    # Mixture of experts: expert weights a token does not use (all experts' minus the top-k's
+    # share, (E - k) / E of them). They are in total_params but neither in matmul_params nor in
+    # the PaLM N: FLOPs and MFU count active parameters.
+    inactive_params: int = 0
     source: str = "config"  # "config" (family formula) or "meta" (walk of a meta-device model)
     # False when the config could not be counted: every count is NaN and MFU is unknown.
     known: bool = True
@@ -82,7 +93,7 @@ class FlopModel:
     @property
     def palm_params(self) -> int:
         """N of the PaLM formula: all parameters except lookup-only embedding tables."""
-        return self.total_params - self.embedding_params + self.tied_embedding_params
+        return self.total_params - self.embedding_params + self.tied_embedding_params - self.inactive_params
 
     def palm_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, PaLM appendix B / torchtitan: 6*N + 12*L*H*Dh*S."""
@@ -195,18 +206,34 @@ def flop_model_from_module(model, hf_config) -> FlopModel:
     matmul = 0
     matmul_ids: set[int] = set()
     embeddings: dict[int, int] = {}
+    spec = MoeSpec.of(hf_config)
+    experts = expert_params(model, spec.num_experts) if spec is not None else {}
     for module in model.modules():
-        if isinstance(module, (nn.Linear, Conv1D)):
+        if isinstance(module, (nn.Linear, Conv1D)) and id(module.weight) not in experts:
             matmul += module.weight.numel()
             matmul_ids.add(id(module.weight))
         elif isinstance(module, nn.Embedding):
             embeddings[id(module.weight)] = module.weight.numel()
     params = list(model.parameters())  # deduplicated: a tied table appears once
     total = sum(p.numel() for p in params)
+    inactive = 0
+    if spec is not None:
+        # Expert matrices: each token multiplies by top_k of the E experts' slices. Routers: an
+        # E x hidden matrix (a plain Parameter in transformers 5.x) multiplied by every token.
+        hidden = int(getattr(hf_config, "hidden_size", 0))
+        expert_matrices = [p for p in experts.values() if p.dim() >= 2]
+        active = sum(p.numel() for p in expert_matrices) * spec.top_k // spec.num_experts
+        matmul += active
+        inactive = sum(p.numel() for p in experts.values()) * (spec.num_experts - spec.top_k) // spec.num_experts
+        matmul_ids.update(id(p) for p in expert_matrices)
+        for p in params:
+            if p.dim() == 2 and tuple(p.shape) == (spec.num_experts, hidden) and id(p) not in matmul_ids:
+                matmul += p.numel()
+                matmul_ids.add(id(p))
     # Matrices that are neither Linear nor Embedding (fused MoE experts, custom projections) do
     # FLOPs this walk cannot see; say so instead of reporting a silently low MFU.
     unseen = sum(p.numel() for p in params
-                 if p.dim() >= 2 and id(p) not in matmul_ids and id(p) not in embeddings)
+                 if p.dim() >= 2 and id(p) not in matmul_ids and id(p) not in embeddings and id(p) not in experts)
     if unseen > 0.01 * total:
         warnings.warn(f"{unseen} of {total} parameters of {type(model).__name__} sit in matrices that"
                       " are neither nn.Linear/Conv1D nor nn.Embedding; their FLOPs are not counted",
@@ -216,7 +243,7 @@ def flop_model_from_module(model, hf_config) -> FlopModel:
     return FlopModel(n_layers=n_layers, n_heads=n_heads, head_dim=head_dim, matmul_params=matmul,
                      embedding_params=sum(embeddings.values()), total_params=total,
                      tied_embedding_params=sum(n for i, n in embeddings.items() if i in matmul_ids),
-                     source="meta")
+                     inactive_params=inactive, source="meta")
 
 
 def flop_model_from_meta(hf_config) -> FlopModel:

@@ -8,6 +8,7 @@ compile -> FSDP) and says why.
 * `context`        Ulysses and ring attention through HF's `AttentionInterface`
 * `hetero`         heterogeneous sequence parallelism: cost model, planner, executor, scheduler
 * `activation`     activation checkpointing
+* `expert`         expert parallelism: experts sharded over `ep`, tokens sent by all-to-all
 
 May import: `loomtrain.kernels`, `loomtrain.models`, `loomtrain.mesh`, `loomtrain.config`,
 `loomtrain.errors`. Never data, optimizer, checkpoint or runtime.

@@ -1,6 +1,6 @@
 """The one place that decides in which order parallelisms are applied to a (stage of a) model.
 
-Order: tensor parallel -> context parallel -> activation checkpointing -> compile -> FSDP.
+Order: tensor parallel (and expert parallel) -> context parallel -> activation checkpointing -> compile -> FSDP.
 - TP first: it replaces parameters by DTensors sharded over the tp mesh; FSDP then shards those
   DTensors again over the dp mesh (2-D parameters). The other way round FSDP would have to know
   the TP layout of every parameter.
@@ -26,6 +26,7 @@ from loomtrain.kernels.select import PACKED, choose_attention
 from loomtrain.parallel.activation import apply_activation_checkpointing
 from loomtrain.parallel.context.apply import apply_cp
 from loomtrain.parallel.data_parallel import accumulate, apply_ddp, apply_fsdp
+from loomtrain.parallel.expert import apply_ep, shard_experts
 from loomtrain.parallel.tensor import apply_tp
 from loomtrain.mesh import Mesh
 from loomtrain.models.build import find_blocks
@@ -59,7 +60,9 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
     compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     blocks = find_blocks(model)
     if mesh is not None and mesh["tp"].size() > 1:
-        apply_tp(model, blocks, mesh["tp"], sequence_parallel=pcfg.sequence_parallel)
+        apply_tp(model, blocks, mesh["tp"], sequence_parallel=pcfg.sequence_parallel, experts_elsewhere=pcfg.ep > 1)
+    # Expert parallelism next to TP: both turn parameters into DTensors that FSDP shards again.
+    experts = apply_ep(model, model.config, mesh["ep"]) if mesh is not None and pcfg.ep > 1 else []
     cp = 1 if mesh is None else mesh["cp"].size()
     # Context-parallel paths always run the packed kernel; the plain path takes it unless the
     # model needs what it lacks (`kernels.select`, which also refuses an impossible explicit choice).
@@ -83,6 +86,9 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
     dp_size = 1 if mesh is None else mesh["dp_cp"].size()
     uses_fsdp = dp_size > 1 and pcfg.zero >= 2
     if uses_fsdp:
+        if experts:  # each rank's experts first, so the blocks' FSDP leaves them alone
+            shard_experts(experts, mesh["dp_shard_mod_ep"], param_dtype=compute_dtype,
+                          zero=pcfg.zero)
         apply_fsdp(model, blocks, mesh, zero=pcfg.zero, param_dtype=compute_dtype)
     mixed_by_autocast = not uses_fsdp and compute_dtype != torch.float32
     tp = mesh is not None and mesh["tp"].size() > 1

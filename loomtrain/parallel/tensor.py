@@ -42,7 +42,7 @@ _ROWWISE_NAMES = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "w2", "c_pr
 _FUSED_QKV = {"gpt2": "c_attn"}
 
 
-def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> list[PlanEntry]:
+def layer_plan(model: nn.Module, blocks: nn.ModuleList, *, experts_elsewhere: bool = False) -> list[PlanEntry]:
     """Per-block plan: the model's `base_model_tp_plan` read exactly (`tp_plan.block_entries`),
     or, for a model without one, derived from the linear layers' names (colwise / rowwise, GPT-2's
     fused `c_attn`). Every entry must name a module of the block; an entry loomtrain cannot apply
@@ -50,7 +50,7 @@ def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> list[PlanEntry]:
     model_type = model.config.model_type
     # A pipeline stage's blocks before its own are parameter-free stand-ins.
     block = next((b for b in blocks if any(True for _ in b.parameters())), blocks[0])
-    entries = block_entries(model_plan(model.config), model_type)
+    entries = block_entries(model_plan(model.config, experts_elsewhere=experts_elsewhere), model_type)
     for entry in entries:
         try:
             module = block.get_submodule(entry.path)
@@ -93,9 +93,11 @@ def _norm_children(block: nn.Module) -> list[str]:
     return [n for n, m in block.named_children() if "norm" in type(m).__name__.lower() or n.endswith("norm")]
 
 
-def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
-    """Shard a (meta) HF causal LM over `tp_mesh` in place."""
-    per_layer = layer_plan(model, blocks)
+def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, sequence_parallel: bool,
+             experts_elsewhere: bool = False) -> None:
+    """Shard a (meta) HF causal LM over `tp_mesh` in place (`experts_elsewhere`: expert
+    parallelism owns the experts, whose plan entries are left out; `tp_plan.model_plan`)."""
+    per_layer = layer_plan(model, blocks, experts_elsewhere=experts_elsewhere)
     cfg = model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads

@@ -67,13 +67,20 @@ class PlanEntry:
     meaning: str  # one of LAYER_STYLES' values
 
 
-def model_plan(hf_config) -> dict[str, str]:
-    """The config's `base_model_tp_plan` (the config class default unless the config overrides it)."""
+def model_plan(hf_config, *, experts_elsewhere: bool = False) -> dict[str, str]:
+    """The config's `base_model_tp_plan` (the config class default unless the config overrides it).
+    `experts_elsewhere` (expert parallelism owns the experts): without the entries for the expert
+    containers its `base_model_ep_plan` names (`ep_dispatch_experts`) and their weights."""
     try:
         text = hf_config.get_text_config()
     except (AttributeError, ValueError):  # no sub-configs, or several text configs (encoder-decoder)
         text = hf_config
-    return dict(getattr(text, "base_model_tp_plan", None) or {})
+    plan = dict(getattr(text, "base_model_tp_plan", None) or {})
+    if experts_elsewhere:
+        ep_plan = getattr(text, "base_model_ep_plan", None) or {}
+        owned = [key for key, style in ep_plan.items() if style == "ep_dispatch_experts"]
+        plan = {k: v for k, v in plan.items() if not any(k == o or k.startswith(o + ".") for o in owned)}
+    return plan
 
 
 def refusal(model_type: str, entry: str, style: str, why: str) -> ConfigError:
@@ -106,7 +113,8 @@ def block_entries(plan: dict[str, str], model_type: str) -> list[PlanEntry]:
     return entries
 
 
-def check_plan(hf_config) -> list[PlanEntry]:
+def check_plan(hf_config, *, experts_elsewhere: bool = False) -> list[PlanEntry]:
     """Preflight: the model's plan read from its config alone (no model is built). Returns the
     per-block entries, or [] when the model has no plan (one is then derived from module names)."""
-    return block_entries(model_plan(hf_config), getattr(hf_config, "model_type", "?"))
+    return block_entries(model_plan(hf_config, experts_elsewhere=experts_elsewhere),
+                         getattr(hf_config, "model_type", "?"))

@@ -23,6 +23,7 @@ from loomtrain.kernels.select import choose_attention, kernel_gaps
 from loomtrain.models.build import build_hf_config, build_meta_model, find_blocks
 from loomtrain.models.weights import SafetensorsSource, check_weights, listed
 from loomtrain.parallel.hetero.costmodel import CostModel
+from loomtrain.parallel.expert import check_moe_layout
 from loomtrain.parallel.pipeline import stages_per_rank
 from loomtrain.parallel.tensor import layer_plan
 from loomtrain.parallel.tp_plan import check_plan
@@ -146,6 +147,7 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
     hf_config = build_hf_config(cfg.model, vocab_size=tokenizer.vocab_size, seq_len=cfg.data.seq_len,
                                 eos_id=tokenizer.eos_id)
     validate_model_layout(hf_config, degrees)
+    check_moe_layout(cfg, hf_config, degrees)
     _check_attention(cfg, hf_config, degrees)
     if cfg.model.path is not None:
         _check_weights(cfg, hf_config)
@@ -157,9 +159,10 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
         # Every style of the model's plan, read from the config alone (no model is built); then
         # the plan must name modules of the block, or classify every linear layer when the model
         # has none (a meta model costs no memory).
-        check_plan(hf_config)
+        experts_elsewhere = cfg.parallel.ep > 1  # expert parallelism owns the experts' plan entries
+        check_plan(hf_config, experts_elsewhere=experts_elsewhere)
         meta = build_meta_model(hf_config)
-        layer_plan(meta, find_blocks(meta))
+        layer_plan(meta, find_blocks(meta), experts_elsewhere=experts_elsewhere)
     cp = degrees["cp"]
     chunks = 2 * cp if cfg.parallel.cp_impl == "ring" else cp
     if cp > 1 and cfg.data.seq_len % (chunks * (tp if cfg.parallel.sequence_parallel else 1)):

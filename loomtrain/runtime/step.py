@@ -25,6 +25,7 @@ from loomtrain.data.loader import DataLoader
 from loomtrain.errors import DataError
 from loomtrain.models.flops import FlopModel
 from loomtrain.models.loss import StepResult, token_loss_sum
+from loomtrain.models.moe import MoeAux
 from loomtrain.parallel.compose import Parallelized
 from loomtrain.parallel.context.common import sequence_indices
 from loomtrain.parallel.hetero.scheduler import HeteroScheduler
@@ -49,12 +50,13 @@ def _reduce(values: list[float], group, device: torch.device) -> list[float]:
 
 
 def forward_backward(par: Parallelized, micro_batches: list, *, token_group, token_ranks: int,
-                     device: torch.device, local_flops: float) -> StepResult:
+                     device: torch.device, local_flops: float, moe: MoeAux | None = None) -> StepResult:
     """Run every micro-batch forward and backward; gradients end up reduced over data parallel.
 
     `local_flops` (this rank's exact FLOPs) rides along with the token count in the one small
     all-reduce the step needs anyway. `token_group`/`token_ranks` span every rank that sees
-    different tokens: data- and context-parallel ranks."""
+    different tokens: data- and context-parallel ranks. `moe` (mixture-of-experts models) adds
+    the router's load-balancing loss per micro-batch (`models.moe` says why that unit)."""
     batches = [_slices(mb, par, device) for mb in micro_batches]
     local_tokens = sum(int((labels != -100).sum()) for _, labels, _ in batches)
     global_tokens, global_flops = _reduce([float(local_tokens), float(local_flops)], token_group, device)
@@ -73,11 +75,15 @@ def forward_backward(par: Parallelized, micro_batches: list, *, token_group, tok
         # gradient sync; ZeRO-2 also keeps its gathered parameters until then).
         with par.micro_batch(last):
             with autocast:
-                out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+                out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                           **(moe.forward_kwargs if moe is not None else {}))
             vocab_parallel = isinstance(out.logits, DTensor)
             with loss_parallel() if vocab_parallel else contextlib.nullcontext():
                 loss = token_loss_sum(out.logits, labels)
-                (loss * scale).backward()
+                aux = moe.term(out.router_logits, token_ranks) if moe is not None else None
+                if aux is not None and isinstance(loss, DTensor):  # tp: the same term on every tp rank
+                    aux = DTensor.from_local(aux, loss.device_mesh, loss.placements, run_check=False)
+                (loss * scale if aux is None else loss * scale + aux).backward()
         value = loss.detach()
         loss_sum += (value.full_tensor() if isinstance(value, DTensor) else value).double()
         sample_ids.extend(mb.sample_ids)
@@ -85,7 +91,8 @@ def forward_backward(par: Parallelized, micro_batches: list, *, token_group, tok
     total = loss_sum.clone()
     if token_group is not None:
         dist.all_reduce(total, group=token_group)
-    return StepResult(total.item() / global_tokens, int(global_tokens), global_flops, sample_ids)
+    aux_loss = moe.finish(token_group, device) if moe is not None else 0.0
+    return StepResult(total.item() / global_tokens + aux_loss, int(global_tokens), global_flops, sample_ids)
 
 
 def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, token_group, token_ranks: int,
@@ -124,10 +131,12 @@ class PackedStep:
     """Fixed-length packed rows, split over data parallel (and pipeline stages)."""
 
     def __init__(self, loader: DataLoader, par: Parallelized, flops: FlopModel, *, cp: int, token_group,
-                 token_ranks: int, device: torch.device, pipeline: Pipeline | None = None, pp_group=None):
+                 token_ranks: int, device: torch.device, pipeline: Pipeline | None = None, pp_group=None,
+                 moe: MoeAux | None = None):
         self.loader, self.par, self.flops, self.cp = loader, par, flops, cp
         self.token_group, self.token_ranks, self.device = token_group, token_ranks, device
         self.pipeline, self.pp_group = pipeline, pp_group
+        self.moe = moe
 
     def run(self) -> StepResult:
         micro_batches = self.loader.next_step()
@@ -138,10 +147,11 @@ class PackedStep:
                                              token_ranks=self.token_ranks, pp_group=self.pp_group,
                                              device=self.device, local_flops=local_flops)
         return forward_backward(self.par, micro_batches, token_group=self.token_group,
-                                token_ranks=self.token_ranks, device=self.device, local_flops=local_flops)
+                                token_ranks=self.token_ranks, device=self.device, local_flops=local_flops,
+                                moe=self.moe)
 
     def metrics(self) -> dict:
-        return {}
+        return dict(self.moe.metrics) if self.moe is not None else {}
 
 
 class HeteroStep:

@@ -35,6 +35,7 @@ from loomtrain.hooks import Hook, Hooks, LoopState
 from loomtrain.mesh import DistEnv, ParallelDims, dp_coordinates, init_distributed
 from loomtrain.models import build as model_lib
 from loomtrain.models.flops import flop_model
+from loomtrain.models.moe import MoeAux, MoeSpec
 from loomtrain.offload.component import OffloadComponent
 from loomtrain.optim.build import build_optimizer
 from loomtrain.optim.clip import clip_grad_norm
@@ -165,7 +166,7 @@ class Trainer:
         if cfg.parallel.sequence_scheduler != "hetero":
             return PackedStep(self.data_timer, self.par, self.flops, cp=self.dims.cp, token_group=self.token_group,
                               token_ranks=self.token_ranks, device=env.device, pipeline=self.pipeline,
-                              pp_group=self.pp_group)
+                              pp_group=self.pp_group, moe=self._moe_aux())
         self.hetero = HeteroScheduler(cfg, self.hf_config, self.model, self.mesh, env.device)
         runner = HeteroStep(self.data_timer, self.hetero, self.par, self.flops, token_group=self.token_group,
                             is_main=env.is_main)
@@ -228,6 +229,14 @@ class Trainer:
             is_main=env.is_main, work=work, loader=self.data_timer, faults=faults,
             checkpoint_every=cfg.checkpoint.every,
             rebalancer=Rebalancer(hetero) if hetero is not None and cfg.resilience.straggler == "rebalance" else None))
+
+    def _moe_aux(self) -> MoeAux | None:
+        """A mixture-of-experts model's load-balancing loss and expert-load metrics (`models.moe`)."""
+        spec = MoeSpec.of(self.hf_config)
+        if spec is None or self.pipeline is not None:  # preflight refuses the auxiliary loss under pp
+            return None
+        share = self.mesh["cp"].get_group() if self.dims.cp > 1 else None
+        return MoeAux(spec, self.cfg.data.global_batch_size // self.cfg.data.micro_batch_size, share_group=share)
 
     def _n_micro(self) -> int:
         return self.cfg.data.global_batch_size // (self.dp_size * self.cfg.data.micro_batch_size)
