@@ -23,6 +23,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from loomtrain.data.loader import DataLoader
 from loomtrain.errors import DataError
+from loomtrain.kernels.head_loss import fused_model_loss
+from loomtrain.kernels.loss_select import LossChoice
 from loomtrain.models.flops import FlopModel
 from loomtrain.models.loss import StepResult, token_loss_sum
 from loomtrain.parallel.compose import Parallelized
@@ -48,8 +50,26 @@ def _reduce(values: list[float], group, device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _loss_and_backward(par: Parallelized, call, autocast, loss_choice: LossChoice | None, scale: float,
+                       input_ids, position_ids, labels) -> torch.Tensor:
+    """One micro-batch's loss sum, back-propagated with weight `scale`: the fused linear +
+    cross-entropy (`kernels.head_loss`) when chosen, else the model's logits and `token_loss_sum`."""
+    if loss_choice is not None and loss_choice.fused:
+        loss = fused_model_loss(call, par.module, loss_choice, input_ids=input_ids, position_ids=position_ids,
+                                labels=labels, autocast_dtype=par.autocast_dtype)
+        (loss * scale).backward()
+        return loss
+    with autocast:
+        out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    vocab_parallel = isinstance(out.logits, DTensor)
+    with loss_parallel() if vocab_parallel else contextlib.nullcontext():
+        loss = token_loss_sum(out.logits, labels)
+        (loss * scale).backward()
+    return loss
+
+
 def forward_backward(par: Parallelized, micro_batches: list, *, token_group, token_ranks: int,
-                     device: torch.device, local_flops: float) -> StepResult:
+                     device: torch.device, local_flops: float, loss_choice: LossChoice | None = None) -> StepResult:
     """Run every micro-batch forward and backward; gradients end up reduced over data parallel.
 
     `local_flops` (this rank's exact FLOPs) rides along with the token count in the one small
@@ -73,16 +93,11 @@ def forward_backward(par: Parallelized, micro_batches: list, *, token_group, tok
         # micro-batch, so gradients stay sharded (ZeRO-2/3 memory) while accumulating.
         sync = par.wrapper.no_sync() if (par.wrapper is not None and not last) else contextlib.nullcontext()
         with sync:
-            with autocast:
-                out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            vocab_parallel = isinstance(out.logits, DTensor)
-            with loss_parallel() if vocab_parallel else contextlib.nullcontext():
-                loss = token_loss_sum(out.logits, labels)
-                (loss * scale).backward()
+            loss = _loss_and_backward(par, call, autocast, loss_choice, scale, input_ids, position_ids, labels)
         value = loss.detach()
         loss_sum += (value.full_tensor() if isinstance(value, DTensor) else value).double()
         sample_ids.extend(mb.sample_ids)
-        del out, loss
+        del loss
     total = loss_sum.clone()
     if token_group is not None:
         dist.all_reduce(total, group=token_group)
@@ -125,8 +140,10 @@ class PackedStep:
     """Fixed-length packed rows, split over data parallel (and pipeline stages)."""
 
     def __init__(self, loader: DataLoader, par: Parallelized, flops: FlopModel, *, cp: int, token_group,
-                 token_ranks: int, device: torch.device, pipeline: Pipeline | None = None, pp_group=None):
+                 token_ranks: int, device: torch.device, pipeline: Pipeline | None = None, pp_group=None,
+                 loss_choice: LossChoice | None = None):
         self.loader, self.par, self.flops, self.cp = loader, par, flops, cp
+        self.loss_choice = loss_choice  # kernels.fused_loss (None: the stock loss)
         self.token_group, self.token_ranks, self.device = token_group, token_ranks, device
         self.pipeline, self.pp_group = pipeline, pp_group
 
@@ -139,7 +156,8 @@ class PackedStep:
                                              token_ranks=self.token_ranks, pp_group=self.pp_group,
                                              device=self.device, local_flops=local_flops)
         return forward_backward(self.par, micro_batches, token_group=self.token_group,
-                                token_ranks=self.token_ranks, device=self.device, local_flops=local_flops)
+                                token_ranks=self.token_ranks, device=self.device, local_flops=local_flops,
+                                loss_choice=self.loss_choice)
 
     def metrics(self) -> dict:
         return {}
