@@ -3,7 +3,8 @@
 model path (`kernels.head_loss`) on tiny HF models of each post-processing kind, tied and untied,
 the selection rules, and real multi-process gloo runs: the kernel over a tp2 vocabulary-split
 head, and training with a fused loss under tp2 (with and without sequence parallelism), dp2
-(ZeRO-1, 2 and 3) against one process training with the stock loss."""
+(ZeRO-1, 2 and 3), ring cp2 and tp2 x dp2 (FSDP over a vocabulary-parallel head, 4 ranks) against
+one process training with the stock loss."""
 from __future__ import annotations
 
 import os
@@ -169,6 +170,7 @@ def two_ranks(out):
         "dp2_zero2": case("llama", *ON, "parallel.zero=2"),
         "dp2_zero3": case("llama", *ON, "parallel.zero=3"),
         "gpt2_tp2_tied": case("gpt2", *ON, "parallel.tp=2"),
+        "cp2_ring": case("llama", *ON, "parallel.cp=2", "parallel.cp_impl=ring"),
     })
     path = os.path.join(out, "two")
     run_cases(2, cases, path, worker="fused_loss_worker.py")
@@ -201,7 +203,20 @@ def refs(out):
     return {m: reference(case(m, *OFF), os.path.join(out, f"ref_{m}")) for m in ("llama", "gpt2")}
 
 
-@pytest.mark.parametrize("name", ["tp2", "tp2_sp", "dp2_zero1", "dp2_zero2", "dp2_zero3", "gpt2_tp2_tied"])
+@pytest.mark.parametrize("name", ["tp2", "tp2_sp", "dp2_zero1", "dp2_zero2", "dp2_zero3", "gpt2_tp2_tied",
+                                  "cp2_ring"])
 def test_fused_training_matches_one_process_stock(two_ranks, refs, name):
     model = "gpt2" if name.startswith("gpt2") else "llama"
     assert_parity(load_result(two_ranks, name), refs[model], f"{name} fused vs one process stock")
+
+
+@pytest.fixture(scope="module")
+def four_ranks(out):
+    path = os.path.join(out, "four")
+    run_cases(4, {"tp2_dp2_zero3": case("llama", *ON, "parallel.tp=2", "parallel.zero=3")}, path,
+              worker="fused_loss_worker.py")
+    return path
+
+
+def test_fused_tp2_dp2_matches_one_process_stock(four_ranks, refs):
+    assert_parity(load_result(four_ranks, "tp2_dp2_zero3"), refs["llama"], "tp2 x dp2 zero3 fused vs one process stock")

@@ -128,7 +128,10 @@ class _FusedLinearCE(torch.autograd.Function):
                     torch.matmul(dz, weight.to(hidden.dtype), out=grad_h[lo:lo + chunk])
                 else:
                     grad_h.index_copy_(0, valid[lo:lo + chunk], dz @ weight.to(hidden.dtype))
-                grad_w += (dz.t() @ hc).float()
+                if hc.dtype == torch.float32:  # accumulate in place: no [V, d] temporary per chunk
+                    grad_w.addmm_(dz.t(), hc)
+                else:
+                    grad_w += (dz.t() @ hc).float()
                 if grad_b is not None:
                     grad_b += dz.float().sum(0)
         if needs_grad and shard is not None:
