@@ -24,6 +24,7 @@ from loomtrain.kernels.fused_loss import LogitTransform, fused_linear_cross_entr
 from loomtrain.kernels.head_loss import fused_model_loss
 from loomtrain.kernels.loss_select import LIGER, STOCK, TORCH, choose_loss
 from loomtrain.models.loss import token_loss_sum
+from loomtrain.runtime.preflight import preflight
 
 LOSS_RTOL, GRAD_RTOL = 1e-6, 1e-5
 
@@ -138,6 +139,15 @@ def test_selection():
         with pytest.raises(ConfigError) as err:
             sel("on", **kw)
         assert gap in str(err.value) and "\n" not in str(err.value)
+
+
+def test_on_where_it_is_not_built_is_refused_before_launch():
+    for extra, gap in ((["parallel.pp=2"], "pipeline"), (["model.architecture=mixtral"], "mixtral")):
+        cfg = load_config(None, case("llama", "kernels.fused_loss=on", *extra))
+        with pytest.raises(ConfigError) as err:
+            preflight(cfg, 2 if "parallel.pp=2" in extra else 1)
+        assert gap in str(err.value) and "\n" not in str(err.value)
+    preflight(load_config(None, case("llama", "kernels.fused_loss=on", "parallel.tp=2")), 2)  # built: passes
 
 
 def test_config_section():
