@@ -1,6 +1,6 @@
 """The fused linear + cross-entropy (`loomtrain.kernels.fused_loss`) against `lm_head` +
 `F.cross_entropy`: the kernel alone (odd sizes, ignored labels, scale, soft-capping, bias), the
-model path (`kernels.head_loss`) on tiny HF models of each post-processing kind, tied and untied,
+model path (`kernels.head_loss`) on a tiny HF model of every family it serves, tied and untied,
 the selection rules, and real multi-process gloo runs: the kernel over a tp2 vocabulary-split
 head, and training with a fused loss under tp2 (with and without sequence parallelism), dp2
 (ZeRO-1, 2 and 3), ring cp2 and tp2 x dp2 (FSDP over a vocabulary-parallel head, 4 ranks) against
@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, GraniteConfig, LlamaConfig,
-                          MixtralConfig)
+from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MixtralConfig
 
 from fused_loss_worker import kernel_inputs, kernel_spec
 from harness import assert_parity, case, load_result, reference, run_cases
@@ -82,22 +81,32 @@ def test_kernel_with_every_label_ignored_is_zero_with_zero_gradients():
     assert loss.item() == 0.0 and hidden.grad.abs().max() == 0 and weight.grad.abs().max() == 0
 
 
+# Per-family settings a 203-token tiny model needs (head sizes, special ids inside the vocabulary).
+_EXTRA = {"gemma2": {"head_dim": 8, "final_logit_softcapping": 2.0, "query_pre_attn_scalar": 8},
+          "gemma3_text": {"head_dim": 8, "final_logit_softcapping": 2.0, "query_pre_attn_scalar": 8},
+          "cohere": {"logit_scale": 0.25}, "granite": {"logits_scaling": 4.0},
+          "gemma": {"head_dim": 8}, "qwen3": {"head_dim": 8}, "glm4": {"head_dim": 8, "pad_token_id": 0, "eos_token_id": 1},
+          "phi3": {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}, "olmo2": {"pad_token_id": 0},
+          "gpt_neox": {"rotary_pct": 0.5}}
+
+
 def _tiny(kind: str, tie: bool):
-    common = dict(vocab_size=203, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    cfg = {"llama": lambda: LlamaConfig(**common),
-           "gemma2": lambda: Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0, query_pre_attn_scalar=8),
-           "cohere": lambda: CohereConfig(**common, logit_scale=0.25),
-           "granite": lambda: GraniteConfig(**common, logits_scaling=4.0),
-           "gpt2": lambda: GPT2Config(vocab_size=203, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie)}[kind]()
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=203, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie)
+    else:
+        cfg = AutoConfig.for_model(kind, vocab_size=203, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                                   **_EXTRA.get(kind, {}))
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).train()
 
 
 @pytest.mark.parametrize("kind,tie", [("llama", False), ("llama", True), ("gemma2", True), ("cohere", True),
-                                      ("granite", False), ("gpt2", True)])
+                                      ("granite", False), ("gpt2", True)]
+                         + [(k, False) for k in ("mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3",
+                                                 "olmo2", "glm4", "starcoder2", "gpt_neox")])
 def test_model_path_equals_the_models_own_logits(kind, tie):
     model = _tiny(kind, tie)
     choice = choose_loss("on", 5, model.config, device_type="cpu", vocab_parallel=False, pipeline=False, hetero=False)
