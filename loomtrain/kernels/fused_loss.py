@@ -134,6 +134,7 @@ class _FusedLinearCE(torch.autograd.Function):
                     grad_w += (dz.t() @ hc).float()
                 if grad_b is not None:
                     grad_b += dz.float().sum(0)
+                del dz  # free this chunk's [chunk, V] before the next one is allocated
         if needs_grad and shard is not None:
             dist.all_reduce(grad_h, group=shard.group)  # each shard's vocabulary rows added up
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),

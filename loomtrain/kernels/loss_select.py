@@ -12,8 +12,9 @@ Where `auto` turns it on:
 - CUDA: liger-kernel's Triton kernel when installed and the head is not vocabulary-parallel,
   else loomtrain's chunked torch kernel (the only one that spans tensor-parallel vocab shards).
 - CPU: the stock path; `on` runs the chunked torch kernel. Measured (benchmarks/fused_loss.py,
-  benchmarks/RESULTS.md): the fused path holds 1.6-4.0x less memory for the loss at 32K-128K
-  vocabularies and is not slower within this shared machine's noise (fused/stock time 0.50-1.11).
+  benchmarks/RESULTS.md): the fused path holds 2.6-6.0x less memory for the loss at 32K-128K
+  vocabularies (1024 tokens) and is not slower within this shared machine's noise (fused/stock
+  time 0.50-1.11 over three runs).
   `auto` still keeps the stock path on CPU: CPU runs here are tests and small models whose logits
   are small, and the fused path does not run the head module's forward, so a forward hook on
   `lm_head` (tests/test_nonfinite.py injects inf logits that way; a user may too) would see only
