@@ -11,6 +11,7 @@ from loomtrain.config.schema import (
     Config,
     DataConfig,
     FaultConfig,
+    KernelsConfig,
     ModelConfig,
     OffloadConfig,
     OptimConfig,
@@ -19,6 +20,6 @@ from loomtrain.config.schema import (
     TrainConfig,
 )
 
-__all__ = ["CheckpointConfig", "Config", "DataConfig", "FaultConfig", "ModelConfig", "OffloadConfig",
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "FaultConfig", "KernelsConfig", "ModelConfig", "OffloadConfig",
            "OptimConfig", "ParallelConfig", "ResilienceConfig", "TrainConfig", "check", "from_dict",
            "load_config", "parse_overrides", "replace", "resolve_degrees"]

@@ -43,6 +43,7 @@ _RANGES = (
     ("checkpoint.every", 0, True, _INT64, False, "not negative (0 saves only at the end)"),
     ("parallel.hetero_tokens_per_rank", 0, True, _INT64, False, "not negative (0 = from device memory on CUDA, data.seq_len on CPU)"),
     ("train.seed", -_INT64, True, _INT64, False, "within the 64-bit integer range"),
+    ("kernels.loss_chunk_tokens", 0, True, _INT64, False, "not negative (0 = chosen from the vocabulary size)"),
 )
 
 
@@ -109,6 +110,8 @@ def check(cfg: Config) -> None:
     if cfg.checkpoint.resume not in ("none", "auto") and not os.path.exists(cfg.checkpoint.resume):
         raise ConfigError(f"checkpoint.resume: no checkpoint at {cfg.checkpoint.resume}")
     _check_offload(cfg.offload)
+    if cfg.kernels.fused_loss not in ("auto", "on", "off", True, False):
+        raise ConfigError(f"kernels.fused_loss={cfg.kernels.fused_loss!r}: must be auto, on or off")
 
 
 def _check_offload(o: OffloadConfig) -> None:

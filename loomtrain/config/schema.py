@@ -171,6 +171,19 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True)
+class KernelsConfig:
+    """Compute kernels (`loomtrain.kernels`). fused_loss: auto | on | off. auto: the fused linear +
+    cross-entropy (chunked over tokens, never the whole [tokens, vocab] logits; liger-kernel on CUDA
+    when installed, else loomtrain's torch kernel, which also spans tensor-parallel vocabulary
+    shards) wherever it is built (not under pipeline parallelism or the hetero scheduler, not for
+    a family whose logit post-processing it does not know), on CUDA (see kernels.loss_select for
+    CPU); on: the fused path wherever it is built, refused where not; off: lm_head + cross_entropy."""
+
+    fused_loss: str | bool = "auto"  # YAML reads on/off as true/false: they mean the same here
+    loss_chunk_tokens: int = 0  # tokens per chunk of the fused loss; 0 = about 128 MiB of fp32 logits
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,6 +194,7 @@ class Config:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

@@ -7,5 +7,12 @@ log-sum-exp so pieces can be merged (ring attention). `blockwise` is the pure-to
 own backward, `hf` registers it with transformers as `loomtrain_packed`, and `select` decides when
 `model.attn_implementation=auto` uses it.
 
-May import: `loomtrain.errors` only; the parallel layer calls into it.
+Fused loss: `fused_loss.fused_linear_cross_entropy` is linear + cross-entropy chunked over tokens
+(never the whole [tokens, vocab] logits), forward and backward, also across a tensor-parallel
+vocabulary-split head (log-sum-exp and target logit combined over the shards per chunk); on CUDA
+liger-kernel's Triton kernel takes the unsharded case when installed. `loss_select` decides from
+`kernels.fused_loss` which families and layouts use it, and `head_loss` runs an HF model for its
+final hidden states and applies the head through it.
+
+May import: `loomtrain.errors` only; the parallel and runtime layers call into it.
 """

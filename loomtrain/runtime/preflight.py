@@ -19,6 +19,7 @@ from loomtrain.config import Config, resolve_degrees
 from loomtrain.data.sources import check_source
 from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import ConfigError
+from loomtrain.kernels.loss_select import choose_loss
 from loomtrain.kernels.select import choose_attention, kernel_gaps
 from loomtrain.models.build import build_hf_config, build_meta_model, find_blocks
 from loomtrain.models.weights import SafetensorsSource, check_weights, listed
@@ -149,6 +150,11 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
     validate_model_layout(hf_config, degrees)
     check_moe_layout(cfg, hf_config, degrees)
     _check_attention(cfg, hf_config, degrees)
+    # kernels.fused_loss=on where the fused loss is not built is refused here, before launch (the
+    # device only picks between liger and torch, never refuses).
+    choose_loss(cfg.kernels.fused_loss, cfg.kernels.loss_chunk_tokens, hf_config, device_type="cpu",
+                vocab_parallel=degrees["tp"] > 1, pipeline=degrees["pp"] > 1,
+                hetero=cfg.parallel.sequence_scheduler == "hetero")
     if cfg.model.path is not None:
         _check_weights(cfg, hf_config)
     tp = degrees["tp"]

@@ -23,6 +23,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from loomtrain.data.loader import DataLoader
 from loomtrain.errors import DataError
+from loomtrain.kernels.head_loss import fused_model_loss
+from loomtrain.kernels.loss_select import LossChoice
 from loomtrain.models.flops import FlopModel
 from loomtrain.models.loss import StepResult, token_loss_sum
 from loomtrain.models.moe import MoeAux
@@ -49,8 +51,33 @@ def _reduce(values: list[float], group, device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _loss_and_backward(par: Parallelized, call, autocast, loss_choice: LossChoice | None, scale: float,
+                       input_ids, position_ids, labels, moe: MoeAux | None, token_ranks: int) -> torch.Tensor:
+    """One micro-batch's loss sum, back-propagated with weight `scale`: the fused linear +
+    cross-entropy (`kernels.head_loss`) when chosen, else the model's logits and `token_loss_sum`,
+    plus a mixture-of-experts model's auxiliary term (`moe`; the fused loss never serves those
+    families, `kernels.loss_select`)."""
+    if loss_choice is not None and loss_choice.fused and moe is None:
+        loss = fused_model_loss(call, par.module, loss_choice, input_ids=input_ids, position_ids=position_ids,
+                                labels=labels, autocast_dtype=par.autocast_dtype)
+        (loss * scale).backward()
+        return loss
+    with autocast:
+        out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                   **(moe.forward_kwargs if moe is not None else {}))
+    vocab_parallel = isinstance(out.logits, DTensor)
+    with loss_parallel() if vocab_parallel else contextlib.nullcontext():
+        loss = token_loss_sum(out.logits, labels)
+        aux = moe.term(out.router_logits, token_ranks) if moe is not None else None
+        if aux is not None and isinstance(loss, DTensor):  # tp: the same term on every tp rank
+            aux = DTensor.from_local(aux, loss.device_mesh, loss.placements, run_check=False)
+        (loss * scale if aux is None else loss * scale + aux).backward()
+    return loss
+
+
 def forward_backward(par: Parallelized, micro_batches: list, *, token_group, token_ranks: int,
-                     device: torch.device, local_flops: float, moe: MoeAux | None = None) -> StepResult:
+                     device: torch.device, local_flops: float, moe: MoeAux | None = None,
+                     loss_choice: LossChoice | None = None) -> StepResult:
     """Run every micro-batch forward and backward; gradients end up reduced over data parallel.
 
     `local_flops` (this rank's exact FLOPs) rides along with the token count in the one small
@@ -74,20 +101,12 @@ def forward_backward(par: Parallelized, micro_batches: list, *, token_group, tok
         # Gradients are reduced once per step, on the last micro-batch (DDP no_sync, FSDP2 without
         # gradient sync; ZeRO-2 also keeps its gathered parameters until then).
         with par.micro_batch(last):
-            with autocast:
-                out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                           **(moe.forward_kwargs if moe is not None else {}))
-            vocab_parallel = isinstance(out.logits, DTensor)
-            with loss_parallel() if vocab_parallel else contextlib.nullcontext():
-                loss = token_loss_sum(out.logits, labels)
-                aux = moe.term(out.router_logits, token_ranks) if moe is not None else None
-                if aux is not None and isinstance(loss, DTensor):  # tp: the same term on every tp rank
-                    aux = DTensor.from_local(aux, loss.device_mesh, loss.placements, run_check=False)
-                (loss * scale if aux is None else loss * scale + aux).backward()
+            loss = _loss_and_backward(par, call, autocast, loss_choice, scale, input_ids, position_ids, labels,
+                                      moe, token_ranks)
         value = loss.detach()
         loss_sum += (value.full_tensor() if isinstance(value, DTensor) else value).double()
         sample_ids.extend(mb.sample_ids)
-        del out, loss
+        del loss
     total = loss_sum.clone()
     if token_group is not None:
         dist.all_reduce(total, group=token_group)
@@ -132,8 +151,9 @@ class PackedStep:
 
     def __init__(self, loader: DataLoader, par: Parallelized, flops: FlopModel, *, cp: int, token_group,
                  token_ranks: int, device: torch.device, pipeline: Pipeline | None = None, pp_group=None,
-                 moe: MoeAux | None = None):
+                 moe: MoeAux | None = None, loss_choice: LossChoice | None = None):
         self.loader, self.par, self.flops, self.cp = loader, par, flops, cp
+        self.loss_choice = loss_choice  # kernels.fused_loss (None: the stock loss)
         self.token_group, self.token_ranks, self.device = token_group, token_ranks, device
         self.pipeline, self.pp_group = pipeline, pp_group
         self.moe = moe
@@ -148,7 +168,7 @@ class PackedStep:
                                              device=self.device, local_flops=local_flops)
         return forward_backward(self.par, micro_batches, token_group=self.token_group,
                                 token_ranks=self.token_ranks, device=self.device, local_flops=local_flops,
-                                moe=self.moe)
+                                moe=self.moe, loss_choice=self.loss_choice)
 
     def metrics(self) -> dict:
         return dict(self.moe.metrics) if self.moe is not None else {}

@@ -32,6 +32,7 @@ from loomtrain.config import Config
 from loomtrain.data.loader import DataLoader
 from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.hooks import Hook, Hooks, LoopState
+from loomtrain.kernels.loss_select import choose_loss
 from loomtrain.mesh import DistEnv, ParallelDims, dp_coordinates, init_distributed
 from loomtrain.models import build as model_lib
 from loomtrain.models.flops import flop_model
@@ -151,6 +152,10 @@ class Trainer:
         # Tied embeddings under PP: the first and last stage's copies get their summed gradient.
         self.tied = (TiedEmbeddings.build(self.model_parts, self.stage_ids, self.n_stages, self.mesh.root,
                                           self.dims.pp) if self.pp_group is not None and self.ties_embeddings else None)
+        self.loss_choice = choose_loss(cfg.kernels.fused_loss, cfg.kernels.loss_chunk_tokens, self.hf_config,
+                                       device_type=env.device.type, vocab_parallel=self.dims.tp > 1,
+                                       pipeline=self.pp_group is not None,
+                                       hetero=cfg.parallel.sequence_scheduler == "hetero")
         self.runner = self._build_runner()
         compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.peak_flops, self.peak_source = device_peak_flops(env.device, compute_dtype, cfg.train.peak_tflops)
@@ -166,7 +171,7 @@ class Trainer:
         if cfg.parallel.sequence_scheduler != "hetero":
             return PackedStep(self.data_timer, self.par, self.flops, cp=self.dims.cp, token_group=self.token_group,
                               token_ranks=self.token_ranks, device=env.device, pipeline=self.pipeline,
-                              pp_group=self.pp_group, moe=self._moe_aux())
+                              pp_group=self.pp_group, moe=self._moe_aux(), loss_choice=self.loss_choice)
         self.hetero = HeteroScheduler(cfg, self.hf_config, self.model, self.mesh, env.device)
         runner = HeteroStep(self.data_timer, self.hetero, self.par, self.flops, token_group=self.token_group,
                             is_main=env.is_main)
@@ -375,7 +380,8 @@ class Trainer:
               f"zero {cfg.parallel.zero} | {self.env.device.type} {cfg.model.dtype} | "
               f"batch {cfg.data.global_batch_size} x {cfg.data.seq_len} tokens | "
               f"peak {self.peak_flops / 1e12:.2f} TFLOP/s/device ({self.peak_source}) | "
-              f"attention {self.parts[0].attention}", flush=True)
+              f"attention {self.parts[0].attention} | loss {self.loss_choice.path} ({self.loss_choice.reason})",
+              flush=True)
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self) -> dict[str, torch.Tensor]:
