@@ -43,6 +43,8 @@ def _bench(*args: str, cwd: str, timeout: int) -> subprocess.CompletedProcess:
 def test_layouts_and_peers_parse():
     assert parse_layout("zero3").overrides == ("parallel.zero=3",)
     assert parse_layout("ddp").overrides == ("parallel.zero=0",)
+    assert parse_layout("zero3+compile").overrides == ("parallel.zero=3", "parallel.compile=true")
+    assert parse_layout("zero3+compile").peer_reason() is None
     lay = parse_layout("parallel.zero=3,parallel.tp=2")
     assert lay.name == "parallel.zero=3,parallel.tp=2" and lay.zero(1) == 3
     assert "parallel.tp" in lay.peer_reason()
@@ -50,7 +52,7 @@ def test_layouts_and_peers_parse():
                          "--json", "--nproc-per-node", "2"])
     assert (ns.config, ns.overrides, ns.layout, ns.vs, ns.json) == ("c.yaml", ["train.seed=3"],
                                                                     ["zero2", "zero3"], "all", True)
-    for bad in (["--layout", "zero9"], ["--layout", "tp2"], ["--vs=megatron"], ["--layout", "zero2", "--layout", "zero2"]):
+    for bad in (["--layout", "zero9"], ["--layout", "tp2"], ["--layout", "zero2+fast"], ["--vs=megatron"], ["--layout", "zero2", "--layout", "zero2"]):
         ns = cli.parse_args(["bench", *bad])
         with pytest.raises(UsageError):
             parse_layouts(ns.layout), parse_vs(ns.vs)
@@ -66,7 +68,8 @@ def test_bench_vs_json(tmp_path):
     args = [*TINY["llama"], "data.source=synthetic", "data.lengths=fixed", "data.seq_len=32",
             "data.global_batch_size=8", "data.micro_batch_size=1", "optim.warmup_steps=2",
             f"train.output_dir={tmp_path}/run", *[a for lay in LAYOUTS for a in ("--layout", lay)],
-            "--vs", "--json", "--steps", "2", "--warmup", "1", "--nproc-per-node", "2"]
+            "--vs", "--json", "--steps", "2", "--warmup", "1", "--nproc-per-node", "2",
+            "--append", str(tmp_path / "RESULTS.md")]
     proc = _bench(*args, cwd=str(tmp_path), timeout=1500)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(proc.stdout)  # stdout is exactly one JSON object
@@ -107,3 +110,7 @@ def test_bench_vs_json(tmp_path):
         assert "not installed" in skipped[("deepspeed", "zero2")]
     if not report["gpu_measured"]:
         assert "not measured" in report["gpu_note"]
+    appended = (tmp_path / "RESULTS.md").read_text()  # --append: the same table, with the command
+    assert "### loomtrain bench, " in appended and report["command"] in appended
+    for system in systems:
+        assert f"| {system} | zero3 |" in appended

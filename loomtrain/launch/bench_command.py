@@ -25,6 +25,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 
 import torch
 
@@ -98,7 +99,12 @@ def _machine(nproc: int) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
             "gpu": gpu, "gpus": torch.cuda.device_count() if gpu else 0, "nproc_per_node": nproc,
-            "omp_threads": os.environ.get("OMP_NUM_THREADS")}
+            "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_average": None}
+
+
+def _load() -> float | None:
+    return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
 
 
 def _peer_reasons(peer: str, layouts: list[Layout], default_zero: int) -> dict[str, str | None]:
@@ -106,7 +112,7 @@ def _peer_reasons(peer: str, layouts: list[Layout], default_zero: int) -> dict[s
     return {lay.name: lay.peer_reason() or reason_of(lay.zero(default_zero)) for lay in layouts}
 
 
-def _launch_system(system: str, ns, plan: dict, out_dir: str) -> tuple[dict | None, str]:
+def _launch_system(system: str, ns, plan: dict, out_dir: str, rnd: int) -> tuple[dict | None, str]:
     """One multi-process launch of `system`; (its results, or None, and why not)."""
     path = os.path.join(out_dir, f"{system}.json")
     with contextlib.suppress(FileNotFoundError):
@@ -114,14 +120,57 @@ def _launch_system(system: str, ns, plan: dict, out_dir: str) -> tuple[dict | No
     plan_path = os.path.join(out_dir, f"{system}.plan.json")
     with open(plan_path, "w", encoding="utf-8") as fh:
         json.dump(plan, fh, indent=1)
-    spec, _ = launch_spec(ns, os.path.join(out_dir, "logs", system))  # a fresh rendezvous id on one node
-    print(f"loomtrain bench: {system} on {spec.nproc_per_node} ranks x {len(plan['layouts'])} layout(s) ...",
+    spec, _ = launch_spec(ns, os.path.join(out_dir, "logs", f"{system}.{rnd + 1}"))  # a fresh rendezvous id
+    print(f"loomtrain bench: round {rnd + 1}/{ns.repeat}: {system} on {spec.nproc_per_node} ranks x "
+          f"{len(plan['layouts'])} layout(s) ...",
           file=sys.stderr, flush=True)
     rc = launch(spec, ["bench", "--worker", system, "--plan", plan_path])
     if rc != 0 or not os.path.isfile(path):
         return None, f"its launch failed (exit code {rc}; worker logs under {spec.log_dir})"
     with open(path, encoding="utf-8") as fh:
         return json.load(fh), ""
+
+
+def _append(path: str, report: dict, text: str) -> None:
+    """Append a dated section (machine, versions, the command and its table) to a Markdown file."""
+    m, v = report["machine"], report["versions"]
+    head = (f"\n### loomtrain bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+            f"{m['cpu']}, {m['cpus']} CPUs{', ' + m['gpu'] if m['gpu'] else ''}; {m['nproc_per_node']} ranks; "
+            f"1-min load average at each launch and at the end {m['load_average']}; torch {v['torch']}, "
+            f"transformers {v['transformers']}, deepspeed {v['deepspeed']}\n\n")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(head + text + "\n")
+
+
+def _run_systems(ns, plan: dict, runs: list, out_dir: str) -> tuple[list[dict], list[dict]]:
+    """Every system once per round, in the order given, reversed every other round (so that drift on
+    a shared machine falls on every system alike); a row pools its measured steps over the rounds.
+    Returns the results rows and the skipped (system, layout, reason) entries."""
+    skipped = [{"system": s, "layout": n, "reason": r} for s, reasons in runs for n, r in reasons.items() if r]
+    active = [(s, reasons) for s, reasons in runs if not all(reasons.values())]
+    pooled: dict[tuple[str, str], list[dict]] = {}
+    failed: set[str] = set()
+    loads = plan.setdefault("load_averages", [])  # 1-minute load at each launch and at the end
+    for rnd in range(ns.repeat):
+        for system, reasons in (active if rnd % 2 == 0 else active[::-1]):
+            if system in failed:
+                continue
+            sys_plan = dict(plan, layouts=[dict(lay, peer_reason=reasons[lay["name"]]) for lay in plan["layouts"]])
+            loads.append(_load())
+            data, why = _launch_system(system, ns, sys_plan, out_dir, rnd)
+            if data is None:
+                failed.add(system)
+                skipped += [{"system": system, "layout": n, "reason": why} for n, r in reasons.items() if not r]
+                continue
+            for row in data["rows"]:
+                if row["status"] == "ok" and row["records"]:
+                    pooled.setdefault((system, row["layout"]), []).append(row)
+                elif rnd == 0 and not reasons.get(row["layout"]):
+                    skipped.append({"system": system, "layout": row["layout"], "reason": row["reason"] or "no steps"})
+    loads.append(_load())
+    order = [(s, lay["name"]) for s, _ in runs for lay in plan["layouts"]]
+    results = [summarize(s, pooled[(s, n)], ns.warmup) for s, n in order if (s, n) in pooled and s not in failed]
+    return results, skipped
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
@@ -131,7 +180,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         return worker_main(_worker, ns.worker, check_plan(ns.plan))
     if ns.worker or ns.plan:
         raise UsageError("--worker and --plan are internal to loomtrain bench")
-    check_counts(ns.steps, ns.warmup)
+    check_counts(ns.steps, ns.warmup, ns.repeat)
     layouts, peers = parse_layouts(ns.layout), parse_vs(ns.vs)
     cfg = load_config(ns.config, ns.overrides)
     out_dir = os.path.abspath(ns.out_dir or os.path.join(cfg.train.output_dir, "bench"))
@@ -147,25 +196,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             "peak_tflops": peak, "out_dir": out_dir, "device": cfg.train.device, "count_collectives": True,
             "layouts": [{"name": lay.name, "overrides": list(lay.overrides)} for lay in layouts]}
 
-    results, skipped = [], []
     runs = [(SYSTEM, {lay.name: None for lay in layouts})]
     runs += [(peer, _peer_reasons(peer, layouts, cfg.parallel.zero)) for peer in peers]
-    for system, reasons in runs:
-        for name, reason in reasons.items():
-            if reason:
-                skipped.append({"system": system, "layout": name, "reason": reason})
-        if all(reasons.values()):
-            continue
-        sys_plan = dict(plan, layouts=[dict(lay, peer_reason=reasons[lay["name"]]) for lay in plan["layouts"]])
-        data, why = _launch_system(system, ns, sys_plan, out_dir)
-        if data is None:
-            skipped += [{"system": system, "layout": n, "reason": why} for n, r in reasons.items() if not r]
-            continue
-        for row in data["rows"]:
-            if row["status"] == "ok" and row["records"]:
-                results.append(summarize(system, row, ns.warmup))
-            elif not reasons.get(row["layout"]):
-                skipped.append({"system": system, "layout": row["layout"], "reason": row["reason"] or "no steps"})
+    results, skipped = _run_systems(ns, plan, runs, out_dir)
     compare_losses(results, cfg.model.dtype)
     ratio_rows = ratios(results)
     gpu_note = None if device.type == "cuda" else GPU_NOT_MEASURED
@@ -173,21 +206,24 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         "results": results, "ratios": ratio_rows, "skipped": skipped,
         "losses_agree": all(r.get("loss_agrees", True) for r in results),
         "gpu_measured": device.type == "cuda", "gpu_note": gpu_note,
-        "setup": {"steps": ns.steps, "warmup": ns.warmup, "layouts": [dataclasses.asdict(lay) for lay in layouts],
+        "setup": {"steps": ns.steps, "warmup": ns.warmup, "repeat": ns.repeat,
+                  "layouts": [dataclasses.asdict(lay) for lay in layouts],
                   "peers": peers, "world_size": world, "seq_len": cfg.data.seq_len,
                   "global_batch_size": cfg.data.global_batch_size, "micro_batch_size": cfg.data.micro_batch_size,
                   "model": {"architecture": cfg.model.architecture, "path": cfg.model.path,
                             "config": dict(cfg.model.config), "dtype": cfg.model.dtype},
                   "peak_tflops_per_device": peak, "peak_source": peak_source,
                   "collective_counter": "flight_recorder", "out_dir": out_dir},
-        "machine": _machine(spec.nproc_per_node), "versions": _versions(),
+        "machine": dict(_machine(spec.nproc_per_node), load_average=plan["load_averages"]),
+        "versions": _versions(),
         "command": "loomtrain " + shlex.join(sys.argv[1:]),
     }
+    text = "\n".join([f"`{report['command']}`", "", table(results, skipped, ratio_rows)]
+                     + ([gpu_note] if gpu_note else []))
+    if ns.append:
+        _append(ns.append, report, text)
     if ns.json:
         print(json.dumps(_finite(report), allow_nan=False, default=str), flush=True)
     else:
-        print(f"loomtrain bench: {report['command']}")
-        print(table(results, skipped, ratio_rows))
-        if gpu_note:
-            print(gpu_note)
+        print(text)
     return 0 if any(r["system"] == SYSTEM for r in results) else 1

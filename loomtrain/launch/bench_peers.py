@@ -77,6 +77,15 @@ class PeerRun:
         model.train()
         return model
 
+    def compiled_blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks, each compiled in place when the layout asks (`parallel.compile`),
+        before any sharding, as torchtitan and loomtrain do."""
+        blocks = model_lib.find_blocks(model)
+        if self.cfg.parallel.compile:
+            for block in blocks:
+                block.compile()
+        return blocks
+
     def optimizer(self, params: list[tuple[str, nn.Parameter]]) -> tuple[torch.optim.Optimizer, object]:
         """AdamW (decay for matrices, none for vectors) and the config's lr schedule."""
         o = self.cfg.optim
@@ -145,7 +154,7 @@ def run_fsdp2(run: PeerRun) -> list[dict]:
     mesh = init_device_mesh(run.env.device.type, (run.world,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if run.cfg.model.dtype == "bfloat16" else MixedPrecisionPolicy())
-    blocks = model_lib.find_blocks(model)
+    blocks = run.compiled_blocks(model)
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=run.zero == 3 and i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=run.zero == 3)
@@ -189,6 +198,7 @@ def run_deepspeed(run: PeerRun) -> list[dict]:
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins the existing process group
     model = run.build_model()
+    run.compiled_blocks(model)
     opt, sched = run.optimizer(list(model.named_parameters()))
     mb_size = run.cfg.data.micro_batch_size
     clip = run.cfg.optim.grad_clip

@@ -29,25 +29,25 @@ def _median(values: list) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def summarize(system: str, row: dict, warmup: int) -> dict:
-    """One results row from a layout's per-step records."""
-    records = row["records"]
-    measured = records[warmup:] or records
+def summarize(system: str, rounds: list[dict], warmup: int) -> dict:
+    """One results row from a layout's per-step records, pooled over the rounds (`--repeat`)."""
+    records = [r for row in rounds for r in row["records"]]
+    measured = [r for row in rounds for r in (row["records"][warmup:] or row["records"])]
     times = [r["step_time_s"] for r in measured]
     step = _median(times)
     tokens = measured[-1]["tokens"]
     coll = _median([r.get("collectives") for r in measured])
     return {
-        "system": system, "layout": row["layout"],
+        "system": system, "layout": rounds[0]["layout"],
         "step_time_s": step, "tokens_per_s": tokens / step if step else None,
         "tflops": _median([r.get("tflops") for r in measured]),
         "mfu": _median([r.get("mfu") for r in measured]),
         "mfu_exact": _median([r.get("mfu_exact") for r in measured]),
         "peak_mem_gb": max(r["peak_mem_gb"] for r in records),
         "step_time_spread": (max(times) - min(times)) / step if step else None,
-        "collectives_per_step": None if coll is None else int(round(coll)),
-        "steps_measured": len(measured), "tokens_per_step": tokens,
-        "losses": [r["loss"] for r in records[:LOSS_STEPS]],
+        "collectives_per_step": None if coll is None else round(coll),
+        "steps_measured": len(measured), "rounds": len(rounds), "tokens_per_step": tokens,
+        "losses": [r["loss"] for r in rounds[0]["records"][:LOSS_STEPS]],
     }
 
 

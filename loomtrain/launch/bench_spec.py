@@ -2,10 +2,10 @@
 so that `loomtrain bench --help` and usage errors stay instant.
 
 A *layout* is a set of config overrides that one benchmark row runs under. It is given as a short
-name (`zero0`..`zero3`, `ddp` = `zero0`) or as comma-separated `section.key=value` items
+name (`zero0`..`zero3`, `ddp` = `zero0`; `+compile` for compiled blocks, e.g. `zero3+compile`) or as comma-separated `section.key=value` items
 (`--layout parallel.zero=3,parallel.dp_replicate=2`), and is labelled by what was typed. The peers
 (a plain FSDP2 loop, DeepSpeed, ...) run only layouts that are pure data parallelism at one ZeRO
-stage; any other layout is reported as skipped for them, with the reason.
+stage, eager or compiled; any other layout is reported as skipped for them, with the reason.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ PEER_HELP = {
 _NAMED = {"ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 _ITEM = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)+=.*$")
 # Keys a peer may see in a layout: anything else (tp, pp, cp, the hetero scheduler) is loomtrain's alone.
-_PEER_KEYS = {"parallel.zero", "parallel.dp_shard"}
+_PEER_KEYS = {"parallel.zero", "parallel.dp_shard", "parallel.compile"}
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,15 @@ class Layout:
 
 
 def parse_layout(text: str) -> Layout:
-    """`zero2` | `ddp` | `parallel.zero=3,parallel.dp_shard=-1` -> Layout (label = the text)."""
+    """`zero2` | `zero3+compile` | `ddp` | `parallel.zero=3,parallel.dp_shard=-1` -> Layout (label =
+    the text). `+compile` adds `parallel.compile=true` (every system compiles each decoder block)."""
     text = text.strip()
-    if text.lower() in _NAMED:
-        return Layout(text.lower(), (f"parallel.zero={_NAMED[text.lower()]}",))
+    base, plus, suffix = text.lower().partition("+")
+    if base in _NAMED and (not plus or suffix == "compile"):
+        return Layout(text.lower(), (f"parallel.zero={_NAMED[base]}",) + (("parallel.compile=true",) if plus else ()))
     items = tuple(item.strip() for item in text.split(",") if item.strip())
     if not items or any(not _ITEM.match(item) for item in items):
-        raise UsageError(f"--layout '{text}': expected zero0..zero3, ddp, or comma-separated "
+        raise UsageError(f"--layout '{text}': expected zero0..zero3 or ddp (+compile), or comma-separated "
                          "section.key=value overrides such as parallel.zero=3,parallel.tp=2")
     for item in items:
         key, _, value = item.partition("=")
@@ -100,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs="*", metavar="CONFIG.yaml|- key=value",
                    help="config file, then section.key=value overrides (as for 'loomtrain run')")
     p.add_argument("--layout", action="append", default=None, metavar="SPEC",
-                   help="a layout to measure, repeatable: zero0|zero1|zero2|zero3|ddp, or comma-separated "
+                   help="a layout to measure, repeatable: zero0|zero1|zero2|zero3|ddp, with +compile for compiled "
+                        "blocks (zero3+compile), or comma-separated "
                         "overrides, e.g. --layout zero2 --layout parallel.zero=3,parallel.tp=2 "
                         "(default: the config's own layout)")
     p.add_argument("--vs", nargs="?", const="all", default=None, metavar="PEERS",
@@ -110,7 +113,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, metavar="N", help="measured optimizer steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, metavar="N",
                    help="steps run first and left out of the figures (default 2)")
+    p.add_argument("--repeat", type=int, default=1, metavar="R",
+                   help="run every system R times, the order reversed every other round, and pool the steps "
+                        "(evens out drift on a shared machine; default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--append", default=None, metavar="FILE.md",
+                   help="also append a dated section (machine, versions, command, table) to FILE.md, "
+                        "e.g. benchmarks/RESULTS.md")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="per-system results and worker logs (default {train.output_dir}/bench)")
     # Hidden: what the launcher passes to its workers.
@@ -118,7 +127,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, help=argparse.SUPPRESS)
 
 
-def check_counts(steps: int, warmup: int) -> None:
+def check_counts(steps: int, warmup: int, repeat: int = 1) -> None:
+    if repeat < 1:
+        raise UsageError(f"--repeat={repeat}: must be at least 1")
     if steps < 1:
         raise UsageError(f"--steps={steps}: must be at least 1")
     if warmup < 0:
