@@ -114,7 +114,7 @@ def _peer_reasons(peer: str, layouts: list[Layout], default_zero: int) -> dict[s
 
 def _launch_system(system: str, ns, plan: dict, out_dir: str, rnd: int) -> tuple[dict | None, str]:
     """One multi-process launch of `system`; (its results, or None, and why not)."""
-    path = os.path.join(out_dir, f"{system}.json")
+    path = plan["result"] = os.path.join(out_dir, f"{system}.{rnd + 1}.json")  # every round's records kept
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
     plan_path = os.path.join(out_dir, f"{system}.plan.json")

@@ -3,8 +3,9 @@
 Definitions (every figure is over the measured steps, i.e. after `--warmup`, on rank 0):
 
 * `step_time_s`: the median step time; `tokens_per_s` = global tokens per step / that median;
-* `tflops`, `mfu` (PaLM convention), `mfu_exact` (exact packed causal count): the medians of
-  loomtrain's own per-step figures (`runtime.metrics.step_record`, the same for every system);
+* `tflops`, `mfu` (PaLM convention), `mfu_exact` (exact packed causal count): loomtrain's own
+  per-step figures (`runtime.metrics.step_record`, the same for every system) taken at the median
+  step time, so that they are consistent with `tokens_per_s`;
 * `peak_mem_gb`: the peak over the layout's run (CUDA: allocated; CPU: the process's peak RSS);
 * `step_time_spread`: (slowest - fastest) / median: how noisy the figure is;
 * `collectives_per_step`: the median count of collectives a rank issued per step (None: unknown);
@@ -29,6 +30,13 @@ def _median(values: list) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _at_median(records: list[dict], key: str, step: float | None) -> float | None:
+    """A per-step rate (TFLOP/s, MFU) at the median step time, like `tokens_per_s`: the step's
+    work (rate x time, the same every step for fixed-length rows) over that median."""
+    work = _median([r[key] * r["step_time_s"] for r in records if isinstance(r.get(key), (int, float))])
+    return work / step if work is not None and step else None
+
+
 def summarize(system: str, rounds: list[dict], warmup: int) -> dict:
     """One results row from a layout's per-step records, pooled over the rounds (`--repeat`)."""
     records = [r for row in rounds for r in row["records"]]
@@ -40,9 +48,9 @@ def summarize(system: str, rounds: list[dict], warmup: int) -> dict:
     return {
         "system": system, "layout": rounds[0]["layout"],
         "step_time_s": step, "tokens_per_s": tokens / step if step else None,
-        "tflops": _median([r.get("tflops") for r in measured]),
-        "mfu": _median([r.get("mfu") for r in measured]),
-        "mfu_exact": _median([r.get("mfu_exact") for r in measured]),
+        "tflops": _at_median(measured, "tflops", step),
+        "mfu": _at_median(measured, "mfu", step),
+        "mfu_exact": _at_median(measured, "mfu_exact", step),
         "peak_mem_gb": max(r["peak_mem_gb"] for r in records),
         "step_time_spread": (max(times) - min(times)) / step if step else None,
         "collectives_per_step": None if coll is None else round(coll),

@@ -2,8 +2,9 @@
 
 The launcher writes a plan (JSON: config, overrides, layouts, steps, the per-device peak) and starts
 one multi-process launch per system; each worker runs the plan's layouts one after another in the
-same process group, and rank 0 writes `{out_dir}/{system}.json`: per layout, every step's record
-(loomtrain's `metrics.jsonl` fields, plus `collectives`), or why the layout was skipped.
+same process group, and rank 0 writes the plan's `result` file (`{out_dir}/{system}.{round}.json`):
+per layout, every step's record (loomtrain's `metrics.jsonl` fields, plus `collectives`), or why
+the layout was skipped.
 
 Between layouts the peak-memory counter is reset (CUDA's allocator statistics; on Linux the
 process's peak RSS, through `/proc/self/clear_refs`), so each layout reports its own peak.
@@ -104,7 +105,7 @@ def run_system(system: str, plan_path: str) -> None:
         if dist.is_initialized():
             dist.barrier()
     if env.rank == 0:
-        path = os.path.join(plan["out_dir"], f"{system}.json")
+        path = plan.get("result") or os.path.join(plan["out_dir"], f"{system}.json")
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump({"system": system, "rows": rows}, fh)
