@@ -3,6 +3,7 @@
     loomtrain run [CONFIG.yaml|-] [section.key=value ...] [--nproc-per-node N] [--nnodes N|MIN:MAX]
                   [--node-rank R] [--rdzv-endpoint HOST:PORT] [--rdzv-id ID] [--max-restarts K]
     loomtrain report RUN_DIR [--plot]
+    loomtrain bench [CONFIG.yaml|-] [section.key=value ...] [--layout zero2 ...] [--vs[=PEERS]] [--json]
     loomtrain plan --lengths FILE --gpus N --context-len L ...   (see plan_command.py)
     loomtrain ckpt inspect|verify|export-hf|import-deepspeed ...
     loomtrain data prepare SOURCE... --out DIR [--tokenizer DIR] [--workers N] | data verify DIR
@@ -26,6 +27,7 @@ import re
 import sys
 
 from loomtrain.errors import LoomError
+from loomtrain.launch.bench_spec import add_arguments as add_bench_arguments
 from loomtrain.launch.offload_command import add_arguments as add_offload_arguments
 from loomtrain.launch.plan_command import add_arguments as add_plan_arguments
 from loomtrain.launch.spec import Parser, UsageError
@@ -38,6 +40,7 @@ COMMANDS = {
     "ckpt": "checkpoint tools: inspect, verify, export-hf, import-deepspeed",
     "data": "data tools: prepare (tokenise once into token shards), verify",
     "plan-offload": "choose the interleaved optimizer-offload split and predict the update time for a machine",
+    "bench": "measure step time, tokens/s, MFU, memory and collectives per layout; --vs: the same run through peers",
 }
 CKPT_ACTIONS = {
     "inspect": "step, layout, data position, config, files and largest tensors of a checkpoint",
@@ -60,6 +63,7 @@ HANDLERS = {
     "data prepare": "loomtrain.launch.data_command:cmd_prepare",
     "data verify": "loomtrain.launch.data_command:cmd_verify",
     "plan-offload": "loomtrain.launch.offload_command:cmd_plan_offload",
+    "bench": "loomtrain.launch.bench_command:cmd_bench",
 }
 DATA_ACTIONS = {
     "prepare": "tokenise text, Markdown, code, JSONL, Parquet or HF save_to_disk datasets into token shards "
@@ -126,6 +130,15 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     elif command == "plan-offload":
         p = Parser(prog="loomtrain plan-offload", description=COMMANDS["plan-offload"])
         add_offload_arguments(p)
+    elif command == "bench":
+        p = Parser(prog="loomtrain bench", usage="loomtrain bench [CONFIG.yaml|-] [section.key=value ...] [options]",
+                   description=COMMANDS["bench"] + ". The model, data and overrides are those of 'loomtrain run'; "
+                   "each --layout adds its overrides; each system runs as its own launch with the same "
+                   "--nproc-per-node. Prints a Markdown table, or with --json one object whose 'results' lists "
+                   "{system, layout, step_time_s, tokens_per_s, tflops, mfu, mfu_exact, peak_mem_gb, "
+                   "step_time_spread, collectives_per_step}.")
+        add_bench_arguments(p)
+        _add_launch_flags(p)
     elif command == "_selfcheck":  # hidden: a 2-line torchrun smoke test, used by tests
         p = Parser(prog="loomtrain _selfcheck")
         p.add_argument("--fail-rank", type=int, default=None, help="this rank raises a LoomError")
@@ -248,7 +261,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     else:
         ns = _command_parser(command).parse_intermixed_args(argv[1:])
     ns.command = command
-    if command == "run":
+    if command in ("run", "bench"):
         ns.config, ns.overrides = split_config_args(ns.args)
     return ns
 
