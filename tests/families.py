@@ -72,8 +72,12 @@ PP_TP_FAMILIES = ("qwen3", "gemma3_text", "olmo2", "glm4", "phi3")
 # is rounding noise (~1e-9, its sign set by the order of a reduction) moves by a full +-lr, so the
 # same run on another layout ends with parameters apart by 2*lr there. eps=1e-6 leaves real
 # gradients' updates as they are and keeps such elements still.
+# Two steps: the second step's loss is computed after the first update and the final parameters
+# after the second (Adam with its moments), so parity covers forward, backward and the optimizer
+# steps; a third step only repeated that, for half as much step time again.
+STEPS = 2
 BASE = ["data.source=synthetic", "data.lengths=longtail", "data.seq_len=32", "data.global_batch_size=8",
-        "data.micro_batch_size=2", "train.max_steps=3", "train.progress=false", "train.tensorboard=false",
+        "data.micro_batch_size=2", f"train.max_steps={STEPS}", "train.progress=false", "train.tensorboard=false",
         "train.peak_tflops=1.0", "optim.lr=0.003", "optim.schedule=constant", "optim.eps=1e-6"]
 
 LAYOUT_OVERRIDES = {

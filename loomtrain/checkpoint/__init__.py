@@ -12,6 +12,8 @@
 * `resume`   which checkpoint a run resumes from (preflight-cheap: reads no tensors)
 * `manager`  `Checkpointer`, a training-loop hook over the `Stateful` parts it is given
              (resume, save requests, the wait before the optimizer step, final commit)
+* `restore`  the resume itself: verify, load into the current layout, fall back to the previous
+* `ranks`    how the checkpointer's ranks agree: broadcast, first problem, exit agreement via the store
 * `offline`, `hf`, `deepspeed`, `ds_format`  tools without a training job: reading and writing a
              checkpoint in one process, HF export, DeepSpeed import
 

@@ -14,40 +14,35 @@ it never sees the trainer. Its points:
                             SIGTERM/Ctrl-C, and after an exception when every rank agrees that
                             the state is consistent (never half-way through an optimizer step)
 
-Resume loads whatever layout wrote the checkpoint into whatever layout the config asks for now:
-parameters and optimizer state by name through DCP (which reshards), the data position as a
-global sample count, the LR schedule, RNG (per rank when the layout is unchanged) and the step.
+Resume loads whatever layout wrote the checkpoint into whatever layout the config asks for now
+(`restore.Restorer`); the ranks agree on every decision through `ranks`.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import signal
-import sys
 import time
 import uuid
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from loomtrain.checkpoint import commit as commit_lib
 from loomtrain.checkpoint import format as fmt
 from loomtrain.checkpoint import resume as resume_lib
-from loomtrain.checkpoint import safeload
 from loomtrain.checkpoint import state as st
 from loomtrain.checkpoint.engine import CheckpointEngine
-from loomtrain.checkpoint.format import CheckpointError, CorruptCheckpointError
+from loomtrain.checkpoint.format import CheckpointError
+from loomtrain.checkpoint.ranks import agree_on_exit, bcast, on_main_then_everywhere
+from loomtrain.checkpoint.restore import Restorer, entries
 from loomtrain.checkpoint.signals import NonFiniteError, StopOnSignal
 from loomtrain.config import Config
 from loomtrain.hooks import Hook, LoopState
 from loomtrain.mesh import DistEnv, ParallelDims
 
-# How long a rank that raised waits for the others to agree on a final checkpoint; if they do not
-# all arrive (they are stuck in a collective, or dead) it gives up and exits without saving.
-EXIT_AGREEMENT_TIMEOUT_S = 30.0
 _GROUP_TIMEOUT_S = 1800.0
 
 
@@ -89,7 +84,7 @@ class Checkpointer(Hook):
         return os.path.abspath(path) if path else None
 
     def _entries(self) -> list:
-        return st.model_entries(self.model_parts) + st.optim_entries(self.model_parts, self.optimizer)
+        return entries(self.model_parts, self.optimizer)
 
     # ------------------------------------------------------------------------------ setup
     @property
@@ -113,10 +108,15 @@ class Checkpointer(Hook):
     def _setup(self) -> None:
         if dist.is_initialized():
             self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_GROUP_TIMEOUT_S))
-        self.run_id = self._bcast(uuid.uuid4().hex[:12] if self.is_main else None)
+        self.run_id = bcast(uuid.uuid4().hex[:12] if self.is_main else None, self.group)
         if self.saving:
-            self._on_main_then_everywhere(self._take_directory)
-        self._resume()
+            on_main_then_everywhere(self._take_directory, self.is_main, self.group)
+        restorer = Restorer(self.cfg, self.env, self.dims, model_parts=self.model_parts, optimizer=self.optimizer,
+                            lr_scheduler=self.lr_scheduler, data=self.data, dp_rank=self.dp_rank, group=self.group)
+        resumed = restorer.resume(self.loop)
+        if resumed is not None:
+            self.last_saved_step = self.loop.step
+            self.resumed_from = resumed
         self._consistent_step = self.loop.step
         self._data_state = self.data.state_dict()
         if self.saving:
@@ -134,136 +134,10 @@ class Checkpointer(Hook):
                   flush=True)
         resume_lib.check_config(self.cfg)
 
-    def _on_main_then_everywhere(self, fn) -> None:
-        """Run `fn` on rank 0; if it raises, raise the same error on every rank."""
-        err = None
-        if self.is_main:
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 -- re-raised on every rank below
-                err = exc
-        err = self._bcast(err)
-        if err is not None:
-            raise err
-
     def _release_lock(self) -> None:
         if self._lock_fh is not None:
             self._lock_fh.close()  # releases the directory lock
             self._lock_fh = None
-
-    # ----------------------------------------------------------------------------- resume
-    def _resume(self) -> None:
-        err, plan = None, None
-        if self.is_main:
-            try:
-                plan = resume_lib.resume_candidates(self.cfg)
-            except Exception as exc:  # noqa: BLE001
-                err = exc
-        err, plan = self._bcast((err, plan))
-        if err is not None:
-            raise err
-        candidates, explicit = plan
-        if not candidates:
-            if self.cfg.checkpoint.resume == "auto":
-                self._say(f"checkpoint: nothing to resume in {self.root}; starting at step 0")
-            return
-        problems = []
-        for _, path in candidates:
-            problem = self._verify(path)
-            if problem is None:
-                problem = self._try_load(path)
-                if problem is None:
-                    return
-            if explicit:
-                raise CorruptCheckpointError(f"corrupt checkpoint {path}: {problem}")
-            problems.append(f"{os.path.basename(path)}: {problem}")
-            if self.is_main:
-                print(f"loomtrain: warning: checkpoint {path} is damaged ({problem}); falling back to the previous "
-                      "one", file=sys.stderr, flush=True)
-        raise CorruptCheckpointError(f"no usable checkpoint in {os.path.dirname(candidates[0][1])}: "
-                                     + "; ".join(problems))
-
-    def _agree(self, problem: str | None) -> str | None:
-        """The first rank's problem, the same on every rank (None: every rank is fine)."""
-        if self.group is None:
-            return problem
-        found: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(found, problem, group=self.group)
-        return next((p for p in found if p is not None), None)
-
-    def _verify(self, path: str) -> str | None:
-        """Distributed check of a checkpoint's files against its manifest (each rank checks a share);
-        returns the first problem found, the same on every rank."""
-        problem = None
-        try:
-            manifest = fmt.read_manifest(path)
-            fmt.read_meta(path)
-            names = sorted(manifest["files"])
-            rank, world = (dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group else (0, 1)
-            problem = fmt.verify_files(path, manifest, names[rank::world], check=self.cfg.checkpoint.verify)
-        except CheckpointError as exc:
-            problem = fmt.problem(exc)
-        return self._agree(problem)
-
-    def _try_load(self, path: str) -> str | None:
-        """Load a verified checkpoint; what verification cannot see (an index that does not parse,
-        data DCP cannot read, bad meta.json fields) is returned as the problem, agreed by every
-        rank, so the caller falls back (the next candidate overwrites every key a failed load wrote)."""
-        problem = None
-        try:
-            note = self._load(path)
-        except CorruptCheckpointError as exc:
-            problem = fmt.problem(exc)
-        except CheckpointException as exc:  # a BaseException: DCP's failure on some rank
-            problem = f"reading its tensors failed ({fmt.describe(exc)})"
-        problem = self._agree(problem)
-        if problem is None:
-            self._say(note)
-        return problem
-
-    def _load(self, path: str) -> str:
-        """Load `path` into this rank's parts; returns the line that says so."""
-        start = time.perf_counter()
-        meta = fmt.read_meta(path)
-        md = safeload.tensor_entries(safeload.load_dcp_metadata(path))
-        st.init_optimizer_state(self.optimizer)
-        targets = self._entries()
-        self._check_match(path, md, targets)
-        try:
-            safeload.load(dict(targets), path, process_group=self.group)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- one line naming the checkpoint
-            raise CorruptCheckpointError(f"corrupt checkpoint {path}: reading its tensors failed "
-                                         f"({fmt.describe(exc)})") from exc
-        try:
-            self.data.load_state_dict(meta["data"])
-            st.restore_scheduler(self.lr_scheduler, self.optimizer, meta.get("scheduler") or {})
-            st.restore_or_derive_rng(meta, self.env, st.layout_degrees(self.dims), seed=self.cfg.train.seed,
-                                     dp_rank=self.dp_rank)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as exc:
-            raise CorruptCheckpointError(f"corrupt checkpoint {path}: {fmt.META_FILE} cannot be restored "
-                                         f"({type(exc).__name__}: {fmt.first_line(exc, 200)})") from None
-        self.loop.load_state_dict({"step": int(meta["step"])})
-        self.last_saved_step = self.loop.step
-        self.resumed_from = path
-        layout = meta.get("layout") or {}
-        return (f"checkpoint: resumed from {path} (step {self.loop.step}, {layout.get('world_size', '?')} ranks, "
-                f"zero {layout.get('zero', '?')}) in {time.perf_counter() - start:.1f} s")
-
-    def _check_match(self, path: str, md: dict, targets: list) -> None:
-        """Every tensor the job needs must be in the checkpoint with the same global shape, and the
-        checkpoint must not hold model parameters the model does not have."""
-        mine = {k: list(v.shape) for k, v in targets}
-        if self.group is not None:
-            every: list = [None] * dist.get_world_size(self.group)
-            dist.all_gather_object(every, mine, group=self.group)
-            for other in every:
-                mine.update(other)
-        have = {k: list(v.size) for k, v in md.items()}
-        problem = st.mismatch(have, mine)
-        if problem:
-            raise CheckpointError(f"checkpoint {path} does not match the model: {problem}")
 
     # ----------------------------------------------------------------------------- saving
     def _meta(self, step: int) -> dict:
@@ -363,7 +237,7 @@ class Checkpointer(Hook):
             return  # a failed save or a diverged run: the newest committed checkpoint stays the newest
         consistent = not self._updating and self.loop.step == self._consistent_step
         step = self._consistent_step
-        if not self._agree_on_exit(consistent, step):
+        if not agree_on_exit(consistent, step, group=self.group, store=self.env.store, run_id=self.run_id):
             why = ("not every rank is at a consistent step" if self.env.store is not None or self.group is None
                    else "the ranks have no job store to agree through (the process group was created outside loomtrain)")
             self._say(f"checkpoint: not saving after {type(exc).__name__}: {why}; "
@@ -377,33 +251,3 @@ class Checkpointer(Hook):
             self._say(f"checkpoint: committed {record.path} after {type(exc).__name__}")
         except Exception as err:  # noqa: BLE001 -- the original exception is what the user must see
             self._say(f"checkpoint: could not commit after {type(exc).__name__}: {err}")
-
-    def _agree_on_exit(self, consistent: bool, step: int) -> bool:
-        """Every rank reports (consistent, step) through the job's store; True only if all of them
-        arrive within the timeout, consistent and at the same step (no collective that could hang).
-        Without a store (a process group the caller created) no agreement is possible: False."""
-        if self.group is None:
-            return consistent
-        store = self.env.store
-        if store is None:
-            return False
-        world, rank = dist.get_world_size(), dist.get_rank()
-        prefix = f"loomtrain/checkpoint/{self.run_id}/exit"
-        store.set(f"{prefix}/{rank}", f"{int(consistent)}:{step}")
-        store.add(f"{prefix}/count", 1)
-        deadline = time.monotonic() + EXIT_AGREEMENT_TIMEOUT_S
-        while store.add(f"{prefix}/count", 0) < world:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        values = [store.get(f"{prefix}/{r}").decode() for r in range(world)]
-        return all(v == f"1:{step}" for v in values)
-
-    # ------------------------------------------------------------------------------ utils
-    def _bcast(self, obj):
-        if self.group is None:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
-        return box[0]
-

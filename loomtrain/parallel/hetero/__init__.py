@@ -3,7 +3,9 @@ that mixes group degrees (long sequences on wide groups, short ones packed on si
 
 * `costmodel`     predicted time and memory of a sequence on a group of degree d
 * `plan_types`    Plan, MicroStep, Group, Slot; aligned blocks; the cross-rank plan check
-* `planner`       `plan_batch` (greedy + homogeneous portfolio), `local_search` polishes it
+* `packer`        a batch's per-degree times and tokens; packs given degrees into micro-step groups
+* `planner`       `plan_batch`: which degrees and step counts to pack (greedy + homogeneous
+                  portfolio); `local_search` polishes the winner
 * `executor`      runs a plan: pre-created aligned groups, packed rows, zero-weight filler steps
 * `scheduler`     `HeteroScheduler`, what a training run holds: cost model + planning + executor
 * `memory`        the linear memory model: fixed state + tokens x bytes per token -> tokens per rank

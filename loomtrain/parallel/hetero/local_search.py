@@ -1,12 +1,12 @@
 """The planner's last pass: local search over a packed heterogeneous plan.
 
-`planner._pack` levels micro-steps with a water-filling that counts memory per step, not per
+`packer.pack_groups` levels micro-steps with a water-filling that counts memory per step, not per
 group, so work meant for single ranks whose memory is full can pile onto a wide group and make
 it the step's slowest. Moving sequences off each step's slowest group into groups with idle time
 fixes that; since no step ever gets slower, the plan can only improve (0.1-0.2% on the Wikipedia
 cases, about 1 ms per batch).
 
-`b` is the planner's `_Batch` (per-degree times and tokens of every sequence); `bins` its groups
+`b` is the packer's `Batch` (per-degree times and tokens of every sequence); `bins` its groups
 as [step, k, start, load, room, seqs].
 """
 from __future__ import annotations
