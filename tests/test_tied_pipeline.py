@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from families import family_case, run_matrix
+from families import STEPS, family_case, run_matrix
 from harness import LOSS_RTOL, load_result, reference
 from test_family_matrix import _assert_matches
 
@@ -74,7 +74,7 @@ def test_shared_weight_counts_once_in_grad_norm(out, two_ranks, refs):
         norms = json.load(fh)["grad_norms"]
     with open(os.path.join(out, "ref_llama", "metrics.jsonl"), encoding="utf-8") as fh:
         ref_norms = [json.loads(line)["grad_norm"] for line in fh]
-    assert len(norms) == len(ref_norms) == 3
+    assert len(norms) == len(ref_norms) == STEPS
     for a, b in zip(norms, ref_norms):
         assert abs(a - b) <= 1e-5 * b, (norms, ref_norms)
 
