@@ -12,15 +12,11 @@ To add a family: put its tiny config in `FAMILIES` and its expected outcome per 
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import torch.distributed as dist
 
-from harness import run_cases, save_result
-from loomtrain.config import load_config
-from loomtrain.runtime.trainer import Trainer
+from harness import run_cases, run_worker, train_and_save
 
 LAYOUTS = ("1proc", "zero3_dp2", "tp2", "pp2")
 
@@ -128,27 +124,14 @@ def run_matrix(nproc: int, cases: dict[str, list[str]], out_dir: str, timeout: i
     run_cases(nproc, cases, out_dir, timeout=timeout, worker=os.path.basename(__file__))
 
 
-def _worker() -> None:
-    cases_path, out_dir = sys.argv[1], sys.argv[2]
-    with open(cases_path, encoding="utf-8") as fh:
-        cases = json.load(fh)
-    dist.init_process_group("gloo")
-    for name, overrides in cases.items():
-        try:
-            trainer = Trainer(load_config(None, overrides + [f"train.output_dir={os.path.join(out_dir, name)}"]))
-            result = trainer.fit()
-            params = trainer.full_state_dict()
-        except Exception as exc:  # noqa: BLE001 - recorded for the test to report, next case goes on
-            if dist.get_rank() == 0:
-                with open(os.path.join(out_dir, f"{name}.error"), "w", encoding="utf-8") as fh:
-                    fh.write(f"{type(exc).__name__}: {exc}")
-            dist.barrier()
-            continue
+def _run_case(name: str, overrides: list[str], out_dir: str) -> None:
+    try:
+        train_and_save(name, overrides, out_dir)
+    except Exception as exc:  # noqa: BLE001 - recorded for the test to report, next case goes on
         if dist.get_rank() == 0:
-            save_result(out_dir, name, result, params)
-        dist.barrier()
-    dist.destroy_process_group()
+            with open(os.path.join(out_dir, f"{name}.error"), "w", encoding="utf-8") as fh:
+                fh.write(f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":
-    _worker()
+    run_worker(_run_case)

@@ -5,18 +5,14 @@ parity_worker.py. Usage (under torchrun): fused_loss_worker.py CASES.json OUT_DI
 A kernel case is {"kernel_name": ["tokens=N", "dim=D", "vocab=V", "chunk=C", "scale=S", "softcap=X"]};
 its inputs come from `kernel_inputs` (seeded), so the test process rebuilds them for the reference.
 """
-import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from harness import save_result
-from loomtrain.config import load_config
+from harness import run_worker, train_and_save
 from loomtrain.kernels.fused_loss import LogitTransform, VocabShard, fused_linear_cross_entropy
-from loomtrain.runtime.trainer import Trainer
 
 
 def kernel_spec(args: list[str]) -> dict:
@@ -51,23 +47,12 @@ def run_kernel(name: str, args: list[str], out_dir: str) -> None:
                "start": torch.tensor([start])}, os.path.join(out_dir, f"{name}.rank{rank}.safetensors"))
 
 
-def main() -> None:
-    cases_path, out_dir = sys.argv[1], sys.argv[2]
-    with open(cases_path, encoding="utf-8") as fh:
-        cases = json.load(fh)
-    dist.init_process_group("gloo")
-    for name, overrides in cases.items():
-        if name.startswith("kernel_"):
-            run_kernel(name, overrides, out_dir)
-        else:
-            trainer = Trainer(load_config(None, overrides + [f"train.output_dir={os.path.join(out_dir, name)}"]))
-            result = trainer.fit()
-            params = trainer.full_state_dict()
-            if dist.get_rank() == 0:
-                save_result(out_dir, name, result, params)
-        dist.barrier()
-    dist.destroy_process_group()
+def run_case(name: str, overrides: list[str], out_dir: str) -> None:
+    if name.startswith("kernel_"):
+        run_kernel(name, overrides, out_dir)
+    else:
+        train_and_save(name, overrides, out_dir)
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(run_case)

@@ -76,6 +76,38 @@ def save_result(out_dir: str, name: str, result, params: dict[str, torch.Tensor]
     save_file({k: v.contiguous() for k, v in params.items()}, os.path.join(out_dir, f"{name}.safetensors"))
 
 
+def train_and_save(name: str, overrides: list[str], out_dir: str, hooks=()):
+    """One case of a multi-case worker: train it (with `hooks` added), and rank 0 writes its
+    losses and final parameters with `save_result`; returns the Trainer."""
+    import torch.distributed as dist
+    from loomtrain.config import load_config
+    from loomtrain.runtime.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides + [f"train.output_dir={os.path.join(out_dir, name)}"]))
+    for hook in hooks:
+        trainer.add_hook(hook)
+    result = trainer.fit()
+    params = trainer.full_state_dict()
+    if dist.get_rank() == 0:
+        save_result(out_dir, name, result, params)
+    return trainer
+
+
+def run_worker(run_case) -> None:
+    """The body of a worker script under torchrun (`worker.py CASES.json OUT_DIR`): one gloo
+    process group, `run_case(name, overrides, out_dir)` for every case, a barrier after each."""
+    import torch.distributed as dist
+
+    cases_path, out_dir = sys.argv[1], sys.argv[2]
+    with open(cases_path, encoding="utf-8") as fh:
+        cases = json.load(fh)
+    dist.init_process_group("gloo")
+    for name, overrides in cases.items():
+        run_case(name, overrides, out_dir)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def load_result(out_dir: str, name: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     with open(os.path.join(out_dir, f"{name}.json"), encoding="utf-8") as fh:
         losses = json.load(fh)["losses"]
