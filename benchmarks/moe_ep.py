@@ -19,11 +19,10 @@ import resource
 import statistics
 import subprocess
 import sys
-import socket
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_ARGV = "LOOMTRAIN_BENCH_ARGV"
+from _launch import torchrun_command, worker_argv
+
 _LAYOUT = "LOOMTRAIN_BENCH_LAYOUT"
 
 
@@ -91,14 +90,7 @@ def worker(a, layout: str) -> None:
 
 
 def _launch(a, layout: str, argv: list[str]) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc}", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--local-ranks-filter=0", os.path.abspath(__file__)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **{_ARGV: json.dumps(argv), _LAYOUT: layout})
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // a.nproc)))
+    cmd, env = torchrun_command(__file__, a.nproc, argv, **{_LAYOUT: layout})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -108,7 +100,7 @@ def _launch(a, layout: str, argv: list[str]) -> dict:
 
 def main() -> None:
     if "RANK" in os.environ:
-        worker(_args(json.loads(os.environ[_ARGV])), os.environ[_LAYOUT])
+        worker(_args(worker_argv()), os.environ[_LAYOUT])
         return
     argv = sys.argv[1:]
     a = _args(argv)
