@@ -51,8 +51,12 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0, *,
+                     host_collectives: bool = False) -> DistEnv:
     """Join the job torchrun started (NCCL on CUDA, gloo on CPU), or run alone if there is none.
+
+    `host_collectives` (offload.params on CUDA): gloo serves CPU tensors beside NCCL, because the
+    gradient norm of host-held DTensor gradients is reduced over the (CUDA) mesh's groups.
 
     Reuses an existing default process group, so tests and notebooks can build several Trainers
     in one process group.
@@ -64,6 +68,8 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) 
                        dist.get_backend(), owns_process_group=False, store=_job_store(timeout_s))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl" and host_collectives:
+            backend = "cpu:gloo,cuda:nccl"
         timeout = datetime.timedelta(seconds=timeout_s)
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
         store = attempt_store(store)

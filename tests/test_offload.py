@@ -4,7 +4,8 @@
 the host stand-in of `offload.paths`, with its own buffers, copies and thread) train the same
 curve as plain AdamW at ZeRO-0/1/2/3 and pp2 on 2 ranks and at tp2 x dp2 on 4 ranks: loss within 1e-6
 relative at every step, parameters within 1e-5. The comparison is with the no-offload run of the
-same layout in the same launch. A checkpoint saved with offload resumes without it, and the
+same layout in the same launch. `offload.params` (FSDP2 CPUOffloadPolicy, ZeRO-3) alone and with
+`cpu` / `interleaved`, at dp2, tp2 x dp2 and under the hetero scheduler, matches too. A checkpoint saved with offload resumes without it, and the
 reverse, continuing the uninterrupted curve, with the same tensor names in both checkpoints.
 """
 from __future__ import annotations
@@ -25,6 +26,11 @@ SPLITS = {"cpu": ["offload.optimizer=cpu", "offload.group_size=3000"],
           "i03": ["offload.optimizer=interleaved", "offload.gpu_fraction=0.3", "offload.group_size=1000"],
           "i07": ["offload.optimizer=interleaved", "offload.gpu_fraction=0.7", "offload.group_size=777"],
           "i1": ["offload.optimizer=interleaved", "offload.gpu_fraction=1", "offload.group_size=1000"]}
+
+OPTIM = {"none": [], "cpu": SPLITS["cpu"],
+         "i05": ["offload.optimizer=interleaved", "offload.gpu_fraction=0.5", "offload.group_size=1000"]}
+HETERO = ["parallel.sequence_scheduler=hetero", "data.seq_len=128", "data.global_batch_size=16",
+          "parallel.hetero_tokens_per_rank=64", "parallel.zero=3"]
 
 
 def _compare(got: tuple, ref: tuple, what: str) -> None:
@@ -71,8 +77,15 @@ def two_ranks(out):
                                      "checkpoint.every=3", *(SPLITS[split] if split else []))
         cases[f"resume_{name}"] = case("llama", f"parallel.zero={zero}", "checkpoint.resume=" + os.path.join(
             _ckpt_dir(out, name), "step_00000003"), *(SPLITS[resume_split] if resume_split else []))
+    # offload.params (FSDP2 CPUOffloadPolicy) alone and with each optimizer mode; the hetero
+    # scheduler with offload (ZeRO-3, and with offload.params)
+    for k in ("none", "cpu", "i05"):
+        cases[f"z3p_{k}"] = case("llama", "parallel.zero=3", "offload.params=true", *OPTIM[k])
+    cases["het_none"] = case("llama", *HETERO)
+    cases["het_i05"] = case("llama", *HETERO, *OPTIM["i05"])
+    cases["hetp_i05"] = case("llama", *HETERO, "offload.params=true", *OPTIM["i05"])
     path = os.path.join(out, "two")
-    run_cases(2, cases, path, timeout=1800)
+    run_cases(2, cases, path, timeout=1800, worker="offload_worker.py")
     return path
 
 
@@ -83,8 +96,9 @@ def four_ranks(out):
     cases.update({f"tp2z3_{k}": case("llama", *tp, "parallel.zero=3", *v) for k, v in SPLITS.items()})
     cases["tp2z2_none"] = case("llama", *tp, "parallel.zero=2")
     cases["tp2z2_i07"] = case("llama", *tp, "parallel.zero=2", *SPLITS["i07"])
+    cases["tp2z3p_i05"] = case("llama", *tp, "parallel.zero=3", "offload.params=true", *OPTIM["i05"])
     path = os.path.join(out, "four")
-    run_cases(4, cases, path, timeout=1800)
+    run_cases(4, cases, path, timeout=1800, worker="offload_worker.py")
     return path
 
 
@@ -116,6 +130,35 @@ def test_offload_bf16_keeps_fp32_master_weights(two_ranks):
 @pytest.mark.parametrize("name, ref", [(f"tp2z3_{k}", "tp2z3_none") for k in SPLITS] + [("tp2z2_i07", "tp2z2_none")])
 def test_offload_matches_no_offload_tp2_dp2(four_ranks, name, ref):
     _compare(load_result(four_ranks, name), load_result(four_ranks, ref), f"tp2 x dp2 {name}")
+
+
+def _fsdp_units(path: str, name: str) -> list[dict]:
+    with open(os.path.join(path, f"{name}.fsdp.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@pytest.mark.parametrize("name", ["z3p_none", "z3p_cpu", "z3p_i05", "hetp_i05"])
+def test_offload_params_matches_no_offload(two_ranks, name):
+    """offload.params=true: every FSDP unit has CPUOffloadPolicy (every parameter marked for the
+    host) and the curve is ZeRO-3's without offload. On CPU the host is the device: the
+    host<->device copies, pinning and the gloo side of the grad norm on a CUDA mesh are not run."""
+    ref = "het_none" if name.startswith("het") else "z3_none"
+    _compare(load_result(two_ranks, name), load_result(two_ranks, ref), name)
+    units = _fsdp_units(two_ranks, name)
+    assert len(units) >= 3  # two blocks and the root
+    assert all(u["policy"] == "CPUOffloadPolicy" and all(u["params_on_host"]) for u in units), units
+    assert all(u["policy"] == "OffloadPolicy" and not any(u["params_on_host"])
+               for u in _fsdp_units(two_ranks, ref))
+
+
+def test_hetero_scheduler_with_offload(two_ranks):
+    _compare(load_result(two_ranks, "het_i05"), load_result(two_ranks, "het_none"), "hetero interleaved 0.5")
+
+
+def test_offload_params_tp2_dp2(four_ranks):
+    _compare(load_result(four_ranks, "tp2z3p_i05"), load_result(four_ranks, "tp2z3_none"), "tp2 x dp2 params+i05")
+    units = _fsdp_units(four_ranks, "tp2z3p_i05")
+    assert units and all(u["policy"] == "CPUOffloadPolicy" for u in units)
 
 
 def _metrics(two_ranks: str, name: str) -> list[dict]:

@@ -125,3 +125,12 @@ def test_offload_config_values():
     cfg = load_config(None, ["offload.optimizer=interleaved", "offload.gpu_fraction=0.7"]).offload
     assert (cfg.optimizer, cfg.gpu_fraction) == ("interleaved", 0.7)
     assert load_config(None, []).offload.gpu_fraction == "auto"
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_offload_params_needs_zero3(zero):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["offload.params=true", f"parallel.zero={zero}"])
+    assert str(err.value) == ("offload.params=true needs parallel.zero=3 (FSDP2 CPUOffloadPolicy offloads sharded "
+                              f"parameters); it is parallel.zero={zero}")
+    assert load_config(None, ["offload.params=true", "parallel.zero=3"]).offload.params is True

@@ -4,13 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loomtrain.config import OffloadConfig
+from harness import case
+from loomtrain.config import OffloadConfig, load_config
 from loomtrain.errors import ConfigError
 from loomtrain.hooks import LoopState
 from loomtrain.offload.arena import HostArena
 from loomtrain.offload.component import OffloadComponent
 from loomtrain.offload.model import Machine
 from loomtrain.offload.optimizer import OffloadAdamW, spread
+from loomtrain.runtime.trainer import Trainer
 
 SHAPES = [(37, 19), (19,), (64, 33), (5,)]
 
@@ -115,3 +117,73 @@ def test_component_replans_on_drift():
         if keeps:
             assert opt.device_fraction == first == pytest.approx(0.5, abs=1e-3)
         assert loop.extra["offload"]["replans"] == comp.replans
+
+
+def test_offload_params_without_fsdp_is_refused(tmp_path):
+    """ZeRO-3 on one data-parallel rank has no FSDP to hand the policy to: one clear line."""
+    cfg = load_config(None, case("llama", "parallel.zero=3", "offload.params=true", f"train.output_dir={tmp_path}"))
+    with pytest.raises(ConfigError) as err:
+        Trainer(cfg).setup()
+    assert str(err.value) == ("offload.params=true needs FSDP, i.e. parallel.zero=3 over more than one "
+                              "data-parallel rank; this layout has 1")
+
+
+# Two machines whose plans cut the same state differently: a slow, high-latency link wants few
+# large sub-groups; a fast device with free copies wants many small ones (pipeline fill).
+COARSE = Machine(h2d_gbps=5.0, d2h_gbps=5.0, cpu_adam_gps=0.01, gpu_adam_gps=5.0, gpu_free_gb=1.0, copy_latency_s=1e-3)
+FINE = Machine(h2d_gbps=50.0, d2h_gbps=50.0, cpu_adam_gps=0.5, gpu_adam_gps=50.0, gpu_free_gb=1.0, copy_latency_s=0.0)
+
+
+def test_replan_resizes_subgroups_and_keeps_the_state():
+    """A re-plan that picks another sub-group size re-cuts the state in place; the steps before
+    and after it equal plain fused AdamW's (parameters and both moments, every parameter group)."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(160, 97), (97,), (128, 130), (7,)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
+
+    def groups(params):
+        return [{"params": [params[0], params[2]], "weight_decay": 0.1},
+                {"params": [params[1], params[3]], "weight_decay": 0.0}]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.95), fused=True)
+    got = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = OffloadAdamW(groups(got), lr=1e-2, betas=(0.9, 0.95))
+    comp = OffloadComponent(OffloadConfig(optimizer="interleaved"), torch.device("cpu"), is_main=False).attach(opt)
+    comp.after_setup(LoopState())
+    sizes, fractions = [], []
+    try:
+        for step, machine in enumerate([COARSE, COARSE, FINE, FINE, COARSE, COARSE]):
+            if machine is not comp.machine:
+                comp.machine = machine
+                comp._replan(resize=True)  # what a drift re-plan calls, with constants it did not fit
+                sizes.append(opt.group_size)
+                fractions.append(opt.device_fraction)
+            for p, r, g in zip(got, ref, grads[step]):
+                p.grad, r.grad = g.clone(), g.clone()
+            opt.step()
+            ref_opt.step()
+        assert len(set(sizes)) == 2 and sizes[0] == sizes[2], sizes  # coarse, fine, coarse again
+        assert sizes[0] > sizes[1] and all(0 < f for f in fractions), (sizes, fractions)
+        assert comp.regroups >= 2
+        for a, b in zip(ref, got):
+            assert (a - b).abs().max().item() <= 1e-6
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert (ref_opt.state[a][key] - opt.state[b][key]).abs().max().item() <= 1e-6
+            assert opt.state[b]["step"].item() == 6
+    finally:
+        opt.close()
+
+
+def test_explicit_group_size_is_never_resized():
+    params = [torch.nn.Parameter(torch.randn(50_000))]
+    opt = OffloadAdamW(params)
+    comp = OffloadComponent(OffloadConfig(optimizer="interleaved", group_size=5000), torch.device("cpu"),
+                            is_main=False).attach(opt)
+    comp.after_setup(LoopState())
+    for machine in (COARSE, FINE):
+        comp.machine = machine
+        comp._replan(resize=True)
+        assert opt.group_size == 5000
+    assert comp.regroups == 0
+    opt.close()

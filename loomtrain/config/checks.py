@@ -110,6 +110,9 @@ def check(cfg: Config) -> None:
     if cfg.checkpoint.resume not in ("none", "auto") and not os.path.exists(cfg.checkpoint.resume):
         raise ConfigError(f"checkpoint.resume: no checkpoint at {cfg.checkpoint.resume}")
     _check_offload(cfg.offload)
+    if cfg.offload.params and cfg.parallel.zero != 3:
+        raise ConfigError(f"offload.params=true needs parallel.zero=3 (FSDP2 CPUOffloadPolicy offloads sharded "
+                          f"parameters); it is parallel.zero={cfg.parallel.zero}")
     if cfg.kernels.fused_loss not in ("auto", "on", "off", True, False):
         raise ConfigError(f"kernels.fused_loss={cfg.kernels.fused_loss!r}: must be auto, on or off")
 

@@ -168,6 +168,7 @@ class OffloadConfig:
     group_size: int = 0  # parameters per sub-group; 0 = planned
     replan_drift: float = 0.15  # re-plan when measured and predicted update time differ by more than this
     max_host_gb: float = 0.0  # refuse to start if the host arena would exceed this (0 = the host's free memory)
+    params: bool = False  # ZeRO-3: keep the sharded parameters and gradients on the host (FSDP2 CPUOffloadPolicy)
 
 
 @dataclass(frozen=True)

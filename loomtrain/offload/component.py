@@ -8,7 +8,9 @@
     after_step             add update_s, update_pred_s, offload_gpu_fraction, peak_host_gb to the
                            step's record; when measured and predicted update time differ by more
                            than offload.replan_drift for two steps in a row, fit the model's rates
-                           to what was measured and re-plan (an explicit gpu_fraction is kept)
+                           to what was measured and re-plan the device share and, unless
+                           offload.group_size fixes it, the sub-group size (the state is re-cut
+                           in place; an explicit gpu_fraction is kept)
     end_fit                stop the device path's thread; publish the plan in loop.extra
 
 The trainer builds its optimizer with `optimizer_args()` (the class and its arguments, so ZeRO-1
@@ -39,6 +41,7 @@ class OffloadComponent(Hook):
         self.machine: Machine | None = None
         self.plan: Plan | None = None
         self.replans = 0
+        self.regroups = 0  # re-plans that changed the sub-group size
         self._drifted = 0
         self._first_step = True
 
@@ -85,15 +88,28 @@ class OffloadComponent(Hook):
                   f"{m.h2d_gbps:.1f}/{m.d2h_gbps:.1f} GB/s, Adam CPU {m.cpu_adam_gps:.2f} / device "
                   f"{m.gpu_adam_gps:.2f} G params/s ({where})", flush=True)
 
-    def _replan(self) -> None:
+    def _replan(self, *, resize: bool = False) -> None:
+        """Plan for the current machine constants. With `resize` and a planned sub-group size
+        (offload.group_size=0) the size is searched again too, and a new one re-cuts the state
+        (`OffloadAdamW.regroup`: the state stays where it is)."""
         opt = self.optimizer
-        self.plan = plan(opt.numel, self.machine, group_size=opt.group_size, fraction=self.fixed_fraction)
+        fixed_size = opt.group_size if not resize or self.cfg.group_size else None
+        new = plan(opt.numel, self.machine, group_size=fixed_size, fraction=self.fixed_fraction)
+        size = min(new.group_size, opt.numel)
+        if size != opt.group_size:
+            if self.is_main:
+                print(f"loomtrain: offload re-planned the sub-groups: {opt.group_size:,} -> {size:,} params",
+                      flush=True)
+            opt.regroup(size)
+            self.regroups += 1
+            new = plan(opt.numel, self.machine, group_size=size, fraction=self.fixed_fraction)
+        self.plan = new
         opt.set_split(self.plan.device_groups)
 
     def before_optimizer_step(self, loop: LoopState) -> None:
         if self._first_step and self.device.type == "cuda" and self.plan is not None and self.fixed_fraction is None:
             self.machine = replace(self.machine, gpu_free_gb=free_device_gb(self.device))
-            self._replan()
+            self._replan(resize=True)
         self._first_step = False
 
     def after_step(self, loop: LoopState, record: dict) -> None:
@@ -125,7 +141,7 @@ class OffloadComponent(Hook):
             m = replace(m, h2d_gbps=m.h2d_gbps * scale, d2h_gbps=m.d2h_gbps * scale,
                         gpu_adam_gps=m.gpu_adam_gps * scale)
         self.machine = m
-        self._replan()
+        self._replan(resize=True)
 
     def end_fit(self, loop: LoopState, exc: BaseException | None) -> None:
         if self.optimizer is not None:
@@ -133,4 +149,5 @@ class OffloadComponent(Hook):
         if self.plan is not None:
             loop.extra["offload"] = {"mode": self.cfg.optimizer, "gpu_fraction": self.optimizer.device_fraction,
                                      "group_size": self.optimizer.group_size, "replans": self.replans,
+                                     "regroups": self.regroups,
                                      "update_pred_s": self.plan.update_s}

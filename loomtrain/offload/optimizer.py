@@ -5,7 +5,8 @@ does: on the local shards of FSDP2 (ZeRO-2/3, DTensor parameters, their local te
 place), on TP's DTensors, on DDP's replicas, and as the local optimizer inside
 `ZeroRedundancyOptimizer` (ZeRO-1). Per parameter group the state is flat: fp32 master weights,
 exp_avg and exp_avg_sq, cut into sub-groups of `group_size` elements; `set_split` sends some of
-them to the device path and the rest to the CPU path (`offload.paths`).
+them to the device path and the rest to the CPU path (`offload.paths`); `regroup` re-cuts them at
+another size without touching the state.
 
 Checkpoints see the usual AdamW state: `state[p]` holds `step`, `exp_avg` and `exp_avg_sq` with
 the parameter's shape (a DTensor with the parameter's mesh and placements when it is one), as
@@ -54,6 +55,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.max_host_gb = max_host_gb
         self.flats: list[FlatState] = []
         self.subgroups: list[SubGroup] = []
+        self._spans: list[list[tuple[torch.nn.Parameter, int, int]]] = []  # per group: (param, offset, numel)
         self.on_device: list[bool] = []
         self.arena: HostArena | None = None
         self.cpu_path = CpuPath(self.device)
@@ -86,7 +88,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.group_size = group_size
         total = self.numel
         self.arena = HostArena(4 * total, pin=self.device.type == "cuda", max_gb=self.max_host_gb)
-        for gi, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
             n = sum(local_flat(p).numel() for p in params)
             st = FlatState(master=self.arena.take(n), exp_avg=self.arena.take(n).zero_(),
@@ -100,6 +102,16 @@ class OffloadAdamW(torch.optim.Optimizer):
                                  "exp_avg_sq": _state_view(st.exp_avg_sq[off:off + k], p)}
                 spans.append((p, off, k))
                 off += k
+            self._spans.append(spans)
+        self.subgroups = self._cut(group_size)
+        self.on_device = [False] * len(self.subgroups)
+        self._master_stale = True
+
+    def _cut(self, group_size: int) -> list[SubGroup]:
+        """Sub-groups of `group_size` elements over each parameter group's flat state."""
+        subgroups = []
+        for gi, spans in enumerate(self._spans):
+            n = self.flats[gi].master.numel()
             for a in range(0, n, group_size):
                 b = min(n, a + group_size)
                 sub = SubGroup(group=gi, start=a, end=b)
@@ -107,9 +119,25 @@ class OffloadAdamW(torch.optim.Optimizer):
                     lo, hi = max(a, p_start), min(b, p_start + k)
                     if lo < hi:
                         sub.segments.append(Segment(param=p, p_off=lo - p_start, g_off=lo - a, n=hi - lo))
-                self.subgroups.append(sub)
+                subgroups.append(sub)
+        return subgroups
+
+    def regroup(self, group_size: int) -> None:
+        """Cut the state into sub-groups of a new size (a re-plan chose it), between steps.
+
+        The state itself does not move: sub-groups are only ranges of the flat per-group arrays
+        in the arena, so master weights, moments and step counts carry over untouched. The device
+        path's staging slots are re-made at the new size; every sub-group is on the CPU path
+        until the next `set_split`."""
+        if group_size < 1:
+            raise ValueError(f"group_size={group_size}: must be at least 1")
+        if not self.materialized or group_size == self.group_size:
+            return
+        self.group_size = group_size
+        self.subgroups = self._cut(group_size)
         self.on_device = [False] * len(self.subgroups)
-        self._master_stale = True
+        if self.device_path is not None:
+            self.device_path = DevicePath(self.device, group_size)
 
     def set_split(self, device_groups: int) -> None:
         """Update `device_groups` of the sub-groups (spread evenly) on the device path from now on."""

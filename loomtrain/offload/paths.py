@@ -3,6 +3,10 @@
 A sub-group is a range of one parameter group's flat fp32 state (master weights, exp_avg,
 exp_avg_sq in the host arena) that may span several parameters, or part of one; `Segment`s map it
 back onto the parameters' local tensors (DTensor shards are updated through their local tensor).
+With `offload.params` the parameters and their gradients are host tensors (FSDP2 moves them):
+the CPU path then reads the gradients in place, and on CUDA the device path writes such
+parameters from the host master copy once its state is back, never with a device->host copy
+that the next forward's host->device copy could overtake.
 
 * `CpuPath` (the calling thread): per sub-group, copy the gradients down into a host buffer,
   run fused AdamW on the host, copy the new weights up into the parameters.
@@ -86,6 +90,11 @@ def host_grad_views(sub: SubGroup) -> list[torch.Tensor] | None:
     return views
 
 
+def on_host(sub: SubGroup) -> bool:
+    """The sub-group's parameters live in host memory (offload.params: FSDP2's CPUOffloadPolicy)."""
+    return any(local_flat(seg.param.data).device.type == "cpu" for seg in sub.segments)
+
+
 def gather_grads(sub: SubGroup, dst: torch.Tensor, non_blocking: bool = False) -> None:
     for seg in sub.segments:
         grad = seg.param.grad
@@ -124,7 +133,7 @@ class CpuPath:
         start = time.perf_counter()
         for sub in subs:
             st, a, b = flats[sub.group], sub.start, sub.end
-            grads = None if self.cuda else host_grad_views(sub)
+            grads = host_grad_views(sub)  # on the host already: no GPU, or offload.params
             if grads is None:
                 gather_grads(sub, st.grad[a:b])  # blocking: the host reads them next
                 adamw_step(st.master[a:b], st.grad[a:b], st.exp_avg[a:b], st.exp_avg_sq[a:b], st.step.clone(),
@@ -202,7 +211,8 @@ class DevicePath:
                 s_up.wait_event(arrived)
                 gather_grads(sub, grad, non_blocking=True)
                 adamw_step(master, grad, m, v, st.step.to(self.device), hypers[sub.group])
-                scatter_params(sub, master, non_blocking=True)
+                if not on_host(sub):
+                    scatter_params(sub, master, non_blocking=True)
                 updated = torch.cuda.Event()
                 updated.record(s_up)
             with torch.cuda.stream(s_out):
@@ -213,4 +223,7 @@ class DevicePath:
                 freed[slot] = torch.cuda.Event()
                 freed[slot].record(s_out)
         s_out.synchronize()
+        for sub in subs:  # offload.params: host-held parameters take the new weights from the host master copy
+            if on_host(sub):
+                scatter_params(sub, flats[sub.group].master[sub.start:sub.end])
         main.wait_stream(s_up)  # the parameters are written before the next forward reads them

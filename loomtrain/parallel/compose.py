@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from loomtrain.config import Config
+from loomtrain.errors import ConfigError
 from loomtrain.kernels.hf import use_packed
 from loomtrain.kernels.select import PACKED, choose_attention
 from loomtrain.parallel.activation import apply_activation_checkpointing
@@ -85,11 +86,15 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
             block.compile()  # in place: parameter names keep no `_orig_mod.` prefix
     dp_size = 1 if mesh is None else mesh["dp_cp"].size()
     uses_fsdp = dp_size > 1 and pcfg.zero >= 2
+    offload_params = cfg.offload.params
+    if offload_params and not uses_fsdp:  # ZeRO<3 is refused by the config checks already
+        raise ConfigError("offload.params=true needs FSDP, i.e. parallel.zero=3 over more than one data-parallel "
+                          f"rank; this layout has {dp_size}")
     if uses_fsdp:
         if experts:  # each rank's experts first, so the blocks' FSDP leaves them alone
             shard_experts(experts, mesh["dp_shard_mod_ep"], param_dtype=compute_dtype,
-                          zero=pcfg.zero)
-        apply_fsdp(model, blocks, mesh, zero=pcfg.zero, param_dtype=compute_dtype)
+                          zero=pcfg.zero, offload_params=offload_params)
+        apply_fsdp(model, blocks, mesh, zero=pcfg.zero, param_dtype=compute_dtype, offload_params=offload_params)
     mixed_by_autocast = not uses_fsdp and compute_dtype != torch.float32
     tp = mesh is not None and mesh["tp"].size() > 1
     return Parallelized(model, None, uses_fsdp, tp, compute_dtype if mixed_by_autocast else None, checkpointed,

@@ -34,7 +34,7 @@ import inspect
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from loomtrain.mesh import Mesh
@@ -47,8 +47,16 @@ def fsdp_mesh(mesh: Mesh) -> DeviceMesh:
     return mesh["dp_shard_cp"]
 
 
+def offload_policy(offload_params: bool, device_type: str) -> OffloadPolicy:
+    """`offload.params`: FSDP2's `CPUOffloadPolicy` keeps the sharded parameters and reduced
+    gradients in host memory (copied in for each unit's all-gather, out after its reduce-scatter),
+    so the optimizer steps them on the host. Pinned only where there is a device to copy to."""
+    return CPUOffloadPolicy(pin_memory=device_type == "cuda") if offload_params else OffloadPolicy()
+
+
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh: Mesh, *, zero: int,
-               param_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
+               param_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32,
+               offload_params: bool = False) -> nn.Module:
     """Shard each decoder block, then the root (embeddings, final norm, head).
 
     Blocks are their own FSDP units so that only one block's full parameters exist at a time
@@ -61,10 +69,11 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh: Mesh, *, zero: int
     mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
           if param_dtype != torch.float32 else MixedPrecisionPolicy())
     reshard = zero == 3
+    offload = offload_policy(offload_params, dp_mesh.device_type)
     for i, block in enumerate(blocks):
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp,
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload,
                     reshard_after_forward=reshard and i < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
     return model
 
 

@@ -57,6 +57,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from loomtrain.errors import ConfigError
 from loomtrain.models.moe import MoeSpec, grouped_experts
+from loomtrain.parallel.data_parallel import offload_policy
 
 EP_IMPL = "loomtrain_ep"
 CONTEXT_ATTR = "_loomtrain_ep"
@@ -198,7 +199,7 @@ def apply_ep(model: nn.Module, hf_config, ep_mesh: DeviceMesh) -> list[nn.Module
 
 
 def shard_experts(containers: list[nn.Module], shard_mesh: DeviceMesh, *, param_dtype: torch.dtype,
-                  zero: int, reduce_dtype: torch.dtype = torch.float32) -> None:
+                  zero: int, reduce_dtype: torch.dtype = torch.float32, offload_params: bool = False) -> None:
     """FSDP of each rank's experts over `shard_mesh` (dp_shard_mod_ep), before the blocks are
     wrapped (their FSDP then leaves these parameters alone). Gradients are divided by the whole
     data-parallel size `dp` in effect: FSDP divides by the mesh size dp/ep, the forward's
@@ -206,7 +207,8 @@ def shard_experts(containers: list[nn.Module], shard_mesh: DeviceMesh, *, param_
     mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
           if param_dtype != torch.float32 else MixedPrecisionPolicy())  # as data_parallel.apply_fsdp
     for module in containers:
-        fully_shard(module, mesh=shard_mesh, mp_policy=mp, reshard_after_forward=zero == 3)
+        fully_shard(module, mesh=shard_mesh, mp_policy=mp, reshard_after_forward=zero == 3,
+                    offload_policy=offload_policy(offload_params, shard_mesh.device_type))
 
 
 # --------------------------------------------------------------------------- checks

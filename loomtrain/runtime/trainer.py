@@ -108,7 +108,7 @@ class Trainer:
     def setup(self) -> "Trainer":
         cfg = self.cfg
         self._start_resilience()
-        self.env = env = init_distributed(cfg.train.device)
+        self.env = env = init_distributed(cfg.train.device, host_collectives=cfg.offload.params)
         if self._user_model is None:
             preflight(cfg, env.world_size)
         self.dims = ParallelDims.from_config(cfg.parallel, env.world_size)
@@ -283,7 +283,8 @@ class Trainer:
             fill = lambda m: model_lib.load_safetensors(m, cfg.model.path)  # noqa: E731
         else:
             fill = lambda m: model_lib.init_random(m, cfg.train.seed)  # noqa: E731
-        model_lib.materialize(par.module, env.device, fill)
+        # offload.params: FSDP2's CPUOffloadPolicy wants the sharded parameters materialised on the host
+        model_lib.materialize(par.module, torch.device("cpu") if cfg.offload.params else env.device, fill)
         return wrap_after_materialize(par, cfg, self.mesh)
 
     # ------------------------------------------------------------------ training
