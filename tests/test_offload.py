@@ -5,7 +5,8 @@ the host stand-in of `offload.paths`, with its own buffers, copies and thread) t
 curve as plain AdamW at ZeRO-0/1/2/3 and pp2 on 2 ranks and at tp2 x dp2 on 4 ranks: loss within 1e-6
 relative at every step, parameters within 1e-5. The comparison is with the no-offload run of the
 same layout in the same launch. `offload.params` (FSDP2 CPUOffloadPolicy, ZeRO-3) alone and with
-`cpu` / `interleaved`, at dp2, tp2 x dp2 and under the hetero scheduler, matches too. A checkpoint saved with offload resumes without it, and the
+`cpu` / `interleaved`, at dp2, tp2 x dp2, pp2 x dp2 and under the hetero scheduler, matches too,
+and its checkpoints resume without it (and the reverse). A checkpoint saved with offload resumes without it, and the
 reverse, continuing the uninterrupted curve, with the same tensor names in both checkpoints.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from harness import case, load_result, run_cases
 
 LOSS_RTOL = 1e-6
 PARAM_ATOL = 1e-5
+PARAMS = ["offload.params=true"]
 SPLITS = {"cpu": ["offload.optimizer=cpu", "offload.group_size=3000"],
           "i0": ["offload.optimizer=interleaved", "offload.gpu_fraction=0", "offload.group_size=1000"],
           "i03": ["offload.optimizer=interleaved", "offload.gpu_fraction=0.3", "offload.group_size=1000"],
@@ -71,19 +73,21 @@ def two_ranks(out):
                                 "offload.gpu_fraction=0.5", "offload.group_size=1000")
     # save at step 3 with offload (and train on to 5), resume that step-3 checkpoint without it
     # (ZeRO-3); and the reverse (ZeRO-3, ZeRO-1)
-    for name, zero, split, resume_split in (("off", 3, "i03", None), ("none", 3, None, "i07"),
-                                            ("z1none", 1, None, "cpu")):
+    # offload.params too: saved from host-held parameters, resumed into device-held ones, and back
+    for name, zero, save, resume in (("off", 3, SPLITS["i03"], []), ("none", 3, [], SPLITS["i07"]),
+                                     ("z1none", 1, [], SPLITS["cpu"]), ("params", 3, PARAMS + SPLITS["i03"], []),
+                                     ("toparams", 3, [], PARAMS + SPLITS["cpu"])):
         cases[f"save_{name}"] = case("llama", f"parallel.zero={zero}", f"checkpoint.dir={_ckpt_dir(out, name)}",
-                                     "checkpoint.every=3", *(SPLITS[split] if split else []))
+                                     "checkpoint.every=3", *save)
         cases[f"resume_{name}"] = case("llama", f"parallel.zero={zero}", "checkpoint.resume=" + os.path.join(
-            _ckpt_dir(out, name), "step_00000003"), *(SPLITS[resume_split] if resume_split else []))
+            _ckpt_dir(out, name), "step_00000003"), *resume)
     # offload.params (FSDP2 CPUOffloadPolicy) alone and with each optimizer mode; the hetero
     # scheduler with offload (ZeRO-3, and with offload.params)
     for k in ("none", "cpu", "i05"):
-        cases[f"z3p_{k}"] = case("llama", "parallel.zero=3", "offload.params=true", *OPTIM[k])
+        cases[f"z3p_{k}"] = case("llama", "parallel.zero=3", *PARAMS, *OPTIM[k])
     cases["het_none"] = case("llama", *HETERO)
     cases["het_i05"] = case("llama", *HETERO, *OPTIM["i05"])
-    cases["hetp_i05"] = case("llama", *HETERO, "offload.params=true", *OPTIM["i05"])
+    cases["hetp_i05"] = case("llama", *HETERO, *PARAMS, *OPTIM["i05"])
     path = os.path.join(out, "two")
     run_cases(2, cases, path, timeout=1800, worker="offload_worker.py")
     return path
@@ -96,7 +100,10 @@ def four_ranks(out):
     cases.update({f"tp2z3_{k}": case("llama", *tp, "parallel.zero=3", *v) for k, v in SPLITS.items()})
     cases["tp2z2_none"] = case("llama", *tp, "parallel.zero=2")
     cases["tp2z2_i07"] = case("llama", *tp, "parallel.zero=2", *SPLITS["i07"])
-    cases["tp2z3p_i05"] = case("llama", *tp, "parallel.zero=3", "offload.params=true", *OPTIM["i05"])
+    cases["tp2z3p_i05"] = case("llama", *tp, "parallel.zero=3", *PARAMS, *OPTIM["i05"])
+    cases["pp2z3_none"] = case("llama", "parallel.pp=2", "parallel.dp_shard=2", "parallel.zero=3")
+    cases["pp2z3p_i05"] = case("llama", "parallel.pp=2", "parallel.dp_shard=2", "parallel.zero=3", *PARAMS,
+                               *OPTIM["i05"])
     path = os.path.join(out, "four")
     run_cases(4, cases, path, timeout=1800, worker="offload_worker.py")
     return path
@@ -161,6 +168,14 @@ def test_offload_params_tp2_dp2(four_ranks):
     assert units and all(u["policy"] == "CPUOffloadPolicy" for u in units)
 
 
+def test_offload_params_pp2_dp2(four_ranks):
+    """pp2 x dp2 (ZeRO-3 per stage) with offload.params and interleaved 0.5: every stage's FSDP
+    units offload (rank 0 holds the first stage) and the curve is the one without offload."""
+    _compare(load_result(four_ranks, "pp2z3p_i05"), load_result(four_ranks, "pp2z3_none"), "pp2 x dp2 params+i05")
+    units = _fsdp_units(four_ranks, "pp2z3p_i05")
+    assert units and all(u["policy"] == "CPUOffloadPolicy" for u in units)
+
+
 def _metrics(two_ranks: str, name: str) -> list[dict]:
     with open(os.path.join(two_ranks, name, "metrics.jsonl"), encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
@@ -176,7 +191,8 @@ def test_metrics_report_the_update(two_ranks):
     assert "update_s" not in _metrics(two_ranks, "z2_none")[0]
 
 
-@pytest.mark.parametrize("name, full", [("off", "z3_none"), ("none", "z3_none"), ("z1none", "z1_none")])
+@pytest.mark.parametrize("name, full", [("off", "z3_none"), ("none", "z3_none"), ("z1none", "z1_none"),
+                                        ("params", "z3_none"), ("toparams", "z3_none")])
 def test_resume_switches_offload(two_ranks, name, full):
     """Steps 4-5 after a resume at step 3 continue the uninterrupted curve, whichever side offloads."""
     rows = _metrics(two_ranks, f"resume_{name}")
@@ -189,7 +205,8 @@ def test_resume_switches_offload(two_ranks, name, full):
         assert abs(a - b) <= LOSS_RTOL * abs(b), f"resume_{name}: {losses} vs {full_losses[3:]}"
     for key, ref_t in full_params.items():
         assert (params[key] - ref_t).abs().max().item() <= PARAM_ATOL, f"resume_{name}: {key}"
-    assert ("update_s" in rows[0]) == (name != "off")  # the resumed run offloads iff the saver did not
+    # the resumed run offloads iff the saver did not
+    assert ("update_s" in rows[0]) == (name not in ("off", "params"))
 
 
 def test_checkpoint_names_do_not_depend_on_offload(out, two_ranks):
@@ -198,7 +215,7 @@ def test_checkpoint_names_do_not_depend_on_offload(out, two_ranks):
         md = FileSystemReader(step).read_metadata().state_dict_metadata
         return {k: tuple(v.size) for k, v in md.items() if hasattr(v, "size")}
     with_offload, without = entries("off"), entries("none")
-    assert with_offload == without
+    assert with_offload == without == entries("params")
     assert any(k.startswith("optim.state.") and k.endswith(".exp_avg_sq") for k in with_offload)
     assert torch.Size(with_offload["optim.state.model.embed_tokens.weight.exp_avg"]) == \
         torch.Size(with_offload["model.model.embed_tokens.weight"])
