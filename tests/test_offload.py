@@ -66,6 +66,8 @@ def two_ranks(out):
     cases["z0_none"] = case("llama", "parallel.zero=0")
     cases["z0_i07"] = case("llama", "parallel.zero=0", *SPLITS["i07"])
     cases["z3_auto"] = case("llama", "parallel.zero=3", "offload.optimizer=interleaved", "offload.group_size=2000")
+    # sub-group size planned too (offload.group_size=0): a drift re-plan may re-cut the state mid-run
+    cases["z2_plan"] = case("llama", "parallel.zero=2", "offload.optimizer=interleaved", "offload.replan_drift=0.01")
     cases["pp2_none"] = case("llama", "parallel.pp=2")
     cases["pp2_i05"] = case("llama", "parallel.pp=2", "offload.optimizer=interleaved", "offload.gpu_fraction=0.5",
                             "offload.group_size=1000")
@@ -116,7 +118,7 @@ def test_offload_matches_no_offload_two_ranks(two_ranks, zero, split):
              f"ZeRO-{zero} {split}")
 
 
-@pytest.mark.parametrize("name, ref", [("z0_i07", "z0_none"), ("z3_auto", "z3_none")])
+@pytest.mark.parametrize("name, ref", [("z0_i07", "z0_none"), ("z3_auto", "z3_none"), ("z2_plan", "z2_none")])
 def test_offload_ddp_and_auto(two_ranks, name, ref):
     _compare(load_result(two_ranks, name), load_result(two_ranks, ref), name)
 
