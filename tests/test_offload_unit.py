@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.distributed.fsdp import CPUOffloadPolicy
 
 from harness import case
 from loomtrain.config import OffloadConfig, load_config
@@ -12,6 +13,7 @@ from loomtrain.offload.arena import HostArena
 from loomtrain.offload.component import OffloadComponent
 from loomtrain.offload.model import Machine
 from loomtrain.offload.optimizer import OffloadAdamW, spread
+from loomtrain.parallel.data_parallel import offload_policy
 from loomtrain.runtime.trainer import Trainer
 
 SHAPES = [(37, 19), (19,), (64, 33), (5,)]
@@ -187,3 +189,9 @@ def test_explicit_group_size_is_never_resized():
         assert opt.group_size == 5000
     assert comp.regroups == 0
     opt.close()
+
+
+def test_offload_policy_pins_only_for_a_device():
+    assert offload_policy(True, "cuda") == CPUOffloadPolicy(pin_memory=True)
+    assert offload_policy(True, "cpu") == CPUOffloadPolicy(pin_memory=False)  # nothing to copy to: no pinning
+    assert not isinstance(offload_policy(False, "cuda"), CPUOffloadPolicy)
