@@ -175,7 +175,7 @@ class KernelsConfig:
     """Compute kernels (`loomtrain.kernels`). fused_loss: auto | on | off. auto: the fused linear +
     cross-entropy (chunked over tokens, never the whole [tokens, vocab] logits; liger-kernel on CUDA
     when installed, else loomtrain's torch kernel, which also spans tensor-parallel vocabulary
-    shards) wherever it is built (not under pipeline parallelism or the hetero scheduler, not for
+    shards, and on a pipeline's last stage) wherever it is built (not under the hetero scheduler, not for
     a family whose logit post-processing it does not know), on CUDA (see kernels.loss_select for
     CPU); on: the fused path wherever it is built, refused where not; off: lm_head + cross_entropy."""
 

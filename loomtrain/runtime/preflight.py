@@ -153,8 +153,7 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
     # kernels.fused_loss=on where the fused loss is not built is refused here, before launch (the
     # device only picks between liger and torch, never refuses).
     choose_loss(cfg.kernels.fused_loss, cfg.kernels.loss_chunk_tokens, hf_config, device_type="cpu",
-                vocab_parallel=degrees["tp"] > 1, pipeline=degrees["pp"] > 1,
-                hetero=cfg.parallel.sequence_scheduler == "hetero")
+                vocab_parallel=degrees["tp"] > 1, hetero=cfg.parallel.sequence_scheduler == "hetero")
     if cfg.model.path is not None:
         _check_weights(cfg, hf_config)
     tp = degrees["tp"]

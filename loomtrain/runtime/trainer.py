@@ -148,14 +148,13 @@ class Trainer:
         self.loader = DataLoader(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                  seed=cfg.train.seed)
         self.data_timer = TimedLoader(self.loader)  # the runner reads through it: data wait is timed
+        self.loss_choice = choose_loss(cfg.kernels.fused_loss, cfg.kernels.loss_chunk_tokens, self.hf_config,
+                                       device_type=env.device.type, vocab_parallel=self.dims.tp > 1,
+                                       hetero=cfg.parallel.sequence_scheduler == "hetero")
         self.pipeline = self._build_pipeline() if self.pp_group is not None else None
         # Tied embeddings under PP: the first and last stage's copies get their summed gradient.
         self.tied = (TiedEmbeddings.build(self.model_parts, self.stage_ids, self.n_stages, self.mesh.root,
                                           self.dims.pp) if self.pp_group is not None and self.ties_embeddings else None)
-        self.loss_choice = choose_loss(cfg.kernels.fused_loss, cfg.kernels.loss_chunk_tokens, self.hf_config,
-                                       device_type=env.device.type, vocab_parallel=self.dims.tp > 1,
-                                       pipeline=self.pp_group is not None,
-                                       hetero=cfg.parallel.sequence_scheduler == "hetero")
         self.runner = self._build_runner()
         compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.peak_flops, self.peak_source = device_peak_flops(env.device, compute_dtype, cfg.train.peak_tflops)
@@ -263,7 +262,8 @@ class Trainer:
     def _build_pipeline(self) -> pipeline.Pipeline:
         return pipeline.Pipeline.build(self.model_parts, self.stage_ids, self.n_stages, self.pp_group,
                                        self.env.device, self.cfg.parallel.pp_schedule, self._n_micro(),
-                                       syncs=[part.micro_batch for part in self.parts])
+                                       syncs=[part.micro_batch for part in self.parts],
+                                       loss_choice=self.loss_choice, autocast_dtype=self.parts[0].autocast_dtype)
 
     def _build_part(self, carve: tuple | None) -> Parallelized:
         cfg, env = self.cfg, self.env
