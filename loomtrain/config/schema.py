@@ -181,6 +181,10 @@ class KernelsConfig:
 
     fused_loss: str | bool = "auto"  # YAML reads on/off as true/false: they mean the same here
     loss_chunk_tokens: int = 0  # tokens per chunk of the fused loss; 0 = about 128 MiB of fp32 logits
+    # Liger's RMSNorm / SwiGLU MLP modules in place of HF's (kernels.modules; untested on a GPU):
+    # auto = Liger on CUDA when installed for a known family, else HF's; on = Liger or refused; off = HF's.
+    rmsnorm: str | bool = "auto"
+    swiglu: str | bool = "auto"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from loomtrain.data.loader import DataLoader
 from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.hooks import Hook, Hooks, LoopState
 from loomtrain.kernels.loss_select import choose_loss
+from loomtrain.kernels.modules import apply_module_kernels, choose_module_kernels
 from loomtrain.mesh import DistEnv, ParallelDims, dp_coordinates, init_distributed
 from loomtrain.models import build as model_lib
 from loomtrain.models.flops import flop_model
@@ -272,6 +273,10 @@ class Trainer:
         if carve is not None:
             start, end, first, last = carve
             pipeline.carve_stage(meta, start, end, first=first, last=last)
+        # kernels.rmsnorm / kernels.swiglu: Liger's module instances in place of HF's, on meta
+        self.module_kernels = choose_module_kernels(cfg.kernels.rmsnorm, cfg.kernels.swiglu, self.hf_config,
+                                                    device_type=env.device.type, tensor_parallel=self.dims.tp > 1)
+        apply_module_kernels(meta, self.module_kernels, self.hf_config)
         par = parallelize(meta, cfg, self.mesh)
         if self._user_model is not None:
             state = {n: p.detach().to(env.device) for n, p in self._user_model.named_parameters()}
@@ -380,7 +385,8 @@ class Trainer:
               f"zero {cfg.parallel.zero} | {self.env.device.type} {cfg.model.dtype} | "
               f"batch {cfg.data.global_batch_size} x {cfg.data.seq_len} tokens | "
               f"peak {self.peak_flops / 1e12:.2f} TFLOP/s/device ({self.peak_source}) | "
-              f"attention {self.parts[0].attention} | loss {self.loss_choice.path} ({self.loss_choice.reason})",
+              f"attention {self.parts[0].attention} | loss {self.loss_choice.path} ({self.loss_choice.reason}) | "
+              f"{self.module_kernels.reason}",
               flush=True)
 
     # ------------------------------------------------------------------ state
