@@ -20,7 +20,7 @@ setup(
         "scipy",  # HiGHS MILP: the heterogeneous planner's lower bound (loomtrain plan)
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "matplotlib", "deepspeed", "import-linter", "datasets", "megatron-core"],
+        "test": ["pytest", "hypothesis", "matplotlib", "deepspeed", "import-linter", "datasets", "megatron-core", "accelerate"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["loomtrain = loomtrain.launch.cli:main"]},

@@ -5,6 +5,7 @@ parity_worker.py. Usage (under torchrun): fused_loss_worker.py CASES.json OUT_DI
 A kernel case is {"kernel_name": ["tokens=N", "dim=D", "vocab=V", "chunk=C", "scale=S", "softcap=X"]};
 its inputs come from `kernel_inputs` (seeded), so the test process rebuilds them for the reference.
 """
+import json
 import os
 
 import torch
@@ -51,7 +52,13 @@ def run_case(name: str, overrides: list[str], out_dir: str) -> None:
     if name.startswith("kernel_"):
         run_kernel(name, overrides, out_dir)
     else:
-        train_and_save(name, overrides, out_dir)
+        trainer = train_and_save(name, overrides, out_dir)
+        # Which loss ran: the path, and under pipelining whether this rank's last stage handed the
+        # schedule's loss its final hidden states (the fused head) rather than logits.
+        stages = trainer.pipeline.stages if trainer.pipeline is not None else []
+        with open(os.path.join(out_dir, f"{name}.loss.rank{dist.get_rank()}.json"), "w", encoding="utf-8") as fh:
+            json.dump({"path": trainer.loss_choice.path,
+                       "last_stage_hidden": [bool(st.submod.extra) for st in stages if st.is_last]}, fh)
 
 
 if __name__ == "__main__":

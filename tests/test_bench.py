@@ -1,9 +1,11 @@
 """`loomtrain bench`: the real command, 2 gloo ranks, a tiny Llama, ZeRO-2 and ZeRO-3, with `--vs`.
 
-One invocation runs loomtrain, the plain FSDP2 loop and DeepSpeed (when installed), each as its
-own launch; the test checks the JSON's schema, that every row has positive finite figures and a
-collective count, and that every peer's losses equal loomtrain's on the first steps (the same
-weights and batches: what makes the comparison honest). Speed is never asserted.
+One invocation runs loomtrain, the plain FSDP2 loop, DeepSpeed and the HF Trainer (when installed),
+each as its own launch, over DDP, ZeRO-2 and ZeRO-3; the test checks the JSON's schema, that every
+row has positive finite figures and a collective count, and that every peer's losses equal
+loomtrain's on the first steps (the same weights and batches: what makes the comparison honest).
+Speed is never asserted. On CPU the HF Trainer runs DDP only (accelerate's FSDP needs an
+accelerator), and its ZeRO-2/3 rows must be reported as skipped with that reason.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
                  "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOOMTRAIN_LAUNCHER")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-LAYOUTS = ("zero2", "zero3")
+HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
+LAYOUTS = ("ddp", "zero2", "zero3")
 
 
 def _env() -> dict:
@@ -77,16 +80,20 @@ def test_bench_vs_json(tmp_path):
         assert key in report, key
     assert report["command"].startswith("loomtrain bench ") and "--vs" in report["command"]
     assert report["versions"]["torch"] and report["machine"]["nproc_per_node"] == 2
-    systems = ["loomtrain", "fsdp2"] + (["deepspeed"] if HAS_DEEPSPEED else [])
+    expected = {("loomtrain", lay) for lay in LAYOUTS} | {("fsdp2", "zero2"), ("fsdp2", "zero3")}
+    if HAS_DEEPSPEED:
+        expected |= {("deepspeed", lay) for lay in LAYOUTS}
+    if HAS_ACCELERATE:
+        expected |= {("hf", "ddp")} | ({("hf", "zero2"), ("hf", "zero3")} if report["gpu_measured"] else set())
     rows = {(r["system"], r["layout"]): r for r in report["results"]}
-    for system in systems:
-        for layout in LAYOUTS:
-            r = rows[(system, layout)]
-            for key in ("step_time_s", "tokens_per_s", "tflops", "mfu", "mfu_exact", "peak_mem_gb"):
-                assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (system, layout, key, r)
-            assert r["step_time_spread"] >= 0 and r["steps_measured"] == 2
-            assert isinstance(r["collectives_per_step"], int) and r["collectives_per_step"] > 0, r
-            assert r["tokens_per_step"] == 8 * 32
+    assert expected <= set(rows), (sorted(expected - set(rows)), report["skipped"])
+    for system, layout in expected:
+        r = rows[(system, layout)]
+        for key in ("step_time_s", "tokens_per_s", "tflops", "mfu", "mfu_exact", "peak_mem_gb"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (system, layout, key, r)
+        assert r["step_time_spread"] >= 0 and r["steps_measured"] == 2
+        assert isinstance(r["collectives_per_step"], int) and r["collectives_per_step"] > 0, r
+        assert r["tokens_per_step"] == 8 * 32
     # Same weights, same batches: the peers' losses equal loomtrain's (fp32 reduction order only).
     for (system, layout), r in rows.items():
         if system == "loomtrain":
@@ -98,7 +105,7 @@ def test_bench_vs_json(tmp_path):
         assert r["loss_agrees"] is True
     assert report["losses_agree"] is True
     ratio_pairs = {(q["layout"], q["peer"]) for q in report["ratios"]}
-    assert ratio_pairs == {(lay, s) for lay in LAYOUTS for s in systems if s != "loomtrain"}
+    assert ratio_pairs == {(lay, s) for s, lay in rows if s != "loomtrain"}
     assert all(q["step_time_ratio"] > 0 for q in report["ratios"])
     skipped = {(s["system"], s["layout"]): s["reason"] for s in report["skipped"]}
     for peer in ("hf", "torchtitan"):  # never guessed: reported with the reason
@@ -106,11 +113,16 @@ def test_bench_vs_json(tmp_path):
             assert skipped[(peer, "zero2")], skipped
         else:
             assert (peer, "zero2") in rows
+    assert "no FSDP2 form" in skipped[("fsdp2", "ddp")]
     if not HAS_DEEPSPEED:
         assert "not installed" in skipped[("deepspeed", "zero2")]
+    if not HAS_ACCELERATE:
+        assert "accelerate is not installed" in skipped[("hf", "ddp")]
+    elif not report["gpu_measured"]:
+        assert "accelerators only" in skipped[("hf", "zero2")] and "accelerators only" in skipped[("hf", "zero3")]
     if not report["gpu_measured"]:
         assert "not measured" in report["gpu_note"]
     appended = (tmp_path / "RESULTS.md").read_text()  # --append: the same table, with the command
     assert "### loomtrain bench, " in appended and report["command"] in appended
-    for system in systems:
-        assert f"| {system} | zero3 |" in appended
+    for system, layout in expected:
+        assert f"| {system} | {layout} |" in appended

@@ -7,6 +7,7 @@ head, and training with a fused loss under tp2 (with and without sequence parall
 one process training with the stock loss."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -109,7 +110,7 @@ def _tiny(kind: str, tie: bool):
                                                  "olmo2", "glm4", "starcoder2", "gpt_neox")])
 def test_model_path_equals_the_models_own_logits(kind, tie):
     model = _tiny(kind, tie)
-    choice = choose_loss("on", 5, model.config, device_type="cpu", vocab_parallel=False, pipeline=False, hetero=False)
+    choice = choose_loss("on", 5, model.config, device_type="cpu", vocab_parallel=False, hetero=False)
     assert choice.path == TORCH
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 203, (2, 19), generator=g)
@@ -134,15 +135,14 @@ def test_model_path_equals_the_models_own_logits(kind, tie):
 def test_selection():
     llama = LlamaConfig()
     sel = lambda mode, **kw: choose_loss(mode, 0, kw.pop("cfg", llama), **{  # noqa: E731
-        "device_type": "cpu", "vocab_parallel": False, "pipeline": False, "hetero": False, **kw})
+        "device_type": "cpu", "vocab_parallel": False, "hetero": False, **kw})
     assert sel("off").path == STOCK and sel(False).path == STOCK
     assert sel("auto").path == STOCK and sel(True).path == TORCH and sel("on").path == TORCH
     assert sel("auto", vocab_parallel=True, device_type="cuda").path == TORCH  # liger cannot span shards
     assert sel("auto", device_type="cuda").path in (TORCH, LIGER)
     gemma = sel("on", cfg=Gemma2Config(final_logit_softcapping=30.0))
     assert gemma.path == TORCH and gemma.transform.softcap == 30.0
-    for kw, gap in (({"pipeline": True}, "pipeline"), ({"hetero": True}, "hetero"),
-                    ({"cfg": MixtralConfig()}, "mixtral")):
+    for kw, gap in (({"hetero": True}, "hetero"), ({"cfg": MixtralConfig()}, "mixtral")):
         auto = sel("auto", **kw)
         assert auto.path == STOCK and gap in auto.reason
         with pytest.raises(ConfigError) as err:
@@ -151,12 +151,13 @@ def test_selection():
 
 
 def test_on_where_it_is_not_built_is_refused_before_launch():
-    for extra, gap in ((["parallel.pp=2"], "pipeline"), (["model.architecture=mixtral"], "mixtral")):
+    for extra, gap in ((["parallel.sequence_scheduler=hetero"], "hetero"), (["model.architecture=mixtral"], "mixtral")):
         cfg = load_config(None, case("llama", "kernels.fused_loss=on", *extra))
         with pytest.raises(ConfigError) as err:
-            preflight(cfg, 2 if "parallel.pp=2" in extra else 1)
+            preflight(cfg, 1)
         assert gap in str(err.value) and "\n" not in str(err.value)
-    preflight(load_config(None, case("llama", "kernels.fused_loss=on", "parallel.tp=2")), 2)  # built: passes
+    for built, world in ((["parallel.tp=2"], 2), (["parallel.pp=2"], 2), (["parallel.pp=2", "parallel.tp=2"], 4)):
+        preflight(load_config(None, case("llama", "kernels.fused_loss=on", *built)), world)  # built: passes
 
 
 def test_config_section():
@@ -190,6 +191,9 @@ def two_ranks(out):
         "dp2_zero3": case("llama", *ON, "parallel.zero=3"),
         "gpt2_tp2_tied": case("gpt2", *ON, "parallel.tp=2"),
         "cp2_ring": case("llama", *ON, "parallel.cp=2", "parallel.cp_impl=ring"),
+        # pipeline: the last stage returns hidden states, the schedule's loss applies the head
+        "pp2": case("llama", *ON, "parallel.pp=2"),
+        "gpt2_pp2_tied": case("gpt2", *ON, "parallel.pp=2"),
     })
     path = os.path.join(out, "two")
     run_cases(2, cases, path, worker="fused_loss_worker.py")
@@ -223,19 +227,38 @@ def refs(out):
 
 
 @pytest.mark.parametrize("name", ["tp2", "tp2_sp", "dp2_zero1", "dp2_zero2", "dp2_zero3", "gpt2_tp2_tied",
-                                  "cp2_ring"])
+                                  "cp2_ring", "pp2", "gpt2_pp2_tied"])
 def test_fused_training_matches_one_process_stock(two_ranks, refs, name):
     model = "gpt2" if name.startswith("gpt2") else "llama"
     assert_parity(load_result(two_ranks, name), refs[model], f"{name} fused vs one process stock")
+    _assert_fused_ran(two_ranks, name, 2)
+
+
+def _assert_fused_ran(path: str, name: str, world: int) -> None:
+    """Every rank ran the fused path; under pipelining the last stage returned hidden states."""
+    ranks = []
+    for rank in range(world):
+        with open(os.path.join(path, f"{name}.loss.rank{rank}.json"), encoding="utf-8") as fh:
+            ranks.append(json.load(fh))
+    assert all(r["path"] == "torch" for r in ranks), ranks
+    if "pp2" in name:
+        last = [flag for r in ranks for flag in r["last_stage_hidden"]]
+        assert last and all(last) and len(last) == world // 2, ranks
 
 
 @pytest.fixture(scope="module")
 def four_ranks(out):
     path = os.path.join(out, "four")
-    run_cases(4, {"tp2_dp2_zero3": case("llama", *ON, "parallel.tp=2", "parallel.zero=3")}, path,
+    run_cases(4, {"tp2_dp2_zero3": case("llama", *ON, "parallel.tp=2", "parallel.zero=3"),
+                  # the last stage's head is vocabulary-parallel over tp: the fused loss spans the shards
+                  "pp2_tp2": case("llama", *ON, "parallel.pp=2", "parallel.tp=2"),
+                  # ZeRO-3 inside each stage: the loss function unshards the last stage's head
+                  "pp2_dp2_zero3": case("llama", *ON, "parallel.pp=2", "parallel.zero=3")}, path,
               worker="fused_loss_worker.py")
     return path
 
 
-def test_fused_tp2_dp2_matches_one_process_stock(four_ranks, refs):
-    assert_parity(load_result(four_ranks, "tp2_dp2_zero3"), refs["llama"], "tp2 x dp2 zero3 fused vs one process stock")
+@pytest.mark.parametrize("name", ["tp2_dp2_zero3", "pp2_tp2", "pp2_dp2_zero3"])
+def test_fused_four_ranks_matches_one_process_stock(four_ranks, refs, name):
+    assert_parity(load_result(four_ranks, name), refs["llama"], f"{name} fused vs one process stock")
+    _assert_fused_ran(four_ranks, name, 4)

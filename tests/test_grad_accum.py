@@ -23,6 +23,8 @@ SKIP = 2  # DDP rebuilds its buckets once, in step 2 (two broadcasts): count ste
 ACCUM = ["data.micro_batch_size=1"]
 HETERO = ["parallel.sequence_scheduler=hetero", "data.seq_len=128", "data.global_batch_size=16"]
 AG, AR = "gloo:all_gather", "gloo:all_reduce"  # FSDP2's reduce-scatter is an all-reduce on gloo
+BC = "gloo:broadcast"
+WORLD = 2
 
 
 def _cases() -> dict[str, list[str]]:
@@ -86,7 +88,9 @@ def _assert_ops(path: str, name: str, expected: dict[str, int]) -> None:
 EXPECTED = {
     # DDP: one bucket (the tiny model fits one), all-reduced once per step.
     "z0": {AR: 1 + SMALL_DDP},
-    "z1": {AR: 1 + SMALL_DDP},  # ZeRO-1 adds the sharded optimizer's parameter broadcasts
+    # ZeRO-1: DDP's, plus the sharded optimizer's updated parameters, one flat bucket broadcast per
+    # rank (`parameters_as_bucket_view`), not one broadcast per parameter (21 on this model).
+    "z1": {AR: 1 + SMALL_DDP, BC: WORLD},
     # ZeRO-2: parameters gathered once (first forward) and kept; gradients reduce-scattered once.
     "z2": {AG: UNITS, AR: UNITS + SMALL_FSDP},
     # ZeRO-3: gathered for every forward and (all but the last block) every backward; reduced once.

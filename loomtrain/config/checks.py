@@ -115,6 +115,9 @@ def check(cfg: Config) -> None:
                           f"parameters); it is parallel.zero={cfg.parallel.zero}")
     if cfg.kernels.fused_loss not in ("auto", "on", "off", True, False):
         raise ConfigError(f"kernels.fused_loss={cfg.kernels.fused_loss!r}: must be auto, on or off")
+    for key in ("rmsnorm", "swiglu"):
+        if getattr(cfg.kernels, key) not in ("auto", "on", "off", True, False):
+            raise ConfigError(f"kernels.{key}={getattr(cfg.kernels, key)!r}: must be auto, on or off")
 
 
 def _check_offload(o: OffloadConfig) -> None:

@@ -176,12 +176,16 @@ class KernelsConfig:
     """Compute kernels (`loomtrain.kernels`). fused_loss: auto | on | off. auto: the fused linear +
     cross-entropy (chunked over tokens, never the whole [tokens, vocab] logits; liger-kernel on CUDA
     when installed, else loomtrain's torch kernel, which also spans tensor-parallel vocabulary
-    shards) wherever it is built (not under pipeline parallelism or the hetero scheduler, not for
+    shards, and on a pipeline's last stage) wherever it is built (not under the hetero scheduler, not for
     a family whose logit post-processing it does not know), on CUDA (see kernels.loss_select for
     CPU); on: the fused path wherever it is built, refused where not; off: lm_head + cross_entropy."""
 
     fused_loss: str | bool = "auto"  # YAML reads on/off as true/false: they mean the same here
     loss_chunk_tokens: int = 0  # tokens per chunk of the fused loss; 0 = about 128 MiB of fp32 logits
+    # Liger's RMSNorm / SwiGLU MLP modules in place of HF's (kernels.modules; untested on a GPU):
+    # auto = Liger on CUDA when installed for a known family, else HF's; on = Liger or refused; off = HF's.
+    rmsnorm: str | bool = "auto"
+    swiglu: str | bool = "auto"
 
 
 @dataclass(frozen=True)

@@ -14,5 +14,9 @@ liger-kernel's Triton kernel takes the unsharded case when installed. `loss_sele
 `kernels.fused_loss` which families and layouts use it, and `head_loss` runs an HF model for its
 final hidden states and applies the head through it.
 
+Norms and MLPs: `modules` swaps HF's RMSNorm and gated-MLP instances for liger-kernel's Triton
+modules (`kernels.rmsnorm`, `kernels.swiglu`; CUDA only, untested on a GPU so far), never by
+patching classes process-wide.
+
 May import: `loomtrain.errors` only; the parallel and runtime layers call into it.
 """

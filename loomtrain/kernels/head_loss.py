@@ -28,6 +28,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from loomtrain.kernels.fused_loss import VocabShard, fused_linear_cross_entropy, liger_loss
 from loomtrain.kernels.loss_select import LIGER, LossChoice
 
+# What the model is called with on the fused path: HF's head runs on the last position only, and
+# the final norm's output (the head's input) comes back as the last hidden state.
+HIDDEN_KWARGS = {"logits_to_keep": 1, "output_hidden_states": True}
+
 
 def fused_model_loss(call, root: nn.Module, choice: LossChoice, *, input_ids: torch.Tensor,
                      position_ids: torch.Tensor, labels: torch.Tensor,
@@ -37,10 +41,18 @@ def fused_model_loss(call, root: nn.Module, choice: LossChoice, *, input_ids: to
     autocast = (torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
-        out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=1,
-                   output_hidden_states=True)
+        out = call(input_ids=input_ids, position_ids=position_ids, use_cache=False, **HIDDEN_KWARGS)
     hidden = out.hidden_states[-1]
     del out
+    return head_loss_sum(hidden, root, choice, labels, autocast_dtype=autocast_dtype)
+
+
+def head_loss_sum(hidden: torch.Tensor, root: nn.Module, choice: LossChoice, labels: torch.Tensor, *,
+                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum of token cross-entropies of the final hidden states `hidden` (HF's last hidden state,
+    called with `HIDDEN_KWARGS`) through the output head of `root`: the part of the fused loss
+    after the model. A pipeline's last stage calls it from the schedule's loss function, on what
+    the stage returned."""
     if isinstance(root, FSDPModule):
         root.unshard()
     head = root.get_output_embeddings()

@@ -20,8 +20,9 @@ Where `auto` turns it on:
   `lm_head` (tests/test_nonfinite.py injects inf logits that way; a user may too) would see only
   the one unused position. The same holds wherever the fused path runs: use `off` to keep such
   hooks working.
-Not built (stock path under `auto`, refused under `on`): pipeline parallelism (the last stage's
-loss runs inside torch's schedule) and the heterogeneous sequence scheduler.
+Pipeline parallelism: the last stage returns its final hidden states and the schedule's loss
+function applies the head through the fused path (`parallel.pipeline`).
+Not built (stock path under `auto`, refused under `on`): the heterogeneous sequence scheduler.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def logit_transform(hf_config) -> LogitTransform | None:
 
 
 def choose_loss(mode: str | bool, chunk_tokens: int, hf_config, *, device_type: str, vocab_parallel: bool,
-                pipeline: bool, hetero: bool) -> LossChoice:
+                hetero: bool) -> LossChoice:
     """The loss path for `kernels.fused_loss=mode` (see the module docstring; YAML's true/false
     stand for on/off)."""
     mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
@@ -73,8 +74,6 @@ def choose_loss(mode: str | bool, chunk_tokens: int, hf_config, *, device_type: 
     if mode == "off":
         return LossChoice(STOCK, stock.transform, chunk_tokens, "off")
     gaps = []
-    if pipeline:
-        gaps.append("pipeline parallelism")
     if hetero:
         gaps.append("parallel.sequence_scheduler=hetero")
     transform = logit_transform(hf_config)

@@ -21,6 +21,7 @@ model and peak, so every figure has one definition.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import time
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ from loomtrain.models import build as model_lib
 from loomtrain.models.flops import flop_model
 from loomtrain.optim.schedule import lr_lambda
 from loomtrain.runtime.metrics import peak_memory_gb, step_record
+
+
+class PeerSkipped(Exception):
+    """Raised by a peer's loop when it finds, once started, that it cannot run the layout as asked
+    (the message is the reason reported)."""
 
 
 @dataclass
@@ -88,13 +94,21 @@ class PeerRun:
 
     def optimizer(self, params: list[tuple[str, nn.Parameter]]) -> tuple[torch.optim.Optimizer, object]:
         """AdamW (decay for matrices, none for vectors) and the config's lr schedule."""
+        opt = self.adamw(params)
+        return opt, self.schedule(opt)
+
+    def adamw(self, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        """Fused AdamW with the config's settings: weight decay for matrices, none for vectors."""
         o = self.cfg.optim
         decay = [p for _, p in params if p.ndim >= 2]
         no_decay = [p for _, p in params if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, self.steps))
+        return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+
+    def schedule(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """The config's lr schedule over the run's steps."""
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg.optim, self.steps))
 
     def batch(self) -> tuple[list, float, float]:
         """This rank's micro-batches of the next step, and the step's global valid tokens and exact
@@ -231,10 +245,24 @@ def run_deepspeed(run: PeerRun) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ hf, torchtitan
+HF_NO_CPU_FSDP = ("accelerate runs FSDP on accelerators only: on CPU the HF Trainer would silently train with DDP "
+                  "instead, so ZeRO-2/3 is not measured for it")
+
+
 def hf_reason(zero: int) -> str | None:
     if importlib.util.find_spec("accelerate") is None:
         return "accelerate is not installed (HF Trainer needs it: pip install accelerate)"
-    return "the HF Trainer peer is not built yet"
+    if zero == 1:
+        return "ZeRO-1 has no HF Trainer form without DeepSpeed (the Trainer runs DDP or FSDP)"
+    if zero in (2, 3) and not torch.cuda.is_available():
+        return HF_NO_CPU_FSDP
+    return None
+
+
+def run_hf(run: PeerRun) -> list[dict]:
+    """HF Trainer on accelerate: DDP for ZeRO-0, FSDP2 for ZeRO-2/3 (see `bench_hf`)."""
+    # Loaded here, not at the top: `bench_hf` imports the Trainer, which needs accelerate (optional).
+    return importlib.import_module("loomtrain.launch.bench_hf").run_hf(run)
 
 
 def torchtitan_reason(zero: int) -> str | None:
@@ -247,4 +275,4 @@ def torchtitan_reason(zero: int) -> str | None:
 
 # peer -> (why it cannot run a ZeRO stage here, or None; the loop), for the worker and the launcher
 PEER_RUNNERS = {"fsdp2": (fsdp2_reason, run_fsdp2), "deepspeed": (deepspeed_reason, run_deepspeed),
-                "hf": (hf_reason, None), "torchtitan": (torchtitan_reason, None)}
+                "hf": (hf_reason, run_hf), "torchtitan": (torchtitan_reason, None)}

@@ -22,7 +22,7 @@ from loomtrain.config import load_config
 from loomtrain.errors import LoomError
 from loomtrain.hooks import Hook, LoopState
 from loomtrain.launch.bench_collectives import Counter, counter
-from loomtrain.launch.bench_peers import PEER_RUNNERS, PeerRun
+from loomtrain.launch.bench_peers import PEER_RUNNERS, PeerRun, PeerSkipped
 from loomtrain.launch.bench_spec import SYSTEM
 from loomtrain.mesh import init_distributed
 from loomtrain.runtime.trainer import Trainer
@@ -83,7 +83,10 @@ def _run_peer(system: str, plan: dict, layout: dict, count: Counter, env) -> tup
     if reason is not None or runner is None:
         return [], reason or "not built"
     run = PeerRun(cfg, env, cfg.parallel.zero, plan["warmup"] + plan["steps"], plan["peak_tflops"] * 1e12, count)
-    return runner(run), None
+    try:
+        return runner(run), None
+    except PeerSkipped as skip:
+        return [], str(skip)
 
 
 def run_system(system: str, plan_path: str) -> None:

@@ -26,6 +26,8 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                     ScheduleZBVZeroBubble)
 
 from loomtrain.errors import ConfigError
+from loomtrain.kernels.head_loss import HIDDEN_KWARGS, head_loss_sum
+from loomtrain.kernels.loss_select import LossChoice
 from loomtrain.models.loss import token_loss_sum
 from loomtrain.models.build import find_blocks
 from loomtrain.parallel.tied import ties_embeddings
@@ -185,12 +187,16 @@ class StageModule(nn.Module):
     * Exit: a stage before the last hands on what reaches its head stand-in, not the model's
       output, so logit scaling and soft-capping (Cohere, Granite, Gemma) are applied only by the
       last stage, to real logits.
+    * Fused loss (`hidden_out`): the last stage returns the final norm's output instead of the
+      logits, and the schedule's loss function applies the head chunk by chunk
+      (`kernels.head_loss`), so the stage never builds the `[tokens, vocab]` logits.
     """
 
-    def __init__(self, model: nn.Module, first: bool, last: bool = True):
+    def __init__(self, model: nn.Module, first: bool, last: bool = True, hidden_out: bool = False):
         super().__init__()
         self.model = model
         self.first = first
+        self.extra = HIDDEN_KWARGS if last and hidden_out else {}
         self._entry: torch.Tensor | None = None
         self._exit: torch.Tensor | None = None
         if not first:
@@ -221,13 +227,14 @@ class StageModule(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         self._exit = None
         if self.first:
-            out = self.model(input_ids=x, position_ids=position_ids, use_cache=False).logits
+            out = self.model(input_ids=x, position_ids=position_ids, use_cache=False, **self.extra)
         else:
             self._entry = x
             try:
-                out = self.model(inputs_embeds=x, position_ids=position_ids, use_cache=False).logits
+                out = self.model(inputs_embeds=x, position_ids=position_ids, use_cache=False, **self.extra)
             finally:
                 self._entry = None
+        out = out.hidden_states[-1] if self.extra else out.logits
         if self._exit is not None:
             out, self._exit = self._exit, None
         return out.clone() if out._base is not None else out
@@ -298,6 +305,7 @@ class Pipeline:
     n_stages: int
     timeline: Timeline
     scale: float = 1.0
+    stages: list = field(default_factory=list)  # this rank's `TimedStage`s, in `stage_ids` order
 
     @property
     def has_first(self) -> bool:
@@ -309,20 +317,27 @@ class Pipeline:
 
     @classmethod
     def build(cls, parts: list[nn.Module], ids: list[int], n_stages: int, pp_group, device: torch.device,
-              schedule: str, n_microbatches: int, syncs: list | None = None) -> "Pipeline":
+              schedule: str, n_microbatches: int, syncs: list | None = None, loss_choice: LossChoice | None = None,
+              autocast_dtype: torch.dtype | None = None) -> "Pipeline":
         """`syncs[i](last)`: the context part i's full backward runs in (see `TimedStage`). A
         zero-bubble schedule splits most backwards into input and weight halves, and FSDP's
-        hooks fire on the input half: there they are left to reduce every micro-batch."""
+        hooks fire on the input half: there they are left to reduce every micro-batch.
+        `loss_choice` (fused): the last stage returns final hidden states and the loss function
+        applies that stage's head through the fused linear + cross-entropy."""
         timeline = Timeline()
         if not syncs or schedule in _SPLIT_BACKWARD:
             syncs = [None] * len(parts)
-        stages = [TimedStage(StageModule(part, first=sid == 0, last=sid == n_stages - 1), sid, n_stages, device,
-                             group=pp_group, timeline=timeline, sync=sync)
+        fused = loss_choice is not None and loss_choice.fused
+        stages = [TimedStage(StageModule(part, first=sid == 0, last=sid == n_stages - 1, hidden_out=fused), sid,
+                             n_stages, device, group=pp_group, timeline=timeline, sync=sync)
                   for part, sid, sync in zip(parts, ids, syncs)]
-        pipe = cls(None, ids, n_stages, timeline)
+        pipe = cls(None, ids, n_stages, timeline, stages=stages)
+        head_root = next((part for part, sid in zip(parts, ids) if sid == n_stages - 1), None)
 
-        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return token_loss_sum(logits, labels) * pipe.scale
+        def loss_fn(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            if fused:
+                return head_loss_sum(output, head_root, loss_choice, labels, autocast_dtype=autocast_dtype) * pipe.scale
+            return token_loss_sum(output, labels) * pipe.scale
 
         if schedule in _SINGLE:
             pipe.schedule = _SINGLE[schedule](stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,

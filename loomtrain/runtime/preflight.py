@@ -13,6 +13,8 @@ import os
 import sys
 import tempfile
 
+import torch
+
 from loomtrain.checkpoint.resume import check_config as check_checkpoint_config
 from loomtrain.checkpoint.resume import checkpoint_root, saving_enabled
 from loomtrain.config import Config, resolve_degrees
@@ -20,6 +22,7 @@ from loomtrain.data.sources import check_source
 from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.errors import ConfigError
 from loomtrain.kernels.loss_select import choose_loss
+from loomtrain.kernels.modules import choose_module_kernels
 from loomtrain.kernels.select import choose_attention, kernel_gaps
 from loomtrain.models.build import build_hf_config, build_meta_model, find_blocks
 from loomtrain.models.weights import SafetensorsSource, check_weights, listed
@@ -153,8 +156,12 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
     # kernels.fused_loss=on where the fused loss is not built is refused here, before launch (the
     # device only picks between liger and torch, never refuses).
     choose_loss(cfg.kernels.fused_loss, cfg.kernels.loss_chunk_tokens, hf_config, device_type="cpu",
-                vocab_parallel=degrees["tp"] > 1, pipeline=degrees["pp"] > 1,
-                hetero=cfg.parallel.sequence_scheduler == "hetero")
+                vocab_parallel=degrees["tp"] > 1, hetero=cfg.parallel.sequence_scheduler == "hetero")
+    # kernels.rmsnorm / kernels.swiglu = on where Liger cannot run (no CUDA for this run, no
+    # liger-kernel, an unknown family, tp) is refused before launch too.
+    cuda = cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
+    choose_module_kernels(cfg.kernels.rmsnorm, cfg.kernels.swiglu, hf_config, device_type="cuda" if cuda else "cpu",
+                          tensor_parallel=degrees["tp"] > 1)
     if cfg.model.path is not None:
         _check_weights(cfg, hf_config)
     tp = degrees["tp"]

@@ -33,6 +33,7 @@ from loomtrain.data.loader import DataLoader
 from loomtrain.data.tokenizer import build_tokenizer
 from loomtrain.hooks import Hook, Hooks, LoopState
 from loomtrain.kernels.loss_select import choose_loss
+from loomtrain.kernels.modules import apply_module_kernels, choose_module_kernels
 from loomtrain.mesh import DistEnv, ParallelDims, dp_coordinates, init_distributed
 from loomtrain.models import build as model_lib
 from loomtrain.models.flops import flop_model
@@ -148,14 +149,13 @@ class Trainer:
         self.loader = DataLoader(cfg.data, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                  seed=cfg.train.seed)
         self.data_timer = TimedLoader(self.loader)  # the runner reads through it: data wait is timed
+        self.loss_choice = choose_loss(cfg.kernels.fused_loss, cfg.kernels.loss_chunk_tokens, self.hf_config,
+                                       device_type=env.device.type, vocab_parallel=self.dims.tp > 1,
+                                       hetero=cfg.parallel.sequence_scheduler == "hetero")
         self.pipeline = self._build_pipeline() if self.pp_group is not None else None
         # Tied embeddings under PP: the first and last stage's copies get their summed gradient.
         self.tied = (TiedEmbeddings.build(self.model_parts, self.stage_ids, self.n_stages, self.mesh.root,
                                           self.dims.pp) if self.pp_group is not None and self.ties_embeddings else None)
-        self.loss_choice = choose_loss(cfg.kernels.fused_loss, cfg.kernels.loss_chunk_tokens, self.hf_config,
-                                       device_type=env.device.type, vocab_parallel=self.dims.tp > 1,
-                                       pipeline=self.pp_group is not None,
-                                       hetero=cfg.parallel.sequence_scheduler == "hetero")
         self.runner = self._build_runner()
         compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.peak_flops, self.peak_source = device_peak_flops(env.device, compute_dtype, cfg.train.peak_tflops)
@@ -263,7 +263,8 @@ class Trainer:
     def _build_pipeline(self) -> pipeline.Pipeline:
         return pipeline.Pipeline.build(self.model_parts, self.stage_ids, self.n_stages, self.pp_group,
                                        self.env.device, self.cfg.parallel.pp_schedule, self._n_micro(),
-                                       syncs=[part.micro_batch for part in self.parts])
+                                       syncs=[part.micro_batch for part in self.parts],
+                                       loss_choice=self.loss_choice, autocast_dtype=self.parts[0].autocast_dtype)
 
     def _build_part(self, carve: tuple | None) -> Parallelized:
         cfg, env = self.cfg, self.env
@@ -272,6 +273,10 @@ class Trainer:
         if carve is not None:
             start, end, first, last = carve
             pipeline.carve_stage(meta, start, end, first=first, last=last)
+        # kernels.rmsnorm / kernels.swiglu: Liger's module instances in place of HF's, on meta
+        self.module_kernels = choose_module_kernels(cfg.kernels.rmsnorm, cfg.kernels.swiglu, self.hf_config,
+                                                    device_type=env.device.type, tensor_parallel=self.dims.tp > 1)
+        apply_module_kernels(meta, self.module_kernels, self.hf_config)
         par = parallelize(meta, cfg, self.mesh)
         if self._user_model is not None:
             state = {n: p.detach().to(env.device) for n, p in self._user_model.named_parameters()}
@@ -381,7 +386,8 @@ class Trainer:
               f"zero {cfg.parallel.zero} | {self.env.device.type} {cfg.model.dtype} | "
               f"batch {cfg.data.global_batch_size} x {cfg.data.seq_len} tokens | "
               f"peak {self.peak_flops / 1e12:.2f} TFLOP/s/device ({self.peak_source}) | "
-              f"attention {self.parts[0].attention} | loss {self.loss_choice.path} ({self.loss_choice.reason})",
+              f"attention {self.parts[0].attention} | loss {self.loss_choice.path} ({self.loss_choice.reason}) | "
+              f"{self.module_kernels.reason}",
               flush=True)
 
     # ------------------------------------------------------------------ state
