@@ -13,6 +13,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from loomtrain.launch.spec import one_line
+from loomtrain.resilience.restart import RESTART_EXIT_CODE
 
 _NOT_AVAILABLE = "<N/A>"
 
@@ -122,6 +123,9 @@ class FailureLog(logging.Handler):
         every = _attempt_failures()
         if every:
             local_rank, failure = pick_failure(every)
+            # a straggler restart: one rank's exit code says so, the others were stopped by the agent
+            local_rank, failure = next(((r, f) for r, f in every.items() if f.exitcode == RESTART_EXIT_CODE),
+                                       (local_rank, failure))
             self.failures.append((int(failure.exitcode), int(local_rank)))
             return
         try:
@@ -135,6 +139,9 @@ class FailureLog(logging.Handler):
             return None
         causes = []
         for code, local_rank in self.failures:
+            if code == RESTART_EXIT_CODE:
+                causes.append("a straggler restart (resilience.straggler=restart)")
+                continue
             how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
             causes.append(f"rank {node_rank * nproc + local_rank} died ({how})")
         n = len(self.failures)
