@@ -64,3 +64,19 @@ def test_restart_line_names_the_killed_rank_not_the_echo(tmp_path):
     assert log.summary(node_rank=1, nproc=2) == (
         "loomtrain: restarted 3 times after rank 3 died (killed by SIGKILL); rank 2 died (exit code 1); "
         "rank 3 died (killed by SIGABRT)")
+
+
+def test_restart_line_says_when_the_cause_was_on_another_node(tmp_path):
+    """Every local failure a communication error (another node died under an elastic rendezvous)."""
+    log = FailureLog()
+    logger = logging.getLogger(FailureLog.LOGGER)
+    logger.addHandler(log)
+    try:
+        _poll({0: ProcessFailure(local_rank=0, pid=40, exitcode=-15,
+                                 error_file=_echo_error_file(tmp_path / "e4.json", 1_700_000_200)),
+               1: ProcessFailure(local_rank=1, pid=41, exitcode=1,
+                                 error_file=_echo_error_file(tmp_path / "e5.json", 1_700_000_199))})
+    finally:
+        logger.removeHandler(log)
+    assert log.summary(node_rank=0, nproc=2) == (
+        "loomtrain: restarted 1 time after rank 1 lost its peers (exit code 1; what failed first was on another node)")

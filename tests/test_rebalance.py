@@ -6,7 +6,9 @@ groups covering every rank, never a slower predicted step, the slow rank's share
 run is 4 gloo ranks under the heterogeneous scheduler with rank 2 50% slower: the straggler is
 reported, a rebalance event is written, rank 2's predicted work share per step drops after it, and
 the losses and final weights equal the same run without the fault -- rebalancing changes which
-rank computes which sequence, not the sum. Robust at a load average of 15: the assertions are on
+rank computes which sequence, not the sum. A third run's rank 2 recovers after step 32
+(`fault.slow_until_step`): its factor goes back to 1 within 3 windows and its work share comes
+back, again with the same losses. Robust at a load average of 15: the assertions are on
 work shares, which the plans fix given the factors, never on wall time.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from loomtrain.config import load_config
 from loomtrain.errors import ConfigError
 from loomtrain.parallel.hetero import CostModel, PlanError, aligned_blocks, plan_batch
 from loomtrain.parallel.hetero.speeds import apply_speeds, effective_time, work_shares
-from loomtrain.resilience.rebalance import speed_factors
+from loomtrain.resilience.rebalance import eased_factors, speed_factors
 
 
 # ------------------------------------------------------------------------------ the plan pass
@@ -74,17 +76,33 @@ def test_speed_factors_are_relative_to_the_median_and_snap_noise_to_one():
     assert speed_factors([float("nan")] * 3, snap=0.1) == [1.0] * 3
 
 
+def test_a_recovered_rank_goes_halfway_back_to_one_each_window():
+    # measured clearly below its factor: halfway between 1 and the measurement
+    assert eased_factors([1.0, 1.5, 1.0, 1.5], [1.0, 1.39, 1.0, 1.5], snap=0.15) == [1.0, 1.195, 1.0, 1.5]
+    assert eased_factors([1.0, 1.6, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], snap=0.15) == [1.0, 1.0, 1.0, 1.0]
+    assert eased_factors([1.0, 1.8, 1.0, 1.0], [1.0, 1.5, 1.0, 1.0], snap=0.15) == [1.0, 1.25, 1.0, 1.0]
+    assert eased_factors([1.0, 1.2, 1.0, 1.0], [1.0, 1.1, 1.0, 1.0], snap=0.15) == [1.0] * 4  # 1.05: snapped
+    assert eased_factors([1.0, 1.5], [1.0, 1.45], snap=0.15) is None  # within snap / 2 of its factor: kept
+    assert eased_factors([1.0, 1.5], [1.0, 1.64], snap=0.15) is None  # still slow: kept
+    assert eased_factors([1.0, 1.0], [1.0, 1.0], snap=0.15) is None
+
+
 def test_config_takes_rebalance_with_the_hetero_scheduler_only():
     assert load_config(None, ["resilience.straggler=rebalance",
                               "parallel.sequence_scheduler=hetero"]).resilience.straggler == "rebalance"
     with pytest.raises(ConfigError, match="heterogeneous scheduler only"):
         load_config(None, ["resilience.straggler=rebalance"])
-    with pytest.raises(ConfigError, match="restart: not built yet"):
+    assert load_config(None, ["resilience.straggler=restart",
+                              "checkpoint.every=50"]).resilience.straggler == "restart"
+    with pytest.raises(ConfigError, match="set checkpoint.every"):
         load_config(None, ["resilience.straggler=restart"])
+    with pytest.raises(ConfigError, match="restart_cost_s=-1"):
+        load_config(None, ["resilience.restart_cost_s=-1"])
 
 
 # ------------------------------------------------------------------------------ a real run
 WINDOW, STEPS = 8, 64
+RECOVER = 32  # the "recovers" run's rank 2 is slow up to this step
 # sequences up to 128 tokens with room for 256 per rank and micro-step: plans with slack to move
 # work into (a plan whose groups are all full of memory has nowhere to put it)
 HETERO = ["parallel.sequence_scheduler=hetero", "data.seq_len=128", "data.global_batch_size=16",
@@ -96,7 +114,9 @@ HETERO = ["parallel.sequence_scheduler=hetero", "data.seq_len=128", "data.global
 def rebalance_runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("rebalance"))
     run_cases(4, {"slow": case("llama", *HETERO, "fault.slow_rank=2", "fault.slow_factor=1.5"),
-                  "clean": case("llama", *HETERO)}, out, timeout=1500)
+                  "recovers": case("llama", *HETERO, "fault.slow_rank=2", "fault.slow_factor=1.5",
+                                   f"fault.slow_until_step={RECOVER}"),
+                  "clean": case("llama", *HETERO)}, out, timeout=1800)
     return out
 
 
@@ -133,3 +153,32 @@ def test_a_straggler_gets_less_work_and_the_losses_do_not_change(rebalance_runs)
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and f"step {rebalance['step']}: rebalanced the heterogeneous plan" in proc.stdout, \
         proc.stdout + proc.stderr
+
+
+def _shares(run: str, rank: int) -> dict[int, float]:
+    """step -> `rank`'s share of the step's predicted work."""
+    shares: dict[int, float] = {}
+    for w in _jsonl(os.path.join(run, "straggler_windows.jsonl")):
+        for j, step in enumerate(w["steps"]):
+            work = [row[j] for row in w["step_work"]]
+            shares[step] = work[rank] / sum(work)
+    return shares
+
+
+def test_a_recovered_rank_gets_its_factor_and_its_work_back(rebalance_runs):
+    run = os.path.join(rebalance_runs, "recovers")
+    events = [e for e in _jsonl(os.path.join(run, "events.jsonl")) if e["event"] == "rebalance"]
+    first = events[0]
+    assert first["reason"] == "straggler" and first["step"] <= RECOVER and first["factors"][2] > 1.15, events
+    # after the recovery, rank 2's factor comes down to exactly 1 within 3 windows
+    reset = next((e for e in events if e["step"] > RECOVER and e["factors"][2] == 1.0), None)
+    assert reset is not None and reset["step"] <= RECOVER + 3 * WINDOW, events
+    assert all(f == 1.0 for f in reset["factors"]) and reset["speeds"] == [1.0] * 4, reset
+    later = [e for e in events if e["step"] > reset["step"]]
+    assert not later, events
+    shares = _shares(run, 2)
+    rebalanced = [v for s, v in shares.items() if first["from_step"] < s <= RECOVER]
+    restored = [v for s, v in shares.items() if s > reset["from_step"]]
+    assert rebalanced and len(restored) >= WINDOW // 2, (first, reset, sorted(shares))
+    assert np.mean(restored) > np.mean(rebalanced) / 0.92, (np.mean(rebalanced), np.mean(restored))
+    assert_parity(load_result(rebalance_runs, "recovers"), load_result(rebalance_runs, "clean"), "recovered run")

@@ -23,7 +23,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.verify": ("fast", "size", "checksum", "sha256"),
     "train.nonfinite": ("stop", "skip"),
-    "resilience.straggler": ("off", "report", "rebalance"),
+    "resilience.straggler": ("off", "report", "rebalance", "restart"),
 }
 
 
@@ -142,8 +142,11 @@ def _check_offload(o: OffloadConfig) -> None:
 def _check_resilience(cfg: Config) -> None:
     """`resilience.*` and `fault.*`: the policies not built yet, deadlines, fault parameters."""
     r, f = cfg.resilience, cfg.fault
-    if r.straggler == "restart":
-        raise ConfigError(f"resilience.straggler={r.straggler}: not built yet; use report, rebalance or off")
+    if r.straggler == "restart" and cfg.checkpoint.every <= 0 and cfg.checkpoint.dir is None:
+        raise ConfigError("resilience.straggler=restart resumes from the checkpoint it commits before stopping; "
+                          "set checkpoint.every (e.g. 100) or checkpoint.dir")
+    if r.restart_cost_s < 0:
+        raise ConfigError(f"resilience.restart_cost_s={r.restart_cost_s}: must not be negative (0 = measure it)")
     if r.straggler == "rebalance" and cfg.parallel.sequence_scheduler != "hetero":
         raise ConfigError("resilience.straggler=rebalance moves work between ranks through the heterogeneous "
                           "scheduler only; set parallel.sequence_scheduler=hetero, or use report")
@@ -157,6 +160,8 @@ def _check_resilience(cfg: Config) -> None:
     for key in ("startup_timeout_s", "hang_timeout_s", "checkpoint_timeout_s", "orphan_check_s", "link_floor_s"):
         if not 0 <= getattr(r, key) < float("inf"):
             raise ConfigError(f"resilience.{key}={getattr(r, key)}: must be finite and >= 0 (0 disables it)")
+    if f.slow_until_step < 0:
+        raise ConfigError(f"fault.slow_until_step={f.slow_until_step}: must not be negative (0 = the whole run)")
     if not 1.0 <= f.slow_factor < 1000 or not 0 <= f.slow_link_s < 3600:
         raise ConfigError(f"fault.slow_factor={f.slow_factor} / fault.slow_link_s={f.slow_link_s}: "
                           "the factor must be within [1, 1000), the delay within [0, 3600) s")

@@ -130,7 +130,8 @@ class CheckpointConfig:
 class ResilienceConfig:
     """Straggler and hang detection (`loomtrain.resilience`)."""
 
-    # off | report | rebalance (hetero scheduler: slow ranks get less work) (restart: not built yet);
+    # off | report | rebalance (hetero scheduler: slow ranks get less work) | restart (commit, then stop
+    # for an elastic restart without the straggler's node when that saves more than it costs);
     # active at 3+ ranks on CPU
     straggler: str = "report"
     window_steps: int = 10  # steps per detection window (one side-group all-gather each)
@@ -142,6 +143,9 @@ class ResilienceConfig:
     hang_timeout_s: float = 600.0  # one training step
     checkpoint_timeout_s: float = 1800.0  # a step that saves or commits a checkpoint
     orphan_check_s: float = 1.0  # how often a worker checks that its launcher is alive (0 = never)
+    # straggler=restart: what one elastic restart costs; 0 = this attempt's measured start-up plus
+    # torch's rendezvous timeouts (loomtrain.resilience.restart)
+    restart_cost_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -150,12 +154,16 @@ class FaultConfig:
 
     slow_rank: int = -1
     slow_factor: float = 1.0  # 1.3 = 30% more CPU time per unit of work on slow_rank
+    slow_until_step: int = 0  # slow_rank recovers after this step (0 = slow for the whole run)
     slow_group: str = ""  # comma-separated ranks of one mesh group, e.g. "2,3": its probes are slow
     slow_link_s: float = 0.02  # added to each collective of slow_group's probes
     hang_rank: int = -1
     hang_step: int = 0  # hang_rank stops inside a collective in this step (1-based)
     kill_rank: int = -1
     kill_step: int = 0  # kill_rank SIGKILLs itself at the start of this step (1-based), first attempt only
+    # kill_rank's whole node instead: it SIGKILLs its launcher (the elastic agent) first, as a crashed
+    # machine would; the node's other workers then exit by themselves (resilience.orphan_check_s)
+    kill_node: bool = False
 
 @dataclass(frozen=True)
 class OffloadConfig:

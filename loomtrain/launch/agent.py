@@ -219,6 +219,8 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
     if root not in paths and os.path.basename(root) not in ("site-packages", "dist-packages"):
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
     os.environ[LAUNCHER_ENV] = "1"
+    # resilience.straggler=restart excludes a node only if the rendezvous can go on without it
+    os.environ["LOOMTRAIN_MIN_NODES"] = str(parse_nnodes(spec.nnodes)[0])
     # torch's flight recorder: the hang watchdog's record of each rank's last collectives
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
 

@@ -13,6 +13,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from loomtrain.launch.spec import one_line
+from loomtrain.resilience.restart import RESTART_EXIT_CODE
 
 _NOT_AVAILABLE = "<N/A>"
 
@@ -114,6 +115,9 @@ class FailureLog(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.failures: list[tuple[int, int]] = []  # (exit code, local rank), one per failed attempt
+        # attempts whose every local failure was a communication error: the cause was elsewhere
+        # (another node's rank, or the whole node, died)
+        self.echoes: set[int] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         if not (str(record.msg).startswith("failed (exitcode") and isinstance(record.args, tuple)
@@ -122,6 +126,11 @@ class FailureLog(logging.Handler):
         every = _attempt_failures()
         if every:
             local_rank, failure = pick_failure(every)
+            # a straggler restart: one rank's exit code says so, the others were stopped by the agent
+            local_rank, failure = next(((r, f) for r, f in every.items() if f.exitcode == RESTART_EXIT_CODE),
+                                       (local_rank, failure))
+            if failure.exitcode != RESTART_EXIT_CODE and _failure_rank_key(local_rank, failure)[0] == 1:
+                self.echoes.add(len(self.failures))
             self.failures.append((int(failure.exitcode), int(local_rank)))
             return
         try:
@@ -134,8 +143,15 @@ class FailureLog(logging.Handler):
         if not self.failures:
             return None
         causes = []
-        for code, local_rank in self.failures:
+        for i, (code, local_rank) in enumerate(self.failures):
+            if code == RESTART_EXIT_CODE:
+                causes.append("a straggler restart (resilience.straggler=restart)")
+                continue
             how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+            if i in self.echoes:
+                causes.append(f"rank {node_rank * nproc + local_rank} lost its peers ({how}; what failed first "
+                              "was on another node)")
+                continue
             causes.append(f"rank {node_rank * nproc + local_rank} died ({how})")
         n = len(self.failures)
         return f"loomtrain: restarted {n} time{'s' if n > 1 else ''} after {'; '.join(causes)}"

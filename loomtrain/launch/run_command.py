@@ -14,6 +14,7 @@ from loomtrain.config import load_config, replace as replace_config
 from loomtrain.launch.agent import launch, launch_spec, set_omp_threads, worker_main
 from loomtrain.launch.spec import in_worker
 from loomtrain.resilience.faults import restart_count
+from loomtrain.resilience.restart import leave_for_restart
 from loomtrain.runtime.preflight import preflight
 from loomtrain.runtime.trainer import Trainer
 
@@ -22,11 +23,16 @@ def _train(config: str | None, overrides: list[str]) -> None:
     """Worker body of `run`: load the config and train (the Trainer runs `preflight` itself).
 
     In a group that torchelastic restarted (`--max-restarts`) a run that saves checkpoints
-    resumes from its last committed one (`checkpoint.resume=auto`) instead of starting over."""
+    resumes from its last committed one (`checkpoint.resume=auto`) instead of starting over. A loop
+    stopped by `resilience.straggler=restart` ends here in an exit for the elastic agent."""
     cfg = load_config(config, overrides)
     if restart_count() > 0 and cfg.checkpoint.resume == "none":
         cfg = replace_config(cfg, checkpoint={"resume": "auto"})
-    Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    trainer.fit()
+    exclude = trainer.loop.extra.get("straggler_restart_exclude")
+    if exclude is not None:  # resilience.straggler=restart stopped the loop; the checkpoint is committed
+        leave_for_restart(exclude, trainer.env.rank)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ Components on the training loop's hook points (`loomtrain.hooks`), built by the 
                 last collectives, the dumps are lined up through the job's store, one line names
                 the rank that never entered, and the job exits 3
   orphan.py     a worker exits when its launcher dies
+  restart.py    a restarted group's `restart` event (attempt, resumed step, world size before and
+                after), and `resilience.straggler=restart`'s cost arithmetic
 
 The layer sits between runtime (which registers the components) and checkpoint; it imports only
 the layers below it.

@@ -2,13 +2,16 @@
 
 Slowness is injected as *real extra CPU work* proportional to the work the rank did in the step
 (`slow_factor` 1.3 burns 30% more CPU time on top of what the step used up to its optimizer step), so
-it is unambiguous against scheduling noise on a loaded machine: the straggler monitor measures
+it is unambiguous against scheduling noise (`slow_until_step`: the rank recovers after that step) on a loaded machine: the straggler monitor measures
 the training thread's CPU time, which a busy neighbour does not inflate, and a slower chip would show exactly
 this. A slow link delays each collective of the named group's probes by `slow_link_s` (the
 training collectives themselves are not slowed). A hang stops `hang_rank` at the start of
 `hang_step`, before that step's first collective, so the other ranks wait inside it. A kill
 SIGKILLs `kill_rank` at the start of `kill_step`, in the first attempt only (torchelastic's
 `TORCHELASTIC_RESTART_COUNT` is 0), so that under `--max-restarts` the restarted group runs through.
+With `kill_node` it SIGKILLs its launcher (the elastic agent, its parent) first: the whole node is
+gone, its other workers exit through their `OrphanGuard`, and an elastic rendezvous
+(`--nnodes MIN:MAX`) goes on without that node.
 """
 from __future__ import annotations
 
@@ -50,18 +53,22 @@ class Faults:
 
     rank: int
     slow_factor: float = 1.0
+    slow_until_step: int = 0  # the slowness ends after this step (0: never)
     slow_group: tuple[int, ...] = ()
     slow_link_s: float = 0.0
     hang_step: int = 0  # 0: no hang on this rank
     kill_step: int = 0  # 0: no kill on this rank (or not in this attempt)
+    kill_node: bool = False  # the kill takes the launcher (the node's agent) with it
 
     @classmethod
     def from_config(cls, cfg: FaultConfig, rank: int, attempt: int | None = None) -> "Faults":
         attempt = restart_count() if attempt is None else attempt
         return cls(rank=rank, slow_factor=cfg.slow_factor if cfg.slow_rank == rank else 1.0,
+                   slow_until_step=cfg.slow_until_step,
                    slow_group=parse_ranks(cfg.slow_group), slow_link_s=cfg.slow_link_s,
                    hang_step=cfg.hang_step if cfg.hang_rank == rank else 0,
-                   kill_step=cfg.kill_step if cfg.kill_rank == rank and attempt == 0 else 0)
+                   kill_step=cfg.kill_step if cfg.kill_rank == rank and attempt == 0 else 0,
+                   kill_node=cfg.kill_node)
 
     @property
     def active(self) -> bool:
@@ -82,8 +89,11 @@ class FaultInjector(Hook):
 
     def before_step(self, loop: LoopState) -> None:
         if self.faults.kill_step and loop.step + 1 == self.faults.kill_step:
-            print(f"loomtrain: fault: rank {self.faults.rank} kills itself (SIGKILL) at step {loop.step + 1}",
+            what = "its node's launcher and itself" if self.faults.kill_node else "itself"
+            print(f"loomtrain: fault: rank {self.faults.rank} kills {what} (SIGKILL) at step {loop.step + 1}",
                   flush=True)
+            if self.faults.kill_node:
+                os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
         if self.faults.hang_step and loop.step + 1 == self.faults.hang_step:
             print(f"loomtrain: fault: rank {self.faults.rank} hangs at step {loop.step + 1}", flush=True)
@@ -94,5 +104,5 @@ class FaultInjector(Hook):
     def after_optimizer_step(self, loop: LoopState) -> None:
         # the whole step's work so far (forward, backward, clipping, optimizer), before the
         # straggler monitor, registered later, closes the step's measurement
-        if self.faults.slow_factor > 1.0:
+        if self.faults.slow_factor > 1.0 and not 0 < self.faults.slow_until_step < loop.step + 1:
             burn_cpu((self.faults.slow_factor - 1.0) * (compute_cpu_s() - self._cpu0))

@@ -11,6 +11,12 @@ this: packed rows give every rank the same shape of work (config checks refuse t
 Every rank runs the detector on the same all-gathered figures, so every rank reaches the same
 factors without another collective; the plan's fingerprint check would stop a rank that did not.
 Factors within `min_slowdown` of 1 are set to exactly 1, so noise never moves work.
+
+A rank that recovers (a throttled chip cools down, a noisy neighbour leaves) is not reported
+again (the detector reports a rank once per episode), so no new factors would come:
+`eased_factors` brings the factor of a rank measured clearly faster than its factor to halfway
+between 1 and the measurement (exactly 1 once within `min_slowdown`), so it gets its work back
+within a few windows; a rank measured at or above its factor keeps it.
 """
 from __future__ import annotations
 
@@ -39,12 +45,31 @@ def speed_factors(rates: Sequence[float], snap: float) -> list[float]:
     return out
 
 
+def eased_factors(current: Sequence[float], measured: Sequence[float], snap: float) -> list[float] | None:
+    """The factors after a window without a straggler report: a rank that holds a factor but
+    measured clearly faster than it (`measured`, from `speed_factors`, below the factor by more
+    than `snap / 2`) goes to halfway between 1 and its measurement, snapped to 1 within `snap`; a
+    rank measured at or above its factor keeps it. None when nothing changes.
+
+    Halfway to 1, not to the measurement: a rank given less work measures slower per unit of
+    predicted work than it is (fixed per-micro-step costs weigh more), so a recovered rank still
+    reads ~1.3 on its reduced share (4 ranks, 1.5x slow until step 32: 1.39, then 1.29)."""
+    out = []
+    for f, m in zip(current, measured):
+        if f != 1.0 and m < f - snap / 2:
+            f = 1.0 + (m - 1.0) / 2
+            f = 1.0 if abs(f - 1.0) < snap else round(f, 4)
+        out.append(f)
+    return out if out != list(current) else None
+
+
 class Rebalancer:
     """Maps the monitor's per-rank factors onto the heterogeneous scheduler's pool of ranks."""
 
     def __init__(self, scheduler: HeteroScheduler):
         self.scheduler = scheduler
         self.pool_index: list[int] = []  # global rank -> index in the scheduler's pool
+        self.factors: list[float] = []  # per global rank, as last applied ([] = none yet)
 
     def setup(self, side_group, world_size: int) -> None:
         """One all-gather at start-up: which pool index each global rank is."""
@@ -62,6 +87,7 @@ class Rebalancer:
         """Set the factors for the next plans; returns what the event record says about them: the
         factors per pool rank, and for the last batch each rank's predicted work share and the
         predicted step time, as planned before and with the factors."""
+        self.factors = [float(f) for f in factors]
         speeds = self.pool_speeds(factors)
         self.scheduler.set_speeds(speeds)
         plan, cost = self.scheduler.last_plan, self.scheduler.cost

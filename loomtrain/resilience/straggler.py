@@ -22,7 +22,9 @@ training collectives; every rank runs `Detector` on the same table (so that unde
 rank 0 reports. The window's per-step figures of every rank (compute, wall, work) ride in the same
 all-gather into `straggler_windows.jsonl`, for `loomtrain report --plot`'s heat-map; the first
 step planned with new speed factors is left out of the statistics. Active at 3+ ranks on CPU (CUDA work is not in
-process CPU time: on CUDA the monitor says so and stays off).
+process CPU time: on CUDA the monitor says so and stays off). Under `resilience.straggler=restart`
+a reported straggler whose node is worth excluding (`restart.restart_worth_it`) stops the loop
+on every rank at once; `restart.leave_for_restart` then takes the job to the elastic agent.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ from loomtrain.parallel.hetero.plan_types import Plan
 from loomtrain.resilience.detect import DetectConfig, Detector, Finding, low_quartile
 from loomtrain.resilience.clock import compute_cpu_s
 from loomtrain.resilience.faults import Faults
-from loomtrain.resilience.rebalance import Rebalancer, speed_factors
+from loomtrain.resilience.rebalance import Rebalancer, eased_factors, speed_factors
+from loomtrain.resilience.restart import RENDEZVOUS_S, RestartPlan, process_age_s, straggler_restart
 
 
 class TimedLoader:
@@ -137,6 +140,10 @@ class StragglerMonitor(Hook):
         self.groups: list[tuple[str, tuple[int, ...]]] = []
         self.dims: list[tuple[str, object, tuple[int, ...]]] = []  # (name, my group, its ranks)
         self.hosts: list[str] = []
+        self.nodes: list[str] = []  # each rank's node (torchelastic's GROUP_RANK), for the restart policy
+        self.startup_s: float | None = None  # process start to the first step: what a restart repeats
+        self.restart: tuple[Finding, RestartPlan, list[int]] | None = None
+        self.own_s, self.span = 0.0, [0.0, 0.0]  # the monitor's own seconds; the loop's first and last instant
         self.detector: Detector | None = None
         self.samples: list[tuple[float, float, float, float]] = []
         self.trace: list[tuple[int, float, float, float]] = []  # every step: (step, compute, wall, work)
@@ -155,8 +162,10 @@ class StragglerMonitor(Hook):
         if not self.active:
             return
         self.side = dist.new_group(backend="gloo")
-        self.hosts = [None] * self.world
-        dist.all_gather_object(self.hosts, socket.gethostname(), group=self.side)
+        pairs = [None] * self.world
+        host = socket.gethostname()
+        dist.all_gather_object(pairs, (host, os.environ.get("GROUP_RANK", host)), group=self.side)
+        self.hosts, self.nodes = [h for h, _ in pairs], [str(n) for _, n in pairs]
         self.groups = mesh_groups(self.mesh_root)
         if self.mesh_root is not None:
             for name in self.mesh_root.mesh_dim_names:
@@ -171,18 +180,35 @@ class StragglerMonitor(Hook):
             self.rebalancer.setup(self.side, self.world)
 
     def before_step(self, loop: LoopState) -> None:
+        if self.startup_s is None:
+            self.startup_s = process_age_s() or 0.0
         if self.active:
+            t0 = time.perf_counter()
+            self.span[0] = self.span[0] or t0
             self._start = (compute_cpu_s(), time.perf_counter(), self.loader.cpu_s, self.loader.wait_s,
                            loop.last_checkpoint)
+            self.own_s += time.perf_counter() - t0
 
     def after_optimizer_step(self, loop: LoopState) -> None:
         # the step's own work ends here: what after_step does (rank 0 logs metrics) is not compute
         if self.active:
-            self._end = (compute_cpu_s(), time.perf_counter())
+            t0 = time.perf_counter()
+            self._end = (compute_cpu_s(), t0)
+            self.own_s += time.perf_counter() - t0
 
-    def after_step(self, loop: LoopState, record: dict) -> None:
+    def after_step(self, loop: LoopState, record: dict) -> bool:
+        """The step's figures, and at a window's end the window; the time spent here and in the
+        other two points is the monitor's own cost (`own_s`, against the loop's time `span`)."""
         if not self.active:
-            return
+            return False
+        t0 = time.perf_counter()
+        try:
+            return self._after_step(loop)
+        finally:
+            self.span[1] = time.perf_counter()
+            self.own_s += self.span[1] - t0
+
+    def _after_step(self, loop: LoopState) -> bool:
         cpu0, wall0, data_cpu0, wait0, ckpt0 = self._start
         cpu1, wall1 = self._end
         data_cpu = self.loader.cpu_s - data_cpu0
@@ -194,19 +220,27 @@ class StragglerMonitor(Hook):
         if loop.step > self.cfg.warmup_steps and not saved and loop.step != self.replan_step:
             self.samples.append((compute, work, wait, wall1 - wall0))
         if loop.step % self.cfg.window_steps == 0:
-            self._window(loop.step)
+            return self._window(loop.step, loop.max_steps)
+        return False
 
     def end_fit(self, loop: LoopState, exc: BaseException | None) -> None:
         if not self.active:
             return
         loop.extra["resilience_reports"] = [self._record(step, f) for step, f in self.findings]
+        cost = self.own_s / (self.span[1] - self.span[0]) if self.span[1] > self.span[0] else 0.0
+        loop.extra["straggler_monitor_cost"] = cost
+        if self.restart is not None:
+            loop.stop_reason = "straggler restart"
+            loop.extra["straggler_restart_exclude"] = self.restart[2]
         if self.is_main and exc is None:
             if self.findings:
                 print(f"loomtrain: resilience: {len(self.findings)} report(s) in {self.windows} windows "
                       f"({', '.join(self._short(f) for _, f in self.findings)}); "
-                      f"events in {os.path.join(self.output_dir, 'events.jsonl')}", flush=True)
+                      f"events in {os.path.join(self.output_dir, 'events.jsonl')}; the monitor took {cost:.2%} "
+                      "of the loop's time", flush=True)
             else:
-                print(f"loomtrain: resilience: no straggler or slow link in {self.windows} windows", flush=True)
+                print(f"loomtrain: resilience: no straggler or slow link in {self.windows} windows (the monitor "
+                      f"took {cost:.2%} of the loop's time)", flush=True)
         if self.side is not None:
             dist.destroy_process_group(self.side)
             self.side = None
@@ -230,7 +264,8 @@ class StragglerMonitor(Hook):
             out.append(best)
         return out
 
-    def _window(self, step: int) -> None:
+    def _window(self, step: int, max_steps: int) -> bool:
+        """One window's all-gather, detection and response; True: stop for an elastic restart."""
         probes = self._probe()
         mine = [float("nan")] * 4 + [0.0]
         if self.samples:
@@ -279,13 +314,40 @@ class StragglerMonitor(Hook):
             self._report(step, finding, float(wait.nanmedian()))
         if self.rebalancer is not None and any(f.kind == "straggler" for f in findings):
             self._rebalance(step, rate.tolist())
+        elif self.rebalancer is not None and self.rebalancer.factors:
+            eased = eased_factors(self.rebalancer.factors, speed_factors(rate.tolist(), self.cfg.min_slowdown),
+                                  self.cfg.min_slowdown)
+            if eased is not None:
+                self._rebalance(step, rate.tolist(), eased)
+        stragglers = [f for f in findings if f.kind == "straggler"]
+        if self.cfg.straggler == "restart" and stragglers:
+            return self._consider_restart(step, max(stragglers, key=lambda f: f.slowdown), max_steps,
+                                          float(table[:, 3].nanmedian()))
+        return False
 
-    def _rebalance(self, step: int, rates: list[float]) -> None:
-        """Speed factors from this window's compute rates to the heterogeneous planner, from the
-        next step on; that step re-plans and is left out of the statistics."""
-        factors = speed_factors(rates, self.cfg.min_slowdown)
+    def _consider_restart(self, step: int, f: Finding, max_steps: int, step_s: float) -> bool:
+        """`resilience.straggler=restart`: every rank works out the same plan from the same figures
+        (the start-up time is rank 0's, which every rank agrees on through the side group)."""
+        startup = torch.tensor([self.startup_s or 0.0], dtype=torch.float64)
+        dist.broadcast(startup, src=0, group=self.side)
+        plan, excluded, line, rec = straggler_restart(
+            step=step, max_steps=max_steps, rank=f.rank, slowdown=f.slowdown, step_s=step_s, nodes=self.nodes,
+            hosts=self.hosts, cost_s=self.cfg.restart_cost_s or float(startup) + RENDEZVOUS_S)
+        if plan.restart:
+            self.restart = (f, plan, excluded)
+        if self.is_main:
+            print(line, flush=True)
+            if plan.restart:
+                with open(os.path.join(self.output_dir, "events.jsonl"), "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+        return plan.restart
+
+    def _rebalance(self, step: int, rates: list[float], eased: list[float] | None = None) -> None:
+        """Speed factors from this window's compute rates (or `eased` ones: a rank recovered) to the
+        heterogeneous planner, from the next step on; that step re-plans and is left out of the statistics."""
+        factors = eased if eased is not None else speed_factors(rates, self.cfg.min_slowdown)
         rec = {"event": "rebalance", "step": step, "from_step": step + 1, "factors": factors,
-               **self.rebalancer.apply(factors)}
+               "reason": "recovered" if eased is not None else "straggler", **self.rebalancer.apply(factors)}
         self.replan_step = step + 1
         if not self.is_main:
             return

@@ -48,6 +48,7 @@ from loomtrain.parallel.hetero.scheduler import HeteroScheduler
 from loomtrain.resilience.faults import FaultInjector, Faults
 from loomtrain.resilience.orphan import OrphanGuard
 from loomtrain.resilience.rebalance import Rebalancer
+from loomtrain.resilience.restart import RestartRecorder
 from loomtrain.resilience.straggler import StragglerMonitor, TimedLoader, hetero_work
 from loomtrain.resilience.watchdog import Watchdog
 from loomtrain.parallel.tied import TiedEmbeddings, ties_embeddings
@@ -226,6 +227,9 @@ class Trainer:
         faults = Faults.from_config(cfg.fault, env.rank)
         if faults.active:
             self.hooks.add(FaultInjector(faults))
+        checkpointer = self.checkpointer
+        self.hooks.add(RestartRecorder(cfg.train.output_dir, env.world_size, env.is_main,
+                                       lambda: checkpointer.resumed_from if checkpointer is not None else None))
         hetero = self.hetero
         work = (lambda: hetero_work(hetero.last_plan, hetero.executor.index)) if hetero is not None else (lambda: 1.0)
         self.hooks.add(StragglerMonitor(
