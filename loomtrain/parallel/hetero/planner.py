@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from loomtrain.parallel.hetero.costmodel import CostModel
-from loomtrain.parallel.hetero.local_search import polish, widen
+from loomtrain.parallel.hetero.local_search import polish, swap, widen
 from loomtrain.parallel.hetero.packer import Batch, Candidate, candidate, pack_groups, prepare, to_plan
 from loomtrain.parallel.hetero.plan_types import Plan, PlanError
 
@@ -112,7 +112,7 @@ def _heterogeneous(b: Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3)
     best = widen(b, best, m0, k0, pack)
     m0, k0 = next((m, kreq) for c, m, kreq in cache.values() if c is best)
     finals = [best] + [c for c in (pack(m, k0, MIN_RATE) for m in (m0, m0 + 1)) if c is not None]
-    return min((candidate(b, polish(b, c.bins), "hetero", None) for c in finals),
+    return min((candidate(b, polish(b, swap(b, c.bins)), "hetero", None) for c in finals),
                key=lambda c: (c.time, c.n_steps))
 
 
@@ -147,7 +147,7 @@ def _fill_first(b: Batch, k: int, rest_plan) -> Candidate | None:
             if g.seqs:
                 bins.append([m + 1, g.degree.bit_length() - 1, g.start, g.time, b.capacity - g.tokens,
                              [rest[j] for j in g.seqs]])
-    return candidate(b, bins, "hetero", None)
+    return candidate(b, polish(b, swap(b, bins)), "hetero", None)
 
 
 @dataclass(frozen=True)
