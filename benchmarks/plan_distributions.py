@@ -6,7 +6,8 @@
 Runs `loomtrain plan` (in process) on the Wikipedia lengths (`shared/data/lengths-wikipedia.txt`)
 and on synthetic corpora written to DIR (seeded, so the same files every run): lognormal, Pareto
 (alpha 1.2), heavy Pareto (alpha 0.8), bimodal (short documents plus 10% of 32K-256K ones), equal
-(every document 16K) and uniform (1-64K). Prints, per distribution, the predicted step times of
+(every document 16K), uniform (1-64K), exponential (mean 8K), Zipf (1.5, 64-token units), all long
+(128-256K), all short (128-2K) and rare giants (0.2% of 256K documents among 1-4K ones). Prints, per distribution, the predicted step times of
 static SP and of the heterogeneous plan, the lower bound, the optimality gap (plan / bound - 1,
 mean and worst over the batches; the issue's targets are <= 5% and <= 10%) and the planner's
 latency (wall and CPU ms per batch; wall grows with the machine's load), and writes every report to DIR/NAME.json. Times are the cost model's predictions for
@@ -44,12 +45,23 @@ def synthetic(name: str, rng: np.random.Generator) -> np.ndarray:
         x = np.full(SIZE, 16384.0)
     elif name == "uniform":
         x = rng.uniform(1, 65536, SIZE)
+    elif name == "exponential":
+        x = rng.exponential(8192, SIZE)
+    elif name == "zipf":  # document lengths of a Zipf law over 64-token units
+        x = 64 * rng.zipf(1.5, SIZE)
+    elif name == "all_long":  # every document 128K-256K
+        x = rng.uniform(131072, 262144, SIZE)
+    elif name == "all_short":  # every document 128-2K
+        x = rng.uniform(128, 2048, SIZE)
+    elif name == "rare_giants":  # 0.2% of 256K documents among 1-4K ones
+        x = np.where(rng.random(SIZE) < 0.002, 262144, rng.uniform(1024, 4096, SIZE))
     else:
         raise ValueError(name)
     return np.maximum(1, x).astype(np.int64)
 
 
-NAMES = ("wikipedia", "lognormal", "pareto", "heavy_pareto", "bimodal", "equal", "uniform")
+NAMES = ("wikipedia", "lognormal", "pareto", "heavy_pareto", "bimodal", "equal", "uniform", "exponential",
+         "zipf", "all_long", "all_short", "rare_giants")
 
 
 def lengths_file(name: str, out: str) -> str:

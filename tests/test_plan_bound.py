@@ -92,12 +92,48 @@ def test_bound_never_exceeds_the_brute_force_optimum():
         for long_max, upper in ((1, None), (2, None), (40, None), (40, plan.time)):
             b = lower_bound(lengths, n_ranks, capacity, cost, seconds=5, long_max=long_max, upper=upper)
             assert b.value <= opt * (1 + 1e-9), (case, lengths, n_ranks, capacity, long_max, b, opt)
+            assert b.classes is not None and b.classes <= opt * (1 + 1e-9), (case, lengths, b, opt)
             assert b.value >= analytic.value
             assert b.n_long <= max(1, long_max)
             checked += 1
         tight += b.value >= opt * 0.98
     assert checked == 480
     assert tight >= 80, f"the bound is within 2% of the optimum on only {tight} of 120 instances"
+
+
+def shaped_instances(count, seed):
+    """Equal lengths (many copies of one length: the step-height bound's exact case), and
+    lengths uniform over the whole range, across rank counts, capacities and cost models."""
+    rng = np.random.default_rng(seed)
+    for case in range(count):
+        n_ranks = int(rng.choice([2, 4, 8]))
+        capacity = int(rng.choice([1024, 4096, 16384]))
+        if case % 2 == 0:
+            n = int(rng.integers(2, 7))
+            lengths = [int(rng.integers(1, n_ranks * capacity + 1))] * n
+        else:
+            n = int(rng.integers(2, 6))
+            lengths = [int(x) for x in rng.integers(1, n_ranks * capacity + 1, n)]
+        yield case, lengths, n_ranks, capacity, COSTS[case % len(COSTS)]
+
+
+def test_step_height_bound_on_equal_and_uniform_lengths():
+    """bound <= optimum <= plan for the step-height class bound (and the combined bound) on equal
+    and uniform lengths; on equal lengths it is within 2% of the optimum in most instances."""
+    tight = equal = 0
+    for case, lengths, n_ranks, capacity, cost in shaped_instances(60, seed=11):
+        opt = brute_force(lengths, n_ranks, capacity, cost)
+        plan = plan_batch(lengths, n_ranks, capacity, cost)
+        assert plan.time >= opt * (1 - 1e-9), (case, lengths, n_ranks, capacity, plan.time, opt)
+        for upper in (None, plan.time):
+            b = lower_bound(lengths, n_ranks, capacity, cost, seconds=5, upper=upper)
+            assert b.classes <= opt * (1 + 1e-9), (case, lengths, n_ranks, capacity, b, opt)
+            assert b.value <= opt * (1 + 1e-9), (case, lengths, n_ranks, capacity, b, opt)
+        if len(set(lengths)) == 1:
+            equal += 1
+            tight += b.classes >= opt * 0.98
+    assert equal == 30
+    assert tight >= 20, f"the step-height bound is within 2% of the optimum on {tight} of 30 equal batches"
 
 
 def test_bound_of_trivial_batches_is_exact():

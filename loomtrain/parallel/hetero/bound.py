@@ -10,6 +10,8 @@ plan / bound - 1 (the optimality gap) can. The bound is the largest of:
 * MILP:    the relaxation in `milp.py` (per-step height, area and memory; the long sequences placed
            with binaries; idle time in wide groups only partly usable by short sequences),
            whatever bound HiGHS proves within `seconds`; skipped when seconds <= 0.
+* classes: whole micro-steps per step-height class (`height_bound.py`), each sequence charged the
+           ranks its time and memory take at the top of its class; also within `seconds`.
 
 Memory is charged with a dual feasible function of bin packing per degree (`_dff`), so memory
 that fragmentation makes unusable counts, and two sequences over half a rank's capacity at a
@@ -28,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from loomtrain.parallel.hetero.costmodel import CostModel
+from loomtrain.parallel.hetero.height_bound import height_class_bound
 from loomtrain.parallel.hetero.milp import milp_bound
 from loomtrain.parallel.hetero.plan_types import PlanError, check_ranks
 
@@ -43,6 +46,7 @@ class Bound:
     milp: float | None  # None: not run
     solved: bool  # the MILP relaxation was solved to optimality (the bound is its optimum)
     n_long: int  # sequences the MILP placed with binaries
+    classes: float | None = None  # the step-height class bound (None: not run)
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def lower_bound(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostM
     area_lb = float(area.sum()) / n_ranks + steps * o
     alone = np.where(t.feasible, t.time + t.lat[None, :], np.inf).min(axis=1)
     longest_lb = float(alone.max()) + o
-    milp_lb, solved, n_long = None, False, 0
+    milp_lb, solved, n_long, cls_lb = None, False, 0, None
     if seconds > 0:
         share = LONG_SHARE * float(area.sum()) / n_ranks / steps
         order = np.lexsort((np.arange(alone.size), -alone))
@@ -127,5 +131,9 @@ def lower_bound(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostM
         upper = trivial if upper is None else min(float(upper), trivial)
         res = milp_bound(t.time, t.lat, t.mem, t.feasible, big, long, n_ranks, capacity, o, seconds, upper)
         milp_lb, solved = res.value * (1 - 1e-7), res.solved  # HiGHS's feasibility tolerance
-    value = max(area_lb, longest_lb, milp_lb or 0.0)
-    return Bound(value, area_lb, longest_lb, milp_lb, solved, n_long)
+        cls_lb, cls_solved = height_class_bound(lengths, t.time, t.lat, t.mem, t.feasible, n_ranks, capacity,
+                                                o, upper, seconds)
+        cls_lb *= 1 - 1e-7
+        solved = solved or (cls_solved and cls_lb >= milp_lb)
+    value = max(area_lb, longest_lb, milp_lb or 0.0, cls_lb or 0.0)
+    return Bound(value, area_lb, longest_lb, milp_lb, solved, n_long, cls_lb)

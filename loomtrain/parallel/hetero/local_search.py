@@ -79,3 +79,52 @@ def widen(b, best, m, kreq, pack, rounds: int = 8):
         if not improved:
             break
     return best
+
+
+SWAP_SEQS = 8  # groups of at most this many sequences take part in swaps (the long ones' groups)
+
+
+def swap(b, bins, budget: int = 200):
+    """Local search within micro-steps: exchange a sequence of a step's slowest group with one
+    of another group of the same step when both end below the slowest's load (and in memory).
+    `polish` only moves sequences into idle time; a step of few long sequences paired badly
+    (the longest two together) needs exchanges. No step ever gets slower."""
+    bins = [[m, k, st, load, room, list(seqs)] for m, k, st, load, room, seqs in bins]
+    steps: dict = {}
+    for bi, e in enumerate(bins):
+        if e[5]:
+            steps.setdefault(e[0], []).append(bi)
+    time, tok, kmin = b.time, b.tok, b.kmin
+    for members in steps.values():
+        while budget > 0:
+            g = max(members, key=lambda bi: (bins[bi][3], -bi))
+            _, kg, _, load_g, room_g, seq_g = bins[g]
+            if len(seq_g) > SWAP_SEQS:
+                break
+            best = None
+            for h in members:
+                _, kh, _, load_h, room_h, seq_h = bins[h]
+                if h == g or len(seq_h) > SWAP_SEQS:
+                    continue
+                for i in seq_g:
+                    if kmin[i] > kh:
+                        continue
+                    for j in seq_h:
+                        if kmin[j] > kg or room_g + tok[kg][i] < tok[kg][j] or room_h + tok[kh][j] < tok[kh][i]:
+                            continue
+                        val = max(load_g - time[kg][i] + time[kg][j], load_h - time[kh][j] + time[kh][i])
+                        if val < load_g - 1e-9 and (best is None or (val, i, j) < best[:3]):
+                            best = (val, i, j, h)
+            if best is None:
+                break
+            _, i, j, h = best
+            kh = bins[h][1]
+            bins[g][5].remove(i)
+            bins[g][5].append(j)
+            bins[h][5].remove(j)
+            bins[h][5].append(i)
+            for e in (bins[g], bins[h]):  # exact sums, as the packer computes them
+                e[3] = sum(time[e[1]][s] for s in e[5]) + b.lat[e[1]]
+                e[4] = b.capacity - sum(tok[e[1]][s] for s in e[5])
+            budget -= 1
+    return bins

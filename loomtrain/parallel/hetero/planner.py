@@ -14,7 +14,9 @@ makes the same choice greedily, in tens of milliseconds, so every rank can run i
 3. Portfolio: a few alphas and micro-step counts (more for small batches); for the winner, its
    few longest sequences narrowed to fit one tall step (`_heterogeneous`), `widen` (the sequence
    holding a step up gets the next degree) and a candidate keeping short sequences off groups
-   costing 2x; the best after `polish` (moves off each step's slowest group) wins. The same packer
+   costing 2x; the best after `polish` (moves off each step's slowest group; for batches of <= 600
+   sequences after `swap`, exchanges inside a step) wins. Batches of <= 300 sequences also try
+   `_fill_first`: one step filled at one degree, the rest planned after it. The same packer
    with one degree for every group competes; the fastest plan by the cost model wins, so the
    result is never slower than the best homogeneous plan.
 
@@ -30,12 +32,13 @@ from typing import Sequence
 import numpy as np
 
 from loomtrain.parallel.hetero.costmodel import CostModel
-from loomtrain.parallel.hetero.local_search import polish, widen
+from loomtrain.parallel.hetero.local_search import polish, swap, widen
 from loomtrain.parallel.hetero.packer import Batch, Candidate, candidate, pack_groups, prepare, to_plan
 from loomtrain.parallel.hetero.plan_types import Plan, PlanError
 
 # batches of <= SMALL sequences pack fast: a wider portfolio (alphas, betas, n_long) for them
 SMALL, WIDE = 300, (tuple(2.0 ** (e / 8) for e in range(-8, 9)), (0.3, 0.45, 0.55, 0.65, 0.8, 0.9, 1.0), 5)
+SWAP_MAX = 600  # batches of at most this many sequences get `swap` before `polish`
 MIN_RATE = 0.5  # a candidate keeps short sequences off groups that need 2x their rank-seconds
 
 
@@ -112,8 +115,43 @@ def _heterogeneous(b: Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3)
     best = widen(b, best, m0, k0, pack)
     m0, k0 = next((m, kreq) for c, m, kreq in cache.values() if c is best)
     finals = [best] + [c for c in (pack(m, k0, MIN_RATE) for m in (m0, m0 + 1)) if c is not None]
-    return min((candidate(b, polish(b, c.bins), "hetero", None) for c in finals),
+    small = len(b.lengths) <= SWAP_MAX  # swaps cost O(pairs): only where few steps make them count
+    return min((candidate(b, polish(b, swap(b, c.bins) if small else c.bins), "hetero", None) for c in finals),
                key=lambda c: (c.time, c.n_steps))
+
+
+def _fill_first(b: Batch, k: int, rest_plan) -> Candidate | None:
+    """One micro-step filled at degree 2**k with as many of the longest sequences as it holds,
+    the rest planned on their own (`rest_plan(lengths) -> Plan`) after it. Balanced steps are not
+    always best: 58 x 16K documents on 64 GPUs run fastest as 56 of them 7 to a degree-8 group in
+    one tall step and the last two alone on 32 GPUs each in a short one, not as two steps of 29."""
+    idx = [i for i in b.order if b.kmin[i] <= k]
+    if not idx:
+        return None
+
+    def one_step(p):
+        sub = prepare([b.lengths[i] for i in idx[:p]], b.n_ranks, b.capacity, b.cost)
+        return pack_groups(sub, [k] * p, 1, k)
+
+    lo, hi = 0, len(idx)  # the longest prefix that one step holds: lo fits, hi + 1 does not
+    if one_step(hi) is None:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if one_step(mid) is not None else (lo, mid)
+        hi = lo
+    if hi == 0 or hi == len(b.lengths):  # nothing fits, or all does (the homogeneous plan's case)
+        return None
+    first = set(idx[:hi])
+    bins = [[0, kk, start, load, room, [idx[j] for j in seqs]]
+            for _, kk, start, load, room, seqs in one_step(hi)]
+    rest = [i for i in range(len(b.lengths)) if i not in first]
+    plan = rest_plan([b.lengths[i] for i in rest])
+    for m, step in enumerate(plan.steps):
+        for g in step.groups:
+            if g.seqs:
+                bins.append([m + 1, g.degree.bit_length() - 1, g.start, g.time, b.capacity - g.tokens,
+                             [rest[j] for j in g.seqs]])
+    return candidate(b, polish(b, swap(b, bins)), "hetero", None)
 
 
 @dataclass(frozen=True)
@@ -124,7 +162,7 @@ class Comparison:
 
 
 def compare_plans(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostModel | None = None,
-                  static_degree: int | None = None) -> Comparison:
+                  static_degree: int | None = None, fill_first: bool = True) -> Comparison:
     """Plan a batch (see `plan_batch`) and return the winner beside the homogeneous baselines.
 
     Homogeneous degrees are packed in the order of a lower bound on their time (max of GPU-time
@@ -148,6 +186,13 @@ def compare_plans(lengths: Sequence[int], n_ranks: int, capacity: int, cost: Cos
             homog[k] = _homogeneous(b, k)
     hom = min(homog.values(), key=lambda c: (c.time, c.degree, c.n_steps))
     het = _heterogeneous(b) if len(b.lengths) > SMALL else _heterogeneous(b, *WIDE)
+    if fill_first and 1 < len(b.lengths) <= SMALL:  # a full tall step, then the rest planned alone
+        def rest_plan(sub):
+            return compare_plans(sub, n_ranks, capacity, b.cost, fill_first=False).best
+        for k in range(k_lo, n_ranks.bit_length()):
+            c = _fill_first(b, k, rest_plan)
+            if c is not None and (het is None or (c.time, c.n_steps) < (het.time, het.n_steps)):
+                het = c
     best = het if het is not None and het.time < hom.time else hom  # ties: the simpler plan
     plans = {id(c): to_plan(b, c) for c in {id(c): c for c in
                                               (best, hom, homog.get(k_static, hom))}.values()}
