@@ -60,7 +60,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
     compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     blocks = find_blocks(model)
     if mesh is not None and mesh["tp"].size() > 1:
-        apply_tp(model, blocks, mesh["tp"], sequence_parallel=pcfg.sequence_parallel, experts_elsewhere=pcfg.ep > 1)
+        apply_tp(model, blocks, mesh["tp"], sequence_parallel=pcfg.sequence_parallel)
     # Expert parallelism next to TP: both turn parameters into DTensors that FSDP shards again.
     experts = apply_ep(model, model.config, mesh["ep"]) if mesh is not None and pcfg.ep > 1 else []
     cp = 1 if mesh is None else mesh["cp"].size()

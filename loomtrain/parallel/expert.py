@@ -8,7 +8,7 @@ expert dim) over "ep", and FSDP shards each rank's experts again over "dp_shard_
 parameter keeps its HF name and global shape, so checkpoints (DCP) reshard across ep degrees.
 With pp, the expert mesh keeps pp outermost: each stage's experts live on that stage's ep ranks.
 With tp (no sequence parallelism), attention is tensor-parallel as the model's plan says, minus
-the expert entries (`tp_plan.model_plan(experts_elsewhere=True)`), and each MoE layer runs
+the expert entries and the dense-MLP entries sparse blocks lack (`moe_tp`), and each MoE layer runs
 replicated over tp: tp ranks see the same tokens and do the same dispatch in their own ep groups.
 Not yet: ep with cp or dp_replicate (HSDP), and the auxiliary loss under pp (`check_moe_layout`).
 
@@ -222,6 +222,10 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
         raise ConfigError("router_aux_loss_coef with parallel.pp>1: the load-balancing loss couples every layer's "
                           "router statistics, which pipeline stages do not share yet; set "
                           "model.config.output_router_logits=false or parallel.pp=1")
+    if degrees["tp"] > 1 and cfg.parallel.sequence_parallel:
+        raise ConfigError(f"parallel.tp={degrees['tp']} with a mixture-of-experts model needs "
+                          "parallel.sequence_parallel=false (its MoE layers run replicated over tp on full-length "
+                          "hidden states)")
     if cfg.parallel.sequence_scheduler == "hetero":
         raise ConfigError("parallel.sequence_scheduler=hetero with a mixture-of-experts model: its load-balancing "
                           "loss is defined per fixed micro-batch; use sequence_scheduler=static")
@@ -236,9 +240,6 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
     # pp outermost), and the auxiliary loss, which would couple the stages, is refused above.
     # tp: attention is tensor-parallel, the MoE layer replicated over tp (each tp rank runs the
     # same dispatch within its own ep group) -- which needs full-length hidden states there.
-    if degrees["tp"] > 1 and cfg.parallel.sequence_parallel:
-        raise ConfigError(f"parallel.ep={ep} with parallel.tp={degrees['tp']} needs parallel.sequence_parallel=false "
-                          "(the MoE layers run replicated over tp on full-length hidden states)")
     others = {k: degrees[k] for k in ("dp_replicate", "cp") if degrees[k] > 1}
     if others:
         named = ", ".join(f"parallel.{k}={v}" for k, v in others.items())
