@@ -10,7 +10,7 @@ With pp, the expert mesh keeps pp outermost: each stage's experts live on that s
 With tp (no sequence parallelism), attention is tensor-parallel as the model's plan says, minus
 the expert entries and the dense-MLP entries sparse blocks lack (`moe_tp`), and each MoE layer runs
 replicated over tp: tp ranks see the same tokens and do the same dispatch in their own ep groups.
-Not yet: ep with cp or dp_replicate (HSDP), and the auxiliary loss under pp (`check_moe_layout`).
+Not yet: ep with cp or dp_replicate (HSDP) (`check_moe_layout`).
 
 Which modules. The model's own plan where transformers has one: `base_model_ep_plan` entries of
 style `ep_dispatch_experts` name the expert containers (`layers.*.mlp.experts`), whose grouped
@@ -218,10 +218,6 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
         if ep > 1:
             raise ConfigError(f"parallel.ep={ep}: model_type={hf_config.model_type} has no experts; set parallel.ep=1")
         return
-    if spec.aux_loss and spec.aux_coef and degrees["pp"] > 1:
-        raise ConfigError("router_aux_loss_coef with parallel.pp>1: the load-balancing loss couples every layer's "
-                          "router statistics, which pipeline stages do not share yet; set "
-                          "model.config.output_router_logits=false or parallel.pp=1")
     if degrees["tp"] > 1 and cfg.parallel.sequence_parallel:
         raise ConfigError(f"parallel.tp={degrees['tp']} with a mixture-of-experts model needs "
                           "parallel.sequence_parallel=false (its MoE layers run replicated over tp on full-length "
@@ -237,7 +233,7 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
         raise ConfigError(f"parallel.ep={ep} needs parallel.zero=2 or 3 (FSDP): DDP would average expert "
                           "gradients over ranks that hold different experts")
     # pp: each stage's experts are sharded over the ep ranks of that stage (the expert mesh keeps
-    # pp outermost), and the auxiliary loss, which would couple the stages, is refused above.
+    # pp outermost); the stages pass the auxiliary loss's router statistics on (`pipeline_moe`).
     # tp: attention is tensor-parallel, the MoE layer replicated over tp (each tp rank runs the
     # same dispatch within its own ep group) -- which needs full-length hidden states there.
     others = {k: degrees[k] for k in ("dp_replicate", "cp") if degrees[k] > 1}
