@@ -147,7 +147,10 @@ class ParallelDims:
         names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
         sizes = [self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp]
         experts = init_device_mesh(device_type, sizes, mesh_dim_names=names)
-        return {"ep": experts["ep"], "dp_shard_mod_ep": experts["dp_shard_mod_ep"]}
+        # "experts_fsdp": what FSDP shards each rank's experts over -- dp_shard_mod_ep, or with
+        # dp_replicate > 1 the 2-D (dp_replicate, dp_shard_mod_ep) mesh of HSDP.
+        fsdp = experts["dp_replicate", "dp_shard_mod_ep"] if self.dp_replicate > 1 else experts["dp_shard_mod_ep"]
+        return {"ep": experts["ep"], "dp_shard_mod_ep": experts["dp_shard_mod_ep"], "experts_fsdp": fsdp}
 
 
 class Mesh:

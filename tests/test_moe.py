@@ -48,6 +48,8 @@ LAYOUTS = {
     # (plain TP, no SP); Qwen3-MoE's plan entries for a dense MLP its sparse blocks lack dropped
     "ep2_tp2": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=false"]),
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
+    # HSDP: experts sharded over ep, replicated over dp_replicate
+    "ep2_hsdp": (4, ["parallel.ep=2", "parallel.dp_replicate=2", "parallel.dp_shard=2"]),
 }
 
 
@@ -256,7 +258,6 @@ def test_metrics_carry_expert_load_and_aux_loss(refs, out):
     (["parallel.ep=2", "parallel.zero=1"], 2, "needs parallel.zero=2 or 3"),
     (["parallel.ep=3", "data.global_batch_size=12"], 3, "does not divide the model.s 4 experts"),
     (["parallel.ep=4"], 2, "does not divide parallel.dp_shard=2"),
-    (["parallel.ep=2", "parallel.dp_replicate=2", "parallel.dp_shard=2"], 4, "dp_replicate=2 is not supported"),
     (["parallel.ep=0"], 2, "parallel.ep=0: must be at least 1"),
     (["parallel.sequence_scheduler=hetero"], 2, "hetero with a mixture-of-experts model"),
     (["parallel.ep=2", "parallel.cp=2", "parallel.dp_shard=2"], 4, "parallel.cp=2 is not supported"),

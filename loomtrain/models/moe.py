@@ -27,6 +27,10 @@ micro-batch unit, not the whole step, because f_e of the whole step is known onl
 micro-batch's forward, while the first one's backward has already run: a whole-step statistic
 would need a second forward pass or every micro-batch's graph kept alive.
 
+Under pipeline parallelism no stage sees every layer's router logits: the stages carry running
+sums of the counts and probability sums on with the hidden states, and the last stage finishes
+the formula with `MoeAux.term_of` (`parallel.pipeline_moe`).
+
 Expert containers come in two shapes in transformers 5.x: grouped weights (`gate_up_proj`,
 `down_proj` parameters of shape [E, ...] in one `experts` module, dispatched through
 `ExpertsInterface`), and older per-expert `nn.ModuleList`s. `expert_params` finds both.

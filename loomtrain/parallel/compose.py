@@ -87,7 +87,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
     uses_fsdp = dp_size > 1 and pcfg.zero >= 2
     if uses_fsdp:
         if experts:  # each rank's experts first, so the blocks' FSDP leaves them alone
-            shard_experts(experts, mesh["dp_shard_mod_ep"], param_dtype=compute_dtype,
+            shard_experts(experts, mesh["experts_fsdp"], param_dtype=compute_dtype,
                           zero=pcfg.zero)
         apply_fsdp(model, blocks, mesh, zero=pcfg.zero, param_dtype=compute_dtype)
     mixed_by_autocast = not uses_fsdp and compute_dtype != torch.float32

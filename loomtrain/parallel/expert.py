@@ -10,7 +10,9 @@ With pp, the expert mesh keeps pp outermost: each stage's experts live on that s
 With tp (no sequence parallelism), attention is tensor-parallel as the model's plan says, minus
 the expert entries and the dense-MLP entries sparse blocks lack (`moe_tp`), and each MoE layer runs
 replicated over tp: tp ranks see the same tokens and do the same dispatch in their own ep groups.
-Not yet: ep with cp or dp_replicate (HSDP) (`check_moe_layout`).
+With dp_replicate (HSDP) the experts' FSDP mesh is (dp_replicate, dp_shard_mod_ep) and the
+dense part's (dp_replicate, dp_shard), so the gradient arithmetic below holds with dp = dp_replicate
+x dp_shard. Not yet: ep with cp (`check_moe_layout`).
 
 Which modules. The model's own plan where transformers has one: `base_model_ep_plan` entries of
 style `ep_dispatch_experts` name the expert containers (`layers.*.mlp.experts`), whose grouped
@@ -199,10 +201,11 @@ def apply_ep(model: nn.Module, hf_config, ep_mesh: DeviceMesh) -> list[nn.Module
 
 def shard_experts(containers: list[nn.Module], shard_mesh: DeviceMesh, *, param_dtype: torch.dtype,
                   zero: int, reduce_dtype: torch.dtype = torch.float32) -> None:
-    """FSDP of each rank's experts over `shard_mesh` (dp_shard_mod_ep), before the blocks are
-    wrapped (their FSDP then leaves these parameters alone). Gradients are divided by the whole
-    data-parallel size `dp` in effect: FSDP divides by the mesh size dp/ep, the forward's
-    `_ScaleGrad` by ep (module docstring)."""
+    """FSDP of each rank's experts over `shard_mesh` (dp_shard_mod_ep; with dp_replicate, HSDP
+    over (dp_replicate, dp_shard_mod_ep)), before the blocks are wrapped (their FSDP then leaves
+    these parameters alone). Gradients are divided by the whole data-parallel size `dp` in
+    effect: FSDP divides by the mesh size dp/ep, the forward's `_ScaleGrad` by ep (module
+    docstring)."""
     mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
           if param_dtype != torch.float32 else MixedPrecisionPolicy())  # as data_parallel.apply_fsdp
     for module in containers:
@@ -236,8 +239,8 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
     # pp outermost); the stages pass the auxiliary loss's router statistics on (`pipeline_moe`).
     # tp: attention is tensor-parallel, the MoE layer replicated over tp (each tp rank runs the
     # same dispatch within its own ep group) -- which needs full-length hidden states there.
-    others = {k: degrees[k] for k in ("dp_replicate", "cp") if degrees[k] > 1}
-    if others:
-        named = ", ".join(f"parallel.{k}={v}" for k, v in others.items())
-        raise ConfigError(f"parallel.ep={ep} composes with dp_shard, tp and pp only so far; {named} is not supported "
-                          "with it")
+    # dp_replicate (HSDP): each rank's experts are replicated over dp_replicate and sharded over
+    # dp_shard_mod_ep, like the dense part over dp_replicate x dp_shard.
+    if degrees["cp"] > 1:
+        raise ConfigError(f"parallel.ep={ep} composes with dp_shard, dp_replicate, tp and pp only so far; "
+                          f"parallel.cp={degrees['cp']} is not supported with it")
