@@ -50,6 +50,8 @@ LAYOUTS = {
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
     # HSDP: experts sharded over ep, replicated over dp_replicate
     "ep2_hsdp": (4, ["parallel.ep=2", "parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    # cp splits every row: its ranks pool the router statistics and send their own tokens
+    "ep2_cp2": (4, ["parallel.ep=2", "parallel.cp=2"]),
 }
 
 
@@ -260,7 +262,6 @@ def test_metrics_carry_expert_load_and_aux_loss(refs, out):
     (["parallel.ep=4"], 2, "does not divide parallel.dp_shard=2"),
     (["parallel.ep=0"], 2, "parallel.ep=0: must be at least 1"),
     (["parallel.sequence_scheduler=hetero"], 2, "hetero with a mixture-of-experts model"),
-    (["parallel.ep=2", "parallel.cp=2", "parallel.dp_shard=2"], 4, "parallel.cp=2 is not supported"),
     (["parallel.ep=2", "parallel.tp=2"], 4, "needs parallel.sequence_parallel=false"),
     (["parallel.tp=2"], 2, "mixture-of-experts model needs parallel.sequence_parallel=false"),
 ])

@@ -12,7 +12,8 @@ the expert entries and the dense-MLP entries sparse blocks lack (`moe_tp`), and 
 replicated over tp: tp ranks see the same tokens and do the same dispatch in their own ep groups.
 With dp_replicate (HSDP) the experts' FSDP mesh is (dp_replicate, dp_shard_mod_ep) and the
 dense part's (dp_replicate, dp_shard), so the gradient arithmetic below holds with dp = dp_replicate
-x dp_shard. Not yet: ep with cp (`check_moe_layout`).
+x dp_shard. With cp, the experts' FSDP spans dp_shard_mod_ep x cp (every rank holding the same
+experts) and dp counts the cp ranks too (token_ranks = dp x cp).
 
 Which modules. The model's own plan where transformers has one: `base_model_ep_plan` entries of
 style `ep_dispatch_experts` name the expert containers (`layers.*.mlp.experts`), whose grouped
@@ -240,7 +241,6 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
     # tp: attention is tensor-parallel, the MoE layer replicated over tp (each tp rank runs the
     # same dispatch within its own ep group) -- which needs full-length hidden states there.
     # dp_replicate (HSDP): each rank's experts are replicated over dp_replicate and sharded over
-    # dp_shard_mod_ep, like the dense part over dp_replicate x dp_shard.
-    if degrees["cp"] > 1:
-        raise ConfigError(f"parallel.ep={ep} composes with dp_shard, dp_replicate, tp and pp only so far; "
-                          f"parallel.cp={degrees['cp']} is not supported with it")
+    # dp_shard_mod_ep, like the dense part over dp_replicate x dp_shard. cp: the context-parallel
+    # ranks of a row hold the same experts and send their own tokens; the experts' FSDP spans
+    # them (dp_shard_mod_ep x cp), as the dense part's spans dp_shard x cp.
