@@ -148,12 +148,22 @@ class ParallelDims:
     def _expert_meshes(self, device_type: str) -> dict[str, DeviceMesh]:
         """Expert parallelism carves dp_shard into dp_shard_mod_ep x ep, ep innermost (adjacent
         ranks exchange tokens). The two live in one mesh of their own: an expert weight is a DTensor
-        sharded over "ep", and FSDP shards it again over "dp_shard_mod_ep", which FSDP allows
-        only for two dimensions of the same root mesh."""
-        names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
-        sizes = [self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp]
+        sharded over "ep", and FSDP shards it again over "experts_fsdp", which FSDP allows only
+        for dimensions of the same root mesh. "experts_fsdp" spans every rank holding the same
+        experts: dp_shard_mod_ep x cp (a row's context-parallel ranks hold the same weights), and
+        with dp_replicate > 1 the 2-D (dp_replicate, that) mesh of HSDP. cp comes before ep so
+        that dp_shard_mod_ep and cp are adjacent, which DTensor needs to flatten them when it
+        redistributes (the gradient norm); an ep group need not match the data layout, it is any
+        set of ranks that together hold all the experts."""
+        names = ("pp", "dp_replicate", "dp_shard_mod_ep", "cp", "ep", "tp")
+        sizes = [self.pp, self.dp_replicate, self.dp_shard // self.ep, self.cp, self.ep, self.tp]
         experts = init_device_mesh(device_type, sizes, mesh_dim_names=names)
-        return {"ep": experts["ep"], "dp_shard_mod_ep": experts["dp_shard_mod_ep"]}
+        shard = "dp_shard_mod_ep"
+        if self.cp > 1:
+            experts["dp_shard_mod_ep", "cp"]._flatten("dp_shard_mod_ep_cp")
+            shard = "dp_shard_mod_ep_cp"
+        fsdp = experts["dp_replicate", shard] if self.dp_replicate > 1 else experts[shard]
+        return {"ep": experts["ep"], "dp_shard_mod_ep": experts["dp_shard_mod_ep"], "experts_fsdp": fsdp}
 
 
 class Mesh:

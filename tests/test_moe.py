@@ -1,7 +1,7 @@
 """Mixture-of-experts models (tiny Mixtral and Qwen3-MoE): the load-balancing loss is HF's, FLOPs
 count active parameters, and every layout -- ZeRO-3 over two ranks, expert parallelism alone and
-with FSDP of each rank's experts -- trains the same curve as one process, auxiliary loss
-included; checkpoints resume across ep degrees."""
+with FSDP of each rank's experts, with tensor parallelism, pipelines -- trains the same curve as
+one process, auxiliary loss included; checkpoints resume across ep degrees."""
 from __future__ import annotations
 
 import json
@@ -16,8 +16,11 @@ from harness import BASE, LOSS_RTOL, PARAM_ATOL, assert_parity, load_result, ref
 from loomtrain.config import load_config
 from loomtrain.errors import ConfigError
 from loomtrain.launch import cli
+from loomtrain.models.build import build_meta_model, find_blocks
 from loomtrain.models.flops import flop_model
 from loomtrain.models.moe import MoeAux, MoeSpec
+from loomtrain.parallel.pipeline_moe import carry_router_stats, split_stats
+from loomtrain.parallel.tensor import layer_plan
 from loomtrain.runtime.preflight import preflight
 
 _GEOMETRY = ["model.config.hidden_size=64", "model.config.num_hidden_layers=2",
@@ -41,11 +44,15 @@ LAYOUTS = {
     "cp2": (2, ["parallel.cp=2"]),
     # ZeRO-2 and recomputation: the recomputed forward exchanges tokens again, in the same order
     "ep2_zero2_ac": (2, ["parallel.ep=2", "parallel.zero=2", "parallel.activation_checkpointing=full"]),
+    # tp: attention tensor-parallel as the model's plan says, the MoE layers replicated over tp
+    # (plain TP, no SP); Qwen3-MoE's plan entries for a dense MLP its sparse blocks lack dropped
+    "ep2_tp2": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=false"]),
+    "tp2_dp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
+    # HSDP: experts sharded over ep, replicated over dp_replicate
+    "ep2_hsdp": (4, ["parallel.ep=2", "parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    # cp splits every row: its ranks pool the router statistics and send their own tokens
+    "ep2_cp2": (4, ["parallel.ep=2", "parallel.cp=2"]),
 }
-
-
-# ep x tp: attention tensor-parallel, the MoE layers replicated over tp (plain TP, no SP)
-EP_TP = ["parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=false"]
 
 
 def _case(model: str, *extra: str) -> list[str]:
@@ -87,6 +94,42 @@ def test_aux_loss_is_hf_load_balancing_loss(model):
 
 
 @pytest.mark.parametrize("model", list(MODELS))
+def test_aux_loss_carried_stage_by_stage_is_hf_loss(model):
+    """Pipeline stages pass running router statistics on (`pipeline_moe`): the last stage's term,
+    finished from sums carried over two "stages" of two layers each, is HF's loss of all four
+    layers, value and router gradients (HF's loss is a product of means over all layers, not a
+    sum of per-layer terms)."""
+    torch.manual_seed(0)
+    cfg = _hf(model)
+    cfg.num_hidden_layers = 4
+    hf = AutoModelForCausalLM.from_config(cfg)
+    spec = MoeSpec.of(hf.config)
+    ids = torch.randint(0, 128, (3, 16))
+    routers = [p for n, p in hf.named_parameters() if n.endswith("mlp.gate.weight")]
+
+    def router_grads(loss):
+        hf.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in routers]
+
+    logits = hf(input_ids=ids, output_router_logits=True).router_logits
+    ref = load_balancing_loss_func(logits, spec.num_experts, spec.top_k)
+    ref_grads = router_grads(spec.aux_coef * ref)
+    logits = hf(input_ids=ids, output_router_logits=True).router_logits
+    first = carry_router_stats(spec, (), logits[:2])
+    stats, prob_sum = carry_router_stats(spec, first, logits[2:])
+    assert not stats.requires_grad and prob_sum.requires_grad
+    aux = MoeAux(spec, 1)
+    term = aux.term_of(*split_stats(stats)[:1], prob_sum, split_stats(stats)[1], token_ranks=1, defer=True)
+    assert torch.allclose(term, spec.aux_coef * ref, rtol=1e-6, atol=0), (term, ref)
+    for got, want in zip(router_grads(term), ref_grads):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-9)
+    aux.keep_last(1)  # the deferred micro-batch counts once kept
+    assert aux.finish(None, torch.device("cpu")) == pytest.approx(spec.aux_coef * float(ref), rel=1e-6)
+    assert sum(aux.metrics["moe_tokens_per_expert"]) == 4 * 3 * 16 * spec.top_k
+
+
+@pytest.mark.parametrize("model", list(MODELS))
 def test_flops_count_active_expert_parameters(model):
     cfg = _hf(model)
     fm = flop_model(cfg)
@@ -122,25 +165,28 @@ def _six(*extra: str) -> list[str]:
     return _case("mixtral", "train.max_steps=6", *extra)
 
 
-def _no_aux(*extra: str) -> list[str]:
-    """pp x ep: mixtral with 4 layers (2 per stage) and without the auxiliary loss, which pipeline
-    stages cannot share yet (refused with it, below)."""
-    return _case("mixtral", "model.config.output_router_logits=false", "model.config.num_hidden_layers=4", *extra)
+def _deep(model: str, *extra: str) -> list[str]:
+    """The pipeline runs: 4 layers (2 per stage), auxiliary loss on -- the stages pass the router
+    statistics on and the last one finishes HF's loss (`parallel.pipeline_moe`)."""
+    return _case(model, "model.config.num_hidden_layers=4", *extra)
+
+
+# Pipeline layouts checked against one 4-layer process: (ranks, overrides)
+PIPELINES = {"pp2": (2, ["parallel.pp=2"]), "pp2_ep2": (4, ["parallel.pp=2", "parallel.ep=2"])}
 
 
 @pytest.fixture(scope="module")
 def launches(out):
-    """Two launches: 4 ranks (ep2 x dp_shard_mod_ep2, ep2 x tp2 and pp2 x ep2 parity; an ep4
-    writer), then 2 ranks (ZeRO-3, cp2 and ep2 parity; ep4 -> ep2 resume; an ep2 writer, then
-    ep2 -> ZeRO-3 without ep)."""
+    """Two launches: 4 ranks (ep2 x dp_shard_mod_ep2, ep2 x tp2, tp2 x dp2 and pp2 x ep2 parity; an
+    ep4 writer), then 2 ranks (ZeRO-3, cp2, ep2 and pp2 parity; ep4 -> ep2 resume; an ep2 writer,
+    then ep2 -> ZeRO-3 without ep)."""
     four, two = os.path.join(out, "n4"), os.path.join(out, "n2")
 
     def parity(n: int) -> dict[str, list[str]]:
-        return {f"{m}_{name}": _case(m, *extra) for m in MODELS for name, (k, extra) in LAYOUTS.items() if k == n}
+        return {**{f"{m}_{name}": _case(m, *extra) for m in MODELS for name, (k, extra) in LAYOUTS.items() if k == n},
+                **{f"{m}_{name}": _deep(m, *extra) for m in MODELS for name, (k, extra) in PIPELINES.items() if k == n}}
 
-    run_cases(4, {**parity(4), "ep4_writer": _six("parallel.ep=4", "checkpoint.every=3"),
-                  "pp2_ep2_noaux": _no_aux("parallel.pp=2", "parallel.ep=2"),
-                  "mixtral_ep2_tp2": _case("mixtral", *EP_TP)}, four, timeout=900)
+    run_cases(4, {**parity(4), "ep4_writer": _six("parallel.ep=4", "checkpoint.every=3")}, four, timeout=1500)
     run_cases(2, {**parity(2),
                   "ep4_to_ep2": _six("parallel.ep=2", _ckpt(four, "ep4_writer")),
                   "ep2_writer": _six("parallel.ep=2", "checkpoint.every=3"),
@@ -155,13 +201,28 @@ def test_layouts_match_one_process(launches, refs, model, layout):
     assert_parity(got, refs[model], f"{model} {layout}")
 
 
-def test_ep2_tp2_matches_one_process(launches, refs):
-    assert_parity(load_result(launches["n4"], "mixtral_ep2_tp2"), refs["mixtral"], "mixtral ep2 x tp2")
+@pytest.fixture(scope="module")
+def deep_refs(out):
+    return {m: reference(_deep(m), os.path.join(out, f"ref_deep_{m}")) for m in MODELS}
 
 
-def test_pp2_ep2_matches_one_process_without_aux_loss(launches, out):
-    ref = reference(_no_aux(), os.path.join(out, "ref_no_aux"))
-    assert_parity(load_result(launches["n4"], "pp2_ep2_noaux"), ref, "mixtral pp2 x ep2 (no aux loss)")
+def _aux_losses(run_dir: str) -> list[float]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line)["aux_loss"] for line in fh]
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("layout", list(PIPELINES))
+def test_pipelines_with_aux_loss_match_one_process(launches, deep_refs, out, model, layout):
+    """pp2 and pp2 x ep2 with the auxiliary loss on: the loss (aux included), the final weights
+    and the logged aux loss itself follow one process."""
+    where = launches[f"n{PIPELINES[layout][0]}"]
+    assert_parity(load_result(where, f"{model}_{layout}"), deep_refs[model], f"{model} {layout}")
+    got = _aux_losses(os.path.join(where, f"{model}_{layout}"))
+    want = _aux_losses(os.path.join(out, f"ref_deep_{model}"))
+    assert len(got) == len(want) and all(w > 0 for w in want)
+    for step, (a, b) in enumerate(zip(got, want), start=1):
+        assert abs(a - b) <= LOSS_RTOL * b, f"{model} {layout}: step {step} aux loss {a!r} vs {b!r}"
 
 
 @pytest.fixture(scope="module")
@@ -196,26 +257,33 @@ def test_metrics_carry_expert_load_and_aux_loss(refs, out):
 
 # --------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("extra,world,match", [
-    (["parallel.pp=2"], 2, "router_aux_loss_coef with parallel.pp>1"),
     (["parallel.ep=2", "parallel.zero=1"], 2, "needs parallel.zero=2 or 3"),
     (["parallel.ep=3", "data.global_batch_size=12"], 3, "does not divide the model.s 4 experts"),
     (["parallel.ep=4"], 2, "does not divide parallel.dp_shard=2"),
-    (["parallel.ep=2", "parallel.dp_replicate=2", "parallel.dp_shard=2"], 4, "dp_replicate=2 is not supported"),
     (["parallel.ep=0"], 2, "parallel.ep=0: must be at least 1"),
     (["parallel.sequence_scheduler=hetero"], 2, "hetero with a mixture-of-experts model"),
-    (["parallel.ep=2", "parallel.cp=2", "parallel.dp_shard=2"], 4, "parallel.cp=2 is not supported"),
     (["parallel.ep=2", "parallel.tp=2"], 4, "needs parallel.sequence_parallel=false"),
+    (["parallel.tp=2"], 2, "mixture-of-experts model needs parallel.sequence_parallel=false"),
 ])
 def test_bad_moe_layouts_are_refused_before_launch(extra, world, match):
     with pytest.raises(ConfigError, match=match):
         preflight(load_config(None, _case("mixtral", *extra)), world)
 
 
-def test_qwen3_moe_ep_tp_is_refused_by_its_dense_mlp_plan_entries():
-    """Qwen3-MoE's tp plan also names dense-MLP modules (for `mlp_only_layers`) that its sparse
-    blocks lack: refused by name before launch, not trained with a guessed plan."""
-    with pytest.raises(ConfigError, match="'layers.*.mlp.gate_proj' uses style 'colwise', which names no module"):
-        preflight(load_config(None, _case("qwen3_moe", *EP_TP)), 4)
+@pytest.mark.parametrize("extra,dense_mlp", [([], False), (["model.config.mlp_only_layers=[1]"], True)])
+def test_qwen3_moe_tp_plan_is_what_its_blocks_hold(extra, dense_mlp):
+    """Qwen3-MoE's plan also names a dense MLP (for `mlp_only_layers`) and the experts: the plan
+    applied keeps attention, drops the experts (ep or replicated) and keeps the dense-MLP entries
+    only when some block has a dense MLP (where only those blocks get them)."""
+    cfg = load_config(None, _case("qwen3_moe", "parallel.tp=2", "parallel.sequence_parallel=false", *extra))
+    preflight(cfg, 2)
+    hf_config = _hf("qwen3_moe")
+    hf_config.mlp_only_layers = [1] if dense_mlp else []
+    meta = build_meta_model(hf_config)
+    paths = {e.path for e in layer_plan(meta, find_blocks(meta))}
+    attention = {f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
+    dense = {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert paths == (attention | dense if dense_mlp else attention)
 
 
 def test_ep_on_a_dense_model_is_refused_before_launch():

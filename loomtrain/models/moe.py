@@ -27,6 +27,10 @@ micro-batch unit, not the whole step, because f_e of the whole step is known onl
 micro-batch's forward, while the first one's backward has already run: a whole-step statistic
 would need a second forward pass or every micro-batch's graph kept alive.
 
+Under pipeline parallelism no stage sees every layer's router logits: the stages carry running
+sums of the counts and probability sums on with the hidden states, and the last stage finishes
+the formula with `MoeAux.term_of` (`parallel.pipeline_moe`).
+
 Expert containers come in two shapes in transformers 5.x: grouped weights (`gate_up_proj`,
 `down_proj` parameters of shape [E, ...] in one `experts` module, dispatched through
 `ExpertsInterface`), and older per-expert `nn.ModuleList`s. `expert_params` finds both.
@@ -118,6 +122,7 @@ class MoeAux:
         self._aux = 0.0  # this rank's partial sum of aux_m over its micro-batches
         self._counts = torch.zeros(spec.num_experts, dtype=torch.float64)
         self.metrics: dict = {}  # the last finished step's expert load (and auxiliary loss)
+        self._pending: list = []  # deferred micro-batches (`term_of(defer=True)`)
 
     @property
     def forward_kwargs(self) -> dict:
@@ -126,24 +131,48 @@ class MoeAux:
     def term(self, router_logits, token_ranks: int) -> torch.Tensor | None:
         """The micro-batch's share of coef * aux / M, times token_ranks; None if the model adds no
         auxiliary loss (its expert load is still counted)."""
-        counts, prob_sum, rows = router_terms(router_logits, self.spec)
-        self._counts += counts.detach().double().cpu()
-        if not self.spec.aux_loss:
-            return None
-        shared = torch.cat([counts, rows.reshape(1)])
-        if self.share_group is not None:
-            dist.all_reduce(shared, group=self.share_group)
-        counts_all, rows_all = shared[:-1], shared[-1]
-        partial = self.spec.num_experts * ((counts_all / rows_all) * (prob_sum / rows_all)).sum()
-        self._aux += float(partial.detach())
-        return partial * (self.spec.aux_coef * token_ranks / self.m)
+        return self.term_of(*router_terms(router_logits, self.spec), token_ranks)
 
-    def finish(self, token_group, device: torch.device) -> float:
-        """coef * the step's auxiliary loss, reduced over `token_group`; the expert load goes to
-        `self.metrics`; resets for the next step."""
+    def term_of(self, counts: torch.Tensor, prob_sum: torch.Tensor, rows: torch.Tensor, token_ranks: int, *,
+                defer: bool = False) -> torch.Tensor | None:
+        """`term` from a micro-batch's router statistics summed over its layers (`router_terms`'
+        three values; under pipeline parallelism, summed stage by stage: `parallel.pipeline_moe`).
+        `defer`: not counted in the step until `keep_last` says it was a real micro-batch (a
+        pipeline schedule's first step also calls its loss on a shape-inference forward)."""
+        term, value = None, 0.0
+        if self.spec.aux_loss:
+            shared = torch.cat([counts, rows.reshape(1)])
+            if self.share_group is not None:
+                dist.all_reduce(shared, group=self.share_group)
+            counts_all, rows_all = shared[:-1], shared[-1]
+            partial = self.spec.num_experts * ((counts_all / rows_all) * (prob_sum / rows_all)).sum()
+            value = float(partial.detach())
+            term = partial * (self.spec.aux_coef * token_ranks / self.m)
+        entry = (counts.detach().double().cpu(), value)
+        if defer:
+            self._pending.append(entry)
+        else:
+            self._add(*entry)
+        return term
+
+    def keep_last(self, n: int) -> None:
+        """Count the last `n` deferred micro-batches in the step and forget the others."""
+        for entry in self._pending[len(self._pending) - n:] if n else []:
+            self._add(*entry)
+        self._pending.clear()
+
+    def _add(self, counts: torch.Tensor, value: float) -> None:
+        self._counts += counts
+        self._aux += value
+
+    def finish(self, token_group, device: torch.device, pp_group=None) -> float:
+        """coef * the step's auxiliary loss, reduced over `token_group` (and over `pp_group`: only
+        the last pipeline stage computes it, from every stage's statistics); the expert load goes
+        to `self.metrics`; resets for the next step."""
         t = torch.cat([torch.tensor([self._aux], dtype=torch.float64), self._counts]).to(device)
-        if token_group is not None:
-            dist.all_reduce(t, group=token_group)
+        for group in (token_group, pp_group):
+            if group is not None:
+                dist.all_reduce(t, group=group)
         aux = float(t[0]) / self.m
         counts = t[1:].cpu()
         self._aux, self._counts = 0.0, torch.zeros_like(self._counts)

@@ -61,7 +61,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
     compute_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     blocks = find_blocks(model)
     if mesh is not None and mesh["tp"].size() > 1:
-        apply_tp(model, blocks, mesh["tp"], sequence_parallel=pcfg.sequence_parallel, experts_elsewhere=pcfg.ep > 1)
+        apply_tp(model, blocks, mesh["tp"], sequence_parallel=pcfg.sequence_parallel)
     # Expert parallelism next to TP: both turn parameters into DTensors that FSDP shards again.
     experts = apply_ep(model, model.config, mesh["ep"]) if mesh is not None and pcfg.ep > 1 else []
     cp = 1 if mesh is None else mesh["cp"].size()
@@ -92,7 +92,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: Mesh | None) -> Parallelize
                           f"rank; this layout has {dp_size}")
     if uses_fsdp:
         if experts:  # each rank's experts first, so the blocks' FSDP leaves them alone
-            shard_experts(experts, mesh["dp_shard_mod_ep"], param_dtype=compute_dtype,
+            shard_experts(experts, mesh["experts_fsdp"], param_dtype=compute_dtype,
                           zero=pcfg.zero, offload_params=offload_params)
         apply_fsdp(model, blocks, mesh, zero=pcfg.zero, param_dtype=compute_dtype, offload_params=offload_params)
     mixed_by_autocast = not uses_fsdp and compute_dtype != torch.float32

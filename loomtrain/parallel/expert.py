@@ -8,9 +8,12 @@ expert dim) over "ep", and FSDP shards each rank's experts again over "dp_shard_
 parameter keeps its HF name and global shape, so checkpoints (DCP) reshard across ep degrees.
 With pp, the expert mesh keeps pp outermost: each stage's experts live on that stage's ep ranks.
 With tp (no sequence parallelism), attention is tensor-parallel as the model's plan says, minus
-the expert entries (`tp_plan.model_plan(experts_elsewhere=True)`), and each MoE layer runs
+the expert entries and the dense-MLP entries sparse blocks lack (`moe_tp`), and each MoE layer runs
 replicated over tp: tp ranks see the same tokens and do the same dispatch in their own ep groups.
-Not yet: ep with cp or dp_replicate (HSDP), and the auxiliary loss under pp (`check_moe_layout`).
+With dp_replicate (HSDP) the experts' FSDP mesh is (dp_replicate, dp_shard_mod_ep) and the
+dense part's (dp_replicate, dp_shard), so the gradient arithmetic below holds with dp = dp_replicate
+x dp_shard. With cp, the experts' FSDP spans dp_shard_mod_ep x cp (every rank holding the same
+experts) and dp counts the cp ranks too (token_ranks = dp x cp).
 
 Which modules. The model's own plan where transformers has one: `base_model_ep_plan` entries of
 style `ep_dispatch_experts` name the expert containers (`layers.*.mlp.experts`), whose grouped
@@ -200,10 +203,11 @@ def apply_ep(model: nn.Module, hf_config, ep_mesh: DeviceMesh) -> list[nn.Module
 
 def shard_experts(containers: list[nn.Module], shard_mesh: DeviceMesh, *, param_dtype: torch.dtype,
                   zero: int, reduce_dtype: torch.dtype = torch.float32, offload_params: bool = False) -> None:
-    """FSDP of each rank's experts over `shard_mesh` (dp_shard_mod_ep), before the blocks are
-    wrapped (their FSDP then leaves these parameters alone). Gradients are divided by the whole
-    data-parallel size `dp` in effect: FSDP divides by the mesh size dp/ep, the forward's
-    `_ScaleGrad` by ep (module docstring)."""
+    """FSDP of each rank's experts over `shard_mesh` (dp_shard_mod_ep; with dp_replicate, HSDP
+    over (dp_replicate, dp_shard_mod_ep)), before the blocks are wrapped (their FSDP then leaves
+    these parameters alone). Gradients are divided by the whole data-parallel size `dp` in
+    effect: FSDP divides by the mesh size dp/ep, the forward's `_ScaleGrad` by ep (module
+    docstring)."""
     mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
           if param_dtype != torch.float32 else MixedPrecisionPolicy())  # as data_parallel.apply_fsdp
     for module in containers:
@@ -220,10 +224,10 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
         if ep > 1:
             raise ConfigError(f"parallel.ep={ep}: model_type={hf_config.model_type} has no experts; set parallel.ep=1")
         return
-    if spec.aux_loss and spec.aux_coef and degrees["pp"] > 1:
-        raise ConfigError("router_aux_loss_coef with parallel.pp>1: the load-balancing loss couples every layer's "
-                          "router statistics, which pipeline stages do not share yet; set "
-                          "model.config.output_router_logits=false or parallel.pp=1")
+    if degrees["tp"] > 1 and cfg.parallel.sequence_parallel:
+        raise ConfigError(f"parallel.tp={degrees['tp']} with a mixture-of-experts model needs "
+                          "parallel.sequence_parallel=false (its MoE layers run replicated over tp on full-length "
+                          "hidden states)")
     if cfg.parallel.sequence_scheduler == "hetero":
         raise ConfigError("parallel.sequence_scheduler=hetero with a mixture-of-experts model: its load-balancing "
                           "loss is defined per fixed micro-batch; use sequence_scheduler=static")
@@ -235,14 +239,10 @@ def check_moe_layout(cfg, hf_config, degrees: dict[str, int]) -> None:
         raise ConfigError(f"parallel.ep={ep} needs parallel.zero=2 or 3 (FSDP): DDP would average expert "
                           "gradients over ranks that hold different experts")
     # pp: each stage's experts are sharded over the ep ranks of that stage (the expert mesh keeps
-    # pp outermost), and the auxiliary loss, which would couple the stages, is refused above.
+    # pp outermost); the stages pass the auxiliary loss's router statistics on (`pipeline_moe`).
     # tp: attention is tensor-parallel, the MoE layer replicated over tp (each tp rank runs the
     # same dispatch within its own ep group) -- which needs full-length hidden states there.
-    if degrees["tp"] > 1 and cfg.parallel.sequence_parallel:
-        raise ConfigError(f"parallel.ep={ep} with parallel.tp={degrees['tp']} needs parallel.sequence_parallel=false "
-                          "(the MoE layers run replicated over tp on full-length hidden states)")
-    others = {k: degrees[k] for k in ("dp_replicate", "cp") if degrees[k] > 1}
-    if others:
-        named = ", ".join(f"parallel.{k}={v}" for k, v in others.items())
-        raise ConfigError(f"parallel.ep={ep} composes with dp_shard, tp and pp only so far; {named} is not supported "
-                          "with it")
+    # dp_replicate (HSDP): each rank's experts are replicated over dp_replicate and sharded over
+    # dp_shard_mod_ep, like the dense part over dp_replicate x dp_shard. cp: the context-parallel
+    # ranks of a row hold the same experts and send their own tokens; the experts' FSDP spans
+    # them (dp_shard_mod_ep x cp), as the dense part's spans dp_shard x cp.

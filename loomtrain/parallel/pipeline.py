@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                                     ScheduleZBVZeroBubble)
 
@@ -29,7 +30,9 @@ from loomtrain.errors import ConfigError
 from loomtrain.kernels.head_loss import HIDDEN_KWARGS, head_loss_sum
 from loomtrain.kernels.loss_select import LossChoice
 from loomtrain.models.loss import token_loss_sum
+from loomtrain.models.moe import MoeAux, MoeSpec
 from loomtrain.models.build import find_blocks
+from loomtrain.parallel.pipeline_moe import carry_router_stats, split_stats
 from loomtrain.parallel.tied import ties_embeddings
 
 _SINGLE = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}
@@ -192,11 +195,13 @@ class StageModule(nn.Module):
       (`kernels.head_loss`), so the stage never builds the `[tokens, vocab]` logits.
     """
 
-    def __init__(self, model: nn.Module, first: bool, last: bool = True, hidden_out: bool = False):
+    def __init__(self, model: nn.Module, first: bool, last: bool = True, hidden_out: bool = False,
+                 moe: MoeSpec | None = None):
         super().__init__()
         self.model = model
         self.first = first
         self.extra = HIDDEN_KWARGS if last and hidden_out else {}
+        self.moe = moe  # a MoE model's router statistics travel with the hidden states (`pipeline_moe`)
         self._entry: torch.Tensor | None = None
         self._exit: torch.Tensor | None = None
         if not first:
@@ -224,20 +229,26 @@ class StageModule(nn.Module):
     def _leave(self, head, inputs, output):
         self._exit = output
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *carried: torch.Tensor, position_ids: torch.Tensor):
+        """Hidden states (logits on the last stage); with `moe`, followed by the running router
+        statistics (`pipeline_moe`), received as `carried` on every stage but the first."""
         self._exit = None
+        extra = {"output_router_logits": True} if self.moe is not None else {}
         if self.first:
-            out = self.model(input_ids=x, position_ids=position_ids, use_cache=False, **self.extra)
+            result = self.model(input_ids=x, position_ids=position_ids, use_cache=False, **extra)
         else:
             self._entry = x
             try:
-                out = self.model(inputs_embeds=x, position_ids=position_ids, use_cache=False, **self.extra)
+                result = self.model(inputs_embeds=x, position_ids=position_ids, use_cache=False, **extra)
             finally:
                 self._entry = None
-        out = out.hidden_states[-1] if self.extra else out.logits
+        out = result.hidden_states[-1] if self.extra else result.logits
         if self._exit is not None:
             out, self._exit = self._exit, None
-        return out.clone() if out._base is not None else out
+        out = out.clone() if out._base is not None else out
+        if self.moe is None:
+            return out
+        return (out, *carry_router_stats(self.moe, carried, result.router_logits))
 
 
 @dataclass
@@ -306,6 +317,9 @@ class Pipeline:
     timeline: Timeline
     scale: float = 1.0
     stages: list = field(default_factory=list)  # this rank's `TimedStage`s, in `stage_ids` order
+    token_ranks: int = 1  # ranks that see different tokens (the auxiliary term's scale)
+    moe: MoeAux | None = None  # a MoE model's auxiliary loss, finished by the last stage
+    token_sums: list = field(default_factory=list)  # the last stage's token-loss sums of the step
 
     @property
     def has_first(self) -> bool:
@@ -315,29 +329,55 @@ class Pipeline:
     def has_last(self) -> bool:
         return self.n_stages - 1 in self.stage_ids
 
+    def settle(self, n: int) -> list:
+        """After a step that ran `n` micro-batches through the last stage: their token-loss sums
+        (and the MoE statistics counted), without any call of the loss on shape inference."""
+        sums = self.token_sums[len(self.token_sums) - n:] if n else []
+        self.token_sums = []
+        if self.moe is not None:
+            self.moe.keep_last(n)
+        return sums
+
     @classmethod
     def build(cls, parts: list[nn.Module], ids: list[int], n_stages: int, pp_group, device: torch.device,
               schedule: str, n_microbatches: int, syncs: list | None = None, loss_choice: LossChoice | None = None,
-              autocast_dtype: torch.dtype | None = None) -> "Pipeline":
+              autocast_dtype: torch.dtype | None = None, moe: MoeAux | None = None) -> "Pipeline":
         """`syncs[i](last)`: the context part i's full backward runs in (see `TimedStage`). A
         zero-bubble schedule splits most backwards into input and weight halves, and FSDP's
         hooks fire on the input half: there they are left to reduce every micro-batch.
         `loss_choice` (fused): the last stage returns final hidden states and the loss function
-        applies that stage's head through the fused linear + cross-entropy."""
+        applies that stage's head through the fused linear + cross-entropy. `moe`: the model's
+        auxiliary loss, whose router statistics the stages pass on (`pipeline_moe`)."""
         timeline = Timeline()
         if not syncs or schedule in _SPLIT_BACKWARD:
             syncs = [None] * len(parts)
         fused = loss_choice is not None and loss_choice.fused
-        stages = [TimedStage(StageModule(part, first=sid == 0, last=sid == n_stages - 1, hidden_out=fused), sid,
-                             n_stages, device, group=pp_group, timeline=timeline, sync=sync)
+        spec = moe.spec if moe is not None else None
+        stages = [TimedStage(StageModule(part, first=sid == 0, last=sid == n_stages - 1, hidden_out=fused, moe=spec),
+                             sid, n_stages, device, group=pp_group, timeline=timeline, sync=sync)
                   for part, sid, sync in zip(parts, ids, syncs)]
-        pipe = cls(None, ids, n_stages, timeline, stages=stages)
+        pipe = cls(None, ids, n_stages, timeline, stages=stages, moe=moe)
         head_root = next((part for part, sid in zip(parts, ids) if sid == n_stages - 1), None)
 
-        def loss_fn(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        def loss_fn(output, labels: torch.Tensor) -> torch.Tensor:
+            # The schedule's first step also calls this on its shape-inference forward: what it
+            # records is kept for the step's real micro-batches only (`Pipeline.settle`).
+            final = output[0] if isinstance(output, (tuple, list)) else output
             if fused:
-                return head_loss_sum(output, head_root, loss_choice, labels, autocast_dtype=autocast_dtype) * pipe.scale
-            return token_loss_sum(output, labels) * pipe.scale
+                token_sum = head_loss_sum(final, head_root, loss_choice, labels, autocast_dtype=autocast_dtype)
+            else:
+                token_sum = token_loss_sum(final, labels)
+            pipe.token_sums.append(token_sum.detach())
+            loss = token_sum * pipe.scale
+            if moe is None:
+                return loss
+            counts, rows = split_stats(output[1])
+            aux = moe.term_of(counts, output[2], rows, pipe.token_ranks, defer=True)
+            if aux is None:
+                return loss
+            if isinstance(loss, DTensor):  # tp: the same term on every tp rank
+                aux = DTensor.from_local(aux, loss.device_mesh, loss.placements, run_check=False)
+            return loss + aux
 
         if schedule in _SINGLE:
             pipe.schedule = _SINGLE[schedule](stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,

@@ -33,6 +33,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, R
 from loomtrain.errors import ConfigError
 from loomtrain.parallel.tensor_styles import (Conv1DColwise, Conv1DRowwise, GatherHiddenStates, GatherSequence,
                                               ReplicatedFusedQKV, ReplicatedGradSum, ReplicatedKV, SliceHiddenStates)
+from loomtrain.parallel.moe_tp import expert_paths, skipped_in_block, sparse_plan
 from loomtrain.parallel.tp_plan import PlanEntry, block_entries, model_plan, refusal
 
 _COLWISE_NAMES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query", "key", "value", "fc1",
@@ -42,20 +43,19 @@ _ROWWISE_NAMES = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "w2", "c_pr
 _FUSED_QKV = {"gpt2": "c_attn"}
 
 
-def layer_plan(model: nn.Module, blocks: nn.ModuleList, *, experts_elsewhere: bool = False) -> list[PlanEntry]:
+def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> list[PlanEntry]:
     """Per-block plan: the model's `base_model_tp_plan` read exactly (`tp_plan.block_entries`),
     or, for a model without one, derived from the linear layers' names (colwise / rowwise, GPT-2's
-    fused `c_attn`). Every entry must name a module of the block; an entry loomtrain cannot apply
-    is a `ConfigError` naming it."""
+    fused `c_attn`). Every entry must name a module of a block (a mixture-of-experts model's
+    entries for its experts and for the dense MLP its sparse blocks lack are dropped first:
+    `moe_tp`); an entry loomtrain cannot apply is a `ConfigError` naming it."""
     model_type = model.config.model_type
     # A pipeline stage's blocks before its own are parameter-free stand-ins.
-    block = next((b for b in blocks if any(True for _ in b.parameters())), blocks[0])
-    entries = block_entries(model_plan(model.config, experts_elsewhere=experts_elsewhere), model_type)
+    owned = [b for b in blocks if any(True for _ in b.parameters())] or [blocks[0]]
+    block = owned[0]
+    entries = block_entries(sparse_plan(model_plan(model.config), owned, model.config), model_type)
     for entry in entries:
-        try:
-            module = block.get_submodule(entry.path)
-        except AttributeError:
-            module = None
+        module = next((m for m in (_submodule(b, entry.path) for b in owned) if m is not None), None)
         if module is None:
             raise refusal(model_type, f"layers.*.{entry.path}", entry.style,
                           f"which names no module of {type(block).__name__} (a parameter, or a missing layer)")
@@ -85,6 +85,13 @@ def layer_plan(model: nn.Module, blocks: nn.ModuleList, *, experts_elsewhere: bo
     return entries
 
 
+def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
@@ -93,11 +100,10 @@ def _norm_children(block: nn.Module) -> list[str]:
     return [n for n, m in block.named_children() if "norm" in type(m).__name__.lower() or n.endswith("norm")]
 
 
-def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, sequence_parallel: bool,
-             experts_elsewhere: bool = False) -> None:
-    """Shard a (meta) HF causal LM over `tp_mesh` in place (`experts_elsewhere`: expert
-    parallelism owns the experts, whose plan entries are left out; `tp_plan.model_plan`)."""
-    per_layer = layer_plan(model, blocks, experts_elsewhere=experts_elsewhere)
+def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+    """Shard a (meta) HF causal LM over `tp_mesh` in place. A mixture-of-experts model's experts
+    are left alone (expert-parallel or replicated over tp: `moe_tp`)."""
+    per_layer = layer_plan(model, blocks)
     cfg = model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -126,8 +132,11 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
             continue
         plan: dict[str, object] = {}
         attention_like = set()
+        experts = expert_paths(block, cfg)
         for entry in per_layer:
             path, leaf = entry.path, entry.path.rsplit(".", 1)[-1]
+            if experts and skipped_in_block(block, path, experts):  # a sparse block's missing dense MLP
+                continue
             parent = block.get_submodule(path.rsplit(".", 1)[0]) if "." in path else block
             conv1d = _is_conv1d(block.get_submodule(path))
             if entry.meaning == "fused_qkv":

@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 
 from loomtrain.errors import ConfigError
+from loomtrain.parallel.moe_tp import config_plan
 
 # Style string -> the meaning loomtrain gives it (aliases that transformers registers identically
 # map to the same meaning).
@@ -67,20 +68,16 @@ class PlanEntry:
     meaning: str  # one of LAYER_STYLES' values
 
 
-def model_plan(hf_config, *, experts_elsewhere: bool = False) -> dict[str, str]:
+def model_plan(hf_config) -> dict[str, str]:
     """The config's `base_model_tp_plan` (the config class default unless the config overrides it).
-    `experts_elsewhere` (expert parallelism owns the experts): without the entries for the expert
-    containers its `base_model_ep_plan` names (`ep_dispatch_experts`) and their weights."""
+    A mixture-of-experts model's comes without the entries for the expert containers its
+    `base_model_ep_plan` names and their weights: loomtrain does not tensor-shard experts, they
+    are expert-parallel or replicated over tp (`moe_tp`)."""
     try:
         text = hf_config.get_text_config()
     except (AttributeError, ValueError):  # no sub-configs, or several text configs (encoder-decoder)
         text = hf_config
-    plan = dict(getattr(text, "base_model_tp_plan", None) or {})
-    if experts_elsewhere:
-        ep_plan = getattr(text, "base_model_ep_plan", None) or {}
-        owned = [key for key, style in ep_plan.items() if style == "ep_dispatch_experts"]
-        plan = {k: v for k, v in plan.items() if not any(k == o or k.startswith(o + ".") for o in owned)}
-    return plan
+    return config_plan(dict(getattr(text, "base_model_tp_plan", None) or {}), text)
 
 
 def refusal(model_type: str, entry: str, style: str, why: str) -> ConfigError:
@@ -113,8 +110,8 @@ def block_entries(plan: dict[str, str], model_type: str) -> list[PlanEntry]:
     return entries
 
 
-def check_plan(hf_config, *, experts_elsewhere: bool = False) -> list[PlanEntry]:
+def check_plan(hf_config) -> list[PlanEntry]:
     """Preflight: the model's plan read from its config alone (no model is built). Returns the
     per-block entries, or [] when the model has no plan (one is then derived from module names)."""
-    return block_entries(model_plan(hf_config, experts_elsewhere=experts_elsewhere),
+    return block_entries(model_plan(hf_config),
                          getattr(hf_config, "model_type", "?"))

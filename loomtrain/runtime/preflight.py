@@ -172,10 +172,9 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
         # Every style of the model's plan, read from the config alone (no model is built); then
         # the plan must name modules of the block, or classify every linear layer when the model
         # has none (a meta model costs no memory).
-        experts_elsewhere = cfg.parallel.ep > 1  # expert parallelism owns the experts' plan entries
-        check_plan(hf_config, experts_elsewhere=experts_elsewhere)
+        check_plan(hf_config)
         meta = build_meta_model(hf_config)
-        layer_plan(meta, find_blocks(meta), experts_elsewhere=experts_elsewhere)
+        layer_plan(meta, find_blocks(meta))
     cp = degrees["cp"]
     chunks = 2 * cp if cfg.parallel.cp_impl == "ring" else cp
     if cp > 1 and cfg.data.seq_len % (chunks * (tp if cfg.parallel.sequence_parallel else 1)):

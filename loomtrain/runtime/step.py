@@ -117,7 +117,9 @@ def forward_backward(par: Parallelized, micro_batches: list, *, token_group, tok
 def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, token_group, token_ranks: int,
                               pp_group, device: torch.device, local_flops: float) -> StepResult:
     """The same step through a pipeline schedule: the first stage gets token ids, the last the
-    labels, every stage the position ids; the last stage's losses are shared with all stages."""
+    labels, every stage the position ids; the last stage's losses are shared with all stages
+    (a MoE model's auxiliary loss too: `pipe.moe`, finished by the last stage from the router
+    statistics every stage passed on, `parallel.pipeline_moe`)."""
     batches = [_slices(mb, par, device) for mb in micro_batches]
     input_ids, labels, position_ids = (torch.cat(parts) for parts in zip(*batches))
     local_tokens = int((labels != -100).sum())
@@ -126,6 +128,7 @@ def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, t
         raise DataError("a training step has no token with a label (every label is -100); "
                         "check data.seq_len and the documents")
     pipe.scale = token_ranks / global_tokens
+    pipe.token_ranks = token_ranks
     losses: list[torch.Tensor] = []
     args = (input_ids,) if pipe.has_first else ()
     autocast = (torch.autocast(device.type, dtype=par.autocast_dtype) if par.autocast_dtype is not None
@@ -135,15 +138,14 @@ def pipeline_forward_backward(pipe, par: Parallelized, micro_batches: list, *, t
         pipe.schedule.step(*args, target=labels if pipe.has_last else None,
                            losses=losses if pipe.has_last else None, position_ids=position_ids)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for loss in losses:
-        value = loss.detach()
+    for value in pipe.settle(len(losses)):  # token-loss sums (the schedule's losses add the auxiliary term)
         total += (value.full_tensor() if isinstance(value, DTensor) else value).double()
-    total /= pipe.scale
     dist.all_reduce(total, group=pp_group)
     if token_group is not None:
         dist.all_reduce(total, group=token_group)
+    aux_loss = pipe.moe.finish(token_group, device, pp_group) if pipe.moe is not None else 0.0
     sample_ids = [i for mb in micro_batches for i in mb.sample_ids]
-    return StepResult(total.item() / global_tokens, int(global_tokens), global_flops, sample_ids)
+    return StepResult(total.item() / global_tokens + aux_loss, int(global_tokens), global_flops, sample_ids)
 
 
 class PackedStep:
@@ -171,7 +173,8 @@ class PackedStep:
                                 moe=self.moe, loss_choice=self.loss_choice)
 
     def metrics(self) -> dict:
-        return dict(self.moe.metrics) if self.moe is not None else {}
+        moe = self.pipeline.moe if self.pipeline is not None else self.moe
+        return dict(moe.metrics) if moe is not None else {}
 
 
 class HeteroStep:

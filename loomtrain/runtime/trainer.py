@@ -172,7 +172,8 @@ class Trainer:
         if cfg.parallel.sequence_scheduler != "hetero":
             return PackedStep(self.data_timer, self.par, self.flops, cp=self.dims.cp, token_group=self.token_group,
                               token_ranks=self.token_ranks, device=env.device, pipeline=self.pipeline,
-                              pp_group=self.pp_group, moe=self._moe_aux(), loss_choice=self.loss_choice)
+                              pp_group=self.pp_group, moe=self._moe_aux() if self.pipeline is None else None,
+                              loss_choice=self.loss_choice)
         self.hetero = HeteroScheduler(cfg, self.hf_config, self.model, self.mesh, env.device)
         runner = HeteroStep(self.data_timer, self.hetero, self.par, self.flops, token_group=self.token_group,
                             is_main=env.is_main)
@@ -242,7 +243,7 @@ class Trainer:
     def _moe_aux(self) -> MoeAux | None:
         """A mixture-of-experts model's load-balancing loss and expert-load metrics (`models.moe`)."""
         spec = MoeSpec.of(self.hf_config)
-        if spec is None or self.pipeline is not None:  # preflight refuses the auxiliary loss under pp
+        if spec is None:  # under pp the stages pass the router statistics on (`parallel.pipeline_moe`)
             return None
         share = self.mesh["cp"].get_group() if self.dims.cp > 1 else None
         return MoeAux(spec, self.cfg.data.global_batch_size // self.cfg.data.micro_batch_size, share_group=share)
@@ -268,7 +269,8 @@ class Trainer:
         return pipeline.Pipeline.build(self.model_parts, self.stage_ids, self.n_stages, self.pp_group,
                                        self.env.device, self.cfg.parallel.pp_schedule, self._n_micro(),
                                        syncs=[part.micro_batch for part in self.parts],
-                                       loss_choice=self.loss_choice, autocast_dtype=self.parts[0].autocast_dtype)
+                                       loss_choice=self.loss_choice, autocast_dtype=self.parts[0].autocast_dtype,
+                                       moe=self._moe_aux())
 
     def _build_part(self, carve: tuple | None) -> Parallelized:
         cfg, env = self.cfg, self.env
