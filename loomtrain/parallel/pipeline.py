@@ -233,7 +233,7 @@ class StageModule(nn.Module):
         """Hidden states (logits on the last stage); with `moe`, followed by the running router
         statistics (`pipeline_moe`), received as `carried` on every stage but the first."""
         self._exit = None
-        extra = {"output_router_logits": True} if self.moe is not None else {}
+        extra = {**self.extra, "output_router_logits": True} if self.moe is not None else self.extra
         if self.first:
             result = self.model(input_ids=x, position_ids=position_ids, use_cache=False, **extra)
         else:
