@@ -26,7 +26,7 @@ from loomtrain.models.weights import SafetensorsSource, check_weights, listed
 from loomtrain.parallel.hetero.costmodel import CostModel
 from loomtrain.parallel.expert import check_moe_layout
 from loomtrain.parallel.pipeline import stages_per_rank
-from loomtrain.parallel.tensor import layer_plan
+from loomtrain.parallel.tensor import check_sequence_parallel, layer_plan
 from loomtrain.parallel.tp_plan import check_plan
 
 
@@ -168,7 +168,9 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
         experts_elsewhere = cfg.parallel.ep > 1  # expert parallelism owns the experts' plan entries
         check_plan(hf_config, experts_elsewhere=experts_elsewhere)
         meta = build_meta_model(hf_config)
-        layer_plan(meta, find_blocks(meta), experts_elsewhere=experts_elsewhere)
+        entries = layer_plan(meta, find_blocks(meta), experts_elsewhere=experts_elsewhere)
+        if cfg.parallel.sequence_parallel:
+            check_sequence_parallel(find_blocks(meta), entries)
     cp = degrees["cp"]
     chunks = 2 * cp if cfg.parallel.cp_impl == "ring" else cp
     if cp > 1 and cfg.data.seq_len % (chunks * (tp if cfg.parallel.sequence_parallel else 1)):
