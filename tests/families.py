@@ -54,12 +54,32 @@ FAMILIES: dict[str, list[str]] = {
     "falcon": ["model.architecture=falcon", "model.config.hidden_size=64", "model.config.num_hidden_layers=4",
                "model.config.num_attention_heads=4", "model.config.hidden_dropout=0.0",
                "model.config.attention_dropout=0.0"],
+    # StableLM and OPT reshape with the head counts their attention modules keep (`self.num_heads`),
+    # which tensor parallelism must make local; neither has a tp plan (derived from names).
+    "stablelm": ["model.architecture=stablelm", *_GQA],
+    # OPT: learned positions with an offset and the final norm live in `model.decoder`, not the base
+    # model; fc1/fc2 sit directly in the block, so tp runs without sequence parallelism.
+    "opt": ["model.architecture=opt", "model.config.hidden_size=64", "model.config.ffn_dim=96",
+            "model.config.num_hidden_layers=4", "model.config.num_attention_heads=4", "model.config.dropout=0.0",
+            "model.config.word_embed_proj_dim=64", "model.config.max_position_embeddings=64",
+            "parallel.sequence_parallel=false"],
+    # HunYuan: per-head query/key norms beside column-parallel projections, with no tp plan for them.
+    "hunyuan_v1_dense": ["model.architecture=hunyuan_v1_dense", *_GQA, *_HD16],
+    # Bloom: ALiBi computed in its own attention code (auto must pick eager, its only path) and a
+    # norm on the embeddings that stays on the first pipeline stage; its embeddings are tied. With
+    # HF's initializer_range=0.02 the embedding norm keeps two steps' loss change under the
+    # matrix's "the loss moved" bar (1e-4 relative), hence 0.1.
+    "bloom": ["model.architecture=bloom", "model.config.hidden_size=64", "model.config.n_layer=4",
+              "model.config.n_head=4", "model.config.hidden_dropout=0.0", "model.config.attention_dropout=0.0",
+              "model.config.initializer_range=0.1"],
 }
 
 _ALL = {layout: "match" for layout in LAYOUTS}
 EXPECTED: dict[str, dict[str, str]] = {family: dict(_ALL) for family in FAMILIES}
 # Falcon's fused query_key_value has no tensor-parallel plan in transformers.
 EXPECTED["falcon"]["tp2"] = "refused"
+# Bloom's fused query_key_value likewise.
+EXPECTED["bloom"]["tp2"] = "refused"
 
 # pp2 x tp2 on 4 ranks: the families whose plans use more than colwise/rowwise.
 PP_TP_FAMILIES = ("qwen3", "gemma3_text", "olmo2", "glm4", "phi3")

@@ -27,6 +27,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from loomtrain.config import ModelConfig
 from loomtrain.errors import ConfigError, LoomError
+from loomtrain.models.attn_support import hf_attention
 from loomtrain.models.weights import SafetensorsSource, one_line
 
 # Geometry of the demo model. Filled into model.config for keys the user did not set, so that
@@ -140,6 +141,9 @@ def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id:
             for key in ("bos_token_id", "eos_token_id"):
                 defaults[key] = eos_id
             defaults["pad_token_id"] = None
+        # Only keys the config class has (CodeGen has no pad_token_id): a default is loomtrain's,
+        # not the user's, and must never trip the unknown-key check below.
+        defaults = {k: v for k, v in defaults.items() if hasattr(base, k)}
         # A user key may be another name of a default's key (GPT-2's n_embd is hidden_size,
         # n_positions is max_position_embeddings): the default must then not override it.
         aliases = getattr(base, "attribute_map", None) or {}
@@ -164,9 +168,9 @@ def build_hf_config(mcfg: ModelConfig, *, vocab_size: int, seq_len: int, eos_id:
     _check_geometry(hf, dict(mcfg.config))
     # `auto` and `loomtrain_packed` are resolved once the model exists (`parallel.compose`, through
     # the kernel layer, which registers the implementation with transformers); until then HF builds
-    # the model with sdpa, or eager for a model that soft-caps attention logits (HF refuses to build
-    # those with sdpa, which cannot soft-cap; `auto` then keeps eager).
-    placeholder = "eager" if getattr(hf, "attn_logit_softcapping", None) else "sdpa"
+    # the model with sdpa, or eager for a model that soft-caps attention logits or whose class has
+    # no sdpa path (HF refuses to build those with sdpa; `auto` then keeps eager).
+    placeholder = hf_attention(hf)
     hf._attn_implementation = placeholder if mcfg.attn_implementation in DEFERRED_ATTENTION else mcfg.attn_implementation
     if hf.vocab_size < vocab_size:
         raise ConfigError(f"model vocab_size={hf.vocab_size} is smaller than the tokenizer's {vocab_size}; "
@@ -193,6 +197,13 @@ def build_meta_model(hf_config) -> nn.Module:
     except ValueError as exc:
         raise ConfigError(f"model: transformers cannot build a causal LM for "
                           f"model_type={hf_config.model_type!r}: {exc}") from None
+    except (TypeError, ArithmeticError) as exc:
+        # A config class that leaves a size unset (MinistralConfig's head_dim=None) fails inside
+        # the modeling code's arithmetic: name the unset sizes instead of the traceback.
+        unset = [n for n in _SIZE_FIELDS if n in hf_config.to_dict() and getattr(hf_config, n, 0) is None]
+        hint = f"; set {', '.join(f'model.config.{n}' for n in unset)}" if unset else ""
+        raise ConfigError(f"model: {type(hf_config).__name__} cannot build its model ({one_line(exc)})"
+                          f"{hint}") from None
     _compute_buffers(model)
     return model
 

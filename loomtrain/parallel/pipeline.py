@@ -143,7 +143,10 @@ def carve_stage(model: nn.Module, start: int, end: int, *, first: bool, last: bo
     for i in range(len(blocks)):
         if not start <= i < end:
             blocks[i] = PassThrough(arity)
-    base = model.base_model
+    # What the model does around its blocks lives in the module that holds them: the base model
+    # for most (Llama's `model`, GPT-2's `transformer`), a decoder inside it for OPT (`model.decoder`,
+    # with its learned positions and final norm).
+    base = next((m for m in model.modules() if any(c is blocks for c in m.children())), model.base_model)
     if not first:
         # A tied embedding stays on the last stage, unused: it holds the weight the head shares,
         # under its HF names and with the embedding's initialisation (see `tied`).
@@ -155,12 +158,14 @@ def carve_stage(model: nn.Module, start: int, end: int, *, first: bool, last: bo
         for name, module in base.named_children():
             if isinstance(module, nn.Embedding) and module is not kept:
                 setattr(base, name, ZeroEmbedding(module.embedding_dim))
-            elif isinstance(module, nn.Dropout):
-                setattr(base, name, nn.Identity())
+            elif isinstance(module, nn.Dropout) or ("emb" in name and "norm" in type(module).__name__.lower()):
+                setattr(base, name, nn.Identity())  # Bloom's word_embeddings_layernorm: first stage's
     if not last:
         model.set_output_embeddings(nn.Identity())
         for name, module in base.named_children():
-            if "norm" in type(module).__name__.lower() or name in ("norm", "ln_f"):
+            # The final norm only: a norm of the embeddings (Bloom's word_embeddings_layernorm)
+            # runs on the first stage, before its blocks.
+            if ("norm" in type(module).__name__.lower() or name in ("norm", "ln_f")) and "emb" not in name:
                 setattr(base, name, nn.Identity())
     return model
 
@@ -172,7 +177,9 @@ class ZeroEmbedding(nn.Module):
         super().__init__()
         self.dim = dim
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # OPT calls its positions with (attention mask, cache length, position_ids=...): the
+        # first argument has the [batch, seq] shape in every case.
         return torch.zeros(*ids.shape, self.dim, device=ids.device)
 
 

@@ -82,7 +82,36 @@ def layer_plan(model: nn.Module, blocks: nn.ModuleList) -> list[PlanEntry]:
         else:
             raise ConfigError(f"parallel.tp: cannot tell whether {type(block).__name__}.{name} is column- or "
                               f"row-parallel; {model_type} has no base_model_tp_plan to say; run it with parallel.tp=1")
-    return entries
+    return entries + _head_local_modules(block, entries)
+
+
+def check_sequence_parallel(blocks: nn.ModuleList, entries: list[PlanEntry]) -> None:
+    """Sequence parallelism gathers the sequence at the entry of the module holding a block's
+    projections (`self_attn`, `mlp`): a projection directly in the block (OPT's `fc1`/`fc2`,
+    after the block flattens its tokens) has no such module to gather at, so it is refused."""
+    loose = [e.path for e in entries if "." not in e.path]
+    if loose:
+        raise ConfigError(f"parallel.sequence_parallel: {type(blocks[0]).__name__}.{loose[0]} is a tensor-parallel "
+                          "projection directly in the decoder block, where loomtrain cannot gather the sequence; "
+                          "set parallel.sequence_parallel=false")
+
+
+def _head_local_modules(block: nn.Module, entries: list[PlanEntry]) -> list[PlanEntry]:
+    """For a plan derived from names: modules with weights of their own beside a column-parallel
+    projection (HunYuan's per-head `query_layernorm`) see only this rank's heads, so their weight
+    gradients are partial sums that must be added over tp, as a model's own plan says with
+    `replicated_with_grad_allreduce` (Qwen3's q_norm)."""
+    parents = {e.path.rsplit(".", 1)[0] for e in entries if e.meaning in ("colwise", "fused_qkv") and "." in e.path}
+    planned = {e.path for e in entries}
+    extra = []
+    for parent in sorted(parents):
+        for name, module in block.get_submodule(parent).named_children():
+            path = f"{parent}.{name}"
+            if path in planned or isinstance(module, nn.Linear) or _is_conv1d(module):
+                continue
+            if any(p is not None for p in module._parameters.values()):
+                extra.append(PlanEntry(path, "replicated_with_grad_allreduce", "replicated_with_grad_allreduce"))
+    return extra
 
 
 def _submodule(block: nn.Module, path: str) -> nn.Module | None:
@@ -104,6 +133,8 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
     """Shard a (meta) HF causal LM over `tp_mesh` in place. A mixture-of-experts model's experts
     are left alone (expert-parallel or replicated over tp: `moe_tp`)."""
     per_layer = layer_plan(model, blocks)
+    if sequence_parallel:
+        check_sequence_parallel(blocks, per_layer)
     cfg = model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -130,6 +161,7 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
     for i, block in enumerate(blocks):
         if i not in owned:
             continue
+        _reject_unsharded_head_dims(block, tp)  # before localize_head_counts makes them local
         plan: dict[str, object] = {}
         attention_like = set()
         experts = expert_paths(block, cfg)
@@ -147,6 +179,11 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
                                         kv_heads=kv_heads if replicate_kv and leaf in _KV_NAMES else None)
             if "." in path:
                 attention_like.add(path.rsplit(".", 1)[0])
+        # Heads become local only where a projection is split by columns (Phi-3's gathered qkv_proj
+        # leaves every head on every rank).
+        for parent in {e.path.rsplit(".", 1)[0] for e in per_layer if "." in e.path
+                       and e.meaning in ("colwise", "fused_qkv")}:
+            localize_head_counts(block.get_submodule(parent), heads, kv_heads, tp)
         if sequence_parallel:
             for norm in _norm_children(block):
                 plan[norm] = SequenceParallel(use_local_output=True)
@@ -154,7 +191,6 @@ def apply_tp(model: nn.Module, blocks: nn.ModuleList, tp_mesh: DeviceMesh, *, se
                 plan[parent] = GatherHiddenStates()
             if i == owned[0]:
                 plan[""] = SliceHiddenStates()
-        _reject_unsharded_head_dims(block, tp)
         block_input = plan.pop("", None)
         parallelize_module(block, tp_mesh, plan)
         if block_input is not None:  # block 0 slices the full-length input to its sequence shard
@@ -202,6 +238,27 @@ def _final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
         if id(module) not in inside and ("norm" in type(module).__name__.lower() or name.endswith("ln_f")):
             found = module
     return found
+
+
+# Attributes in which HF attention modules keep head counts and reshape with (OPT's
+# `view(b, -1, self.num_heads, d)`, StableLM's `view(b, s, self.num_key_value_heads, d)`).
+_QUERY_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv")
+
+
+def localize_head_counts(module: nn.Module, heads: int, kv_heads: int, tp: int) -> None:
+    """After its projections are column-sharded, an attention module holds heads/tp query heads
+    (and kv_heads/tp KV heads, or one replicated KV head when tp > kv_heads): head-count attributes
+    that still say the global count would reshape this rank's columns into the wrong number of
+    heads. Only an attribute holding the model's global count is changed (one already local, or a
+    count of something else, is left alone). Megatron and torchtitan keep per-partition counts the
+    same way; HF models that reshape with -1 have no such attribute to fix."""
+    local_kv = max(1, kv_heads // tp)
+    for names, full, local in ((_QUERY_HEAD_ATTRS, heads, heads // tp), (_KV_HEAD_ATTRS, kv_heads, local_kv)):
+        for name in names:
+            value = getattr(module, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value == full and full != local:
+                setattr(module, name, local)
 
 
 def _reject_unsharded_head_dims(block: nn.Module, tp: int) -> None:

@@ -54,7 +54,7 @@ EMBEDDING_STYLES = ("embedding_rowwise", "embedding_colwise")
 # Families whose tiny configs the family matrix trains at tp2 against one process
 # (tests/test_family_matrix.py checks this list against it).
 TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "glm4",
-                   "gpt2", "gpt_neox", "granite", "starcoder2", "cohere")
+                   "gpt2", "gpt_neox", "granite", "starcoder2", "cohere", "stablelm", "opt", "hunyuan_v1_dense")
 
 _BLOCK_ENTRY = re.compile(r"^(?:[\w.]*\.)?(\w+)\.\*\.([\w.]+)$")
 

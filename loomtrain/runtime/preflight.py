@@ -29,7 +29,7 @@ from loomtrain.models.weights import SafetensorsSource, check_weights, listed
 from loomtrain.parallel.hetero.costmodel import CostModel
 from loomtrain.parallel.expert import check_moe_layout
 from loomtrain.parallel.pipeline import stages_per_rank
-from loomtrain.parallel.tensor import layer_plan
+from loomtrain.parallel.tensor import check_sequence_parallel, layer_plan
 from loomtrain.parallel.tp_plan import check_plan
 
 
@@ -174,7 +174,9 @@ def preflight(cfg: Config, world_size: int, log_dir: str | None = None) -> dict[
         # has none (a meta model costs no memory).
         check_plan(hf_config)
         meta = build_meta_model(hf_config)
-        layer_plan(meta, find_blocks(meta))
+        entries = layer_plan(meta, find_blocks(meta))
+        if cfg.parallel.sequence_parallel:
+            check_sequence_parallel(find_blocks(meta), entries)
     cp = degrees["cp"]
     chunks = 2 * cp if cfg.parallel.cp_impl == "ring" else cp
     if cp > 1 and cfg.data.seq_len % (chunks * (tp if cfg.parallel.sequence_parallel else 1)):
