@@ -15,7 +15,6 @@ The loop is `train_step` repeated; everything else is a component on the hook po
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from loomtrain.checkpoint.manager import Checkpointer
-from loomtrain.checkpoint.signals import NonFiniteError
 from loomtrain.config import Config
 from loomtrain.data.loader import DataLoader
 from loomtrain.data.tokenizer import build_tokenizer
@@ -53,6 +51,7 @@ from loomtrain.resilience.straggler import StragglerMonitor, TimedLoader, hetero
 from loomtrain.resilience.watchdog import Watchdog
 from loomtrain.parallel.tied import TiedEmbeddings, ties_embeddings
 from loomtrain.runtime.components import MetricsLogger, PipelineTimeline, SampleLog
+from loomtrain.runtime.nonfinite import NonFiniteGuard
 from loomtrain.runtime.metrics import device_peak_flops, peak_memory_gb, step_record
 from loomtrain.runtime.preflight import preflight
 from loomtrain.runtime.step import HeteroStep, PackedStep
@@ -91,7 +90,6 @@ class Trainer:
         self.hetero: HeteroScheduler | None = None  # the heterogeneous scheduler, when used
         self.watchdog: Watchdog | None = None
         self.orphan_guard: OrphanGuard | None = None
-        self.skipped_steps = 0  # steps skipped for a non-finite loss or grad norm (train.nonfinite=skip)
 
     @property
     def step(self) -> int:
@@ -111,6 +109,7 @@ class Trainer:
         cfg = self.cfg
         self._start_resilience()
         self.env = env = init_distributed(cfg.train.device, host_collectives=cfg.offload.params)
+        self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, env.is_main)
         if self._user_model is None:
             preflight(cfg, env.world_size)
         self.dims = ParallelDims.from_config(cfg.parallel, env.world_size)
@@ -315,7 +314,7 @@ class Trainer:
         if self.tied is not None:
             self.tied.clip_left_out(cfg.optim.grad_clip, grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        skip = self._nonfinite(loop.step + 1, result.loss, float(grad_norm), lr)
+        skip = self.nonfinite.skip(loop.step + 1, result.loss, float(grad_norm), lr)
         hooks.call("before_optimizer_step", loop)
         if not skip:
             self.optimizer.step()
@@ -335,27 +334,7 @@ class Trainer:
             flops_exact=result.exact_flops if self.flops.known else None, world_size=env.world_size,
             peak_flops_per_device=self.peak_flops, peak_mem_gb=peak_memory_gb(env.device),
             valid_tokens=result.valid_tokens, samples_consumed=self.loader.samples_consumed,
-            skipped_steps=self.skipped_steps, **self.runner.metrics())
-
-    def _nonfinite(self, step: int, loss: float, grad_norm: float, lr: float) -> bool:
-        """Before the optimizer step: a NaN/inf loss or gradient norm (the same global numbers on
-        every rank, so every rank decides alike) stops the run with `NonFiniteError`, so that
-        the parameters stay the last good ones and nothing is committed; with
-        `train.nonfinite=skip` the step is skipped instead (True). A non-finite learning rate
-        would poison every step, so it always stops."""
-        bad = [f"{name} {value}" for name, value in (("loss", loss), ("grad norm", grad_norm), ("lr", lr))
-               if not math.isfinite(value)]
-        if not bad:
-            return False
-        if self.cfg.train.nonfinite == "skip" and math.isfinite(lr):
-            self.skipped_steps += 1
-            if self.env.is_main:
-                print(f"loomtrain: warning: step {step}: non-finite {', '.join(bad)}: step skipped "
-                      f"({self.skipped_steps} so far)", flush=True)
-            return True
-        raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}; stopped before the optimizer step, "
-                             "nothing committed (the newest checkpoint is the last good state; lower optim.lr, "
-                             "set optim.grad_clip, or train.nonfinite=skip)")
+            skipped_steps=self.nonfinite.skipped, **self.runner.metrics())
 
     def fit(self) -> FitResult:
         """Train to `train.max_steps`, log every step, print a summary; returns the curve."""
