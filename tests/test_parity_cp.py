@@ -56,6 +56,7 @@ def test_hetero_scheduler_zero3_four_ranks(four_ranks, refs):
     assert_parity(load_result(four_ranks, "hetero_z3"), refs["hetero"], "hetero scheduler, ZeRO-3, 4 ranks")
     with open(os.path.join(four_ranks, "hetero_z3", "metrics.jsonl"), encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh]
-    # The plan really mixed group sizes: long sequences on multi-rank groups, short ones alone.
+    # The plan really mixed group sizes: long sequences on wider groups than short ones. Which
+    # sizes is the planner's choice (since its fill-first and swap passes, {2, 4} on this batch).
     used = {d for r in records for d in r["plan_degrees"]}
-    assert 1 in used and max(used) > 1, used
+    assert len(used) > 1 and max(used) > 1, used
