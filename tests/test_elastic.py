@@ -170,7 +170,10 @@ def test_straggler_restart_leaves_the_slow_node_behind(runs):
     line = next(ln for ln in log.splitlines() if ln.startswith("loomtrain: straggler restart: rank 3"))
     assert f"committing step {stop['step']}" in line and "ranks 2,3" in line and "restart cost" in line, line
     assert "loomtrain: straggler restart: this node (ranks 2,3) leaves the job" in other, other[-3000:]
-    assert "loomtrain: restarted 1 time after a straggler restart (resilience.straggler=restart)" in log, log[-3000:]
+    # The launcher's restart line usually says "after a straggler restart"; when its agent sees a
+    # local rank it stopped (SIGTERM) before the one that exited with the restart code, it names
+    # that rank instead (seen once in CI). The restart itself is checked by the events above.
+    assert "loomtrain: restarted 1 time after " in log, log[-3000:]
     assert "loomtrain: stopped by SIGTERM" in other, other[-3000:]
     resume = _check_resized(log, out)
     assert resume["step"] == stop["step"], (resume, stop)
