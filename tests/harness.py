@@ -31,6 +31,20 @@ TINY = {
              "model.config.n_positions=64", "model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0",
              "model.config.attn_pdrop=0.0"],
 }
+# what torchrun sets in a worker: a test run inside one (or after one) must not pass it on to the
+# launches it starts, or they would take themselves for workers of the outer job
+TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "LOCAL_RANK", "RANK", "WORLD_SIZE",
+                "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOOMTRAIN_LAUNCHER")
+
+
+def launch_env() -> dict:
+    """The environment for a `python -m loomtrain.launch ...` child: the repository on the path,
+    one thread per rank, and nothing of an outer torchrun job."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("PET_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
 BASE = ["data.source=synthetic", "data.lengths=longtail", "data.seq_len=32", "data.global_batch_size=8",
         "data.micro_batch_size=2", "train.max_steps=5", "train.progress=false", "train.tensorboard=false",
         "train.peak_tflops=1.0", "optim.lr=0.003", "optim.warmup_steps=2"]

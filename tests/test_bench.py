@@ -17,29 +17,21 @@ import subprocess
 import sys
 
 import pytest
-from harness import TINY
+from harness import TINY, launch_env
 
 from loomtrain.launch import cli
 from loomtrain.launch.bench_spec import parse_layout, parse_layouts, parse_vs
 from loomtrain.launch.spec import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
-                 "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOOMTRAIN_LAUNCHER")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 LAYOUTS = ("ddp", "zero2", "zero3")
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV and not k.startswith("PET_")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
 
 def _bench(*args: str, cwd: str, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loomtrain.launch", "bench", *args], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-m", "loomtrain.launch", "bench", *args], cwd=cwd, env=launch_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -12,26 +12,18 @@ import pytest
 
 import torch.distributed as dist
 
-from harness import free_port
+from harness import free_port, launch_env
 from loomtrain.errors import LoomError
 from loomtrain.launch import cli, spec
 from loomtrain.launch.agent import torchrun_argv
 from loomtrain.launch.lifecycle import default_rdzv_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
-                 "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOOMTRAIN_LAUNCHER")
 
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV and not k.startswith("PET_")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def loomtrain(*args: str, cwd: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loomtrain.launch", *args], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-m", "loomtrain.launch", *args], cwd=cwd, env=launch_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

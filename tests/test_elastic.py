@@ -36,7 +36,7 @@ import sys
 
 import pytest
 import torch.distributed as dist
-from harness import LOSS_RTOL, ROOT, case, free_port
+from harness import LOSS_RTOL, ROOT, case, free_port, launch_env
 
 STEPS = 40
 COMMON = [f"train.max_steps={STEPS}", "resilience.startup_timeout_s=0", "resilience.hang_timeout_s=0",
@@ -47,18 +47,11 @@ SLOW_NODE = ["checkpoint.every=100", "resilience.straggler=restart", f"resilienc
              "resilience.restart_cost_s=0.001", "fault.slow_rank=3", "fault.slow_factor=4.0"]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOOMTRAIN_LAUNCHER",
-                        "TORCHELASTIC_RESTART_COUNT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-    return env
-
 
 def _start(log: str, overrides: list[str], launch: list[str]) -> subprocess.Popen:
     fh = open(log, "w", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "loomtrain.launch", "run", "-", *case("llama", *overrides),
-                             *launch], cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT,
+                             *launch], cwd=ROOT, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT,
                             start_new_session=True)
     proc.log_fh = fh
     proc.log_path = log
@@ -170,10 +163,8 @@ def test_straggler_restart_leaves_the_slow_node_behind(runs):
     line = next(ln for ln in log.splitlines() if ln.startswith("loomtrain: straggler restart: rank 3"))
     assert f"committing step {stop['step']}" in line and "ranks 2,3" in line and "restart cost" in line, line
     assert "loomtrain: straggler restart: this node (ranks 2,3) leaves the job" in other, other[-3000:]
-    # The launcher's restart line usually says "after a straggler restart"; when its agent sees a
-    # local rank it stopped (SIGTERM) before the one that exited with the restart code, it names
-    # that rank instead (seen once in CI). The restart itself is checked by the events above.
-    assert "loomtrain: restarted 1 time after " in log, log[-3000:]
+    # the cause comes from the workers' own record, whichever local rank the agent saw fail first
+    assert "loomtrain: restarted 1 time after a straggler restart (resilience.straggler=restart)" in log, log[-3000:]
     assert "loomtrain: stopped by SIGTERM" in other, other[-3000:]
     resume = _check_resized(log, out)
     assert resume["step"] == stop["step"], (resume, stop)

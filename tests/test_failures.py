@@ -80,3 +80,29 @@ def test_restart_line_says_when_the_cause_was_on_another_node(tmp_path):
         logger.removeHandler(log)
     assert log.summary(node_rank=0, nproc=2) == (
         "loomtrain: restarted 1 time after rank 1 lost its peers (exit code 1; what failed first was on another node)")
+
+
+def test_restart_line_names_a_straggler_restart_the_workers_recorded(tmp_path):
+    """The agent may see a rank it stopped (SIGTERM) before the one that exited with the restart
+    code; the workers' record of the attempt decides the cause. Attempt 0 was a straggler restart,
+    attempt 1 an ordinary death."""
+    from loomtrain.resilience.restart import RESTART_NOTES_ENV, note_straggler_restart
+
+    notes = tmp_path / "restarts"
+    note_straggler_restart({RESTART_NOTES_ENV: str(notes), "TORCHELASTIC_RESTART_COUNT": "0"})
+    note_straggler_restart({})  # no launcher file: nothing written, nothing raised
+    log = FailureLog(str(notes))
+    logger = logging.getLogger(FailureLog.LOGGER)
+    logger.addHandler(log)
+    try:
+        stopped = ProcessFailure(local_rank=0, pid=50, exitcode=-15, error_file=str(tmp_path / "none.json"))
+        stopped.timestamp = 1_700_000_300
+        _poll({0: stopped})
+        killed = ProcessFailure(local_rank=1, pid=51, exitcode=-9, error_file=str(tmp_path / "none2.json"))
+        killed.timestamp = 1_700_000_400
+        _poll({1: killed})
+    finally:
+        logger.removeHandler(log)
+    assert log.summary(node_rank=0, nproc=2) == (
+        "loomtrain: restarted 2 times after a straggler restart (resilience.straggler=restart); "
+        "rank 1 died (killed by SIGKILL)")

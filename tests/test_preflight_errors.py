@@ -5,13 +5,12 @@ empty or too small data; a model directory without config.json), three of them t
 layouts that must be refused up front with the numbers that conflict."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from harness import ROOT, case
+from harness import case, launch_env
 from loomtrain.config import load_config
 from loomtrain.errors import ConfigError, DataError
 from loomtrain.runtime.preflight import preflight
@@ -95,8 +94,6 @@ def test_seq_len_beyond_gpt2_positions():
 
 
 # ------------------------------------------------------------ the same errors through the CLI
-_TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
-                 "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOOMTRAIN_LAUNCHER")
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +108,7 @@ def cli_errors(tmp_path_factory):
         "tp3": ["run", "-", *case("llama", "parallel.tp=3", out), "--nproc-per-node", "3"],
         "model_path": ["run", "-", *case("llama", f"model.path={tmp / 'nomodel'}", out)],
     }
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV and not k.startswith("PET_")}
-    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = launch_env()
     procs = {name: subprocess.Popen([sys.executable, "-m", "loomtrain.launch", *argv], cwd=str(tmp), env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, argv in runs.items()}

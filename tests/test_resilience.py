@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from harness import ROOT, case, run_cases
+from harness import ROOT, case, launch_env, run_cases
 from loomtrain.config import ResilienceConfig
 from loomtrain.hooks import LoopState
 from loomtrain.resilience.watchdog import Watchdog, line_up
@@ -92,7 +92,7 @@ def test_report_names_the_event_and_draws_the_heat_map(straggler_runs):
     summary lists the straggler event, and the rank x step heat-map is a non-empty PNG."""
     run = os.path.join(straggler_runs, "slow_rank")
     proc = subprocess.run([sys.executable, "-m", "loomtrain.launch", "report", run, "--plot"], cwd=run,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     event = _events(straggler_runs, "slow_rank")[0]
     assert f"step {event['step']}: straggler rank 2" in proc.stdout, proc.stdout
@@ -130,18 +130,12 @@ def test_clean_runs_report_nothing(straggler_runs):
 
 
 # ------------------------------------------------------------------------------ hangs, orphans
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOOMTRAIN_LAUNCHER")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-    return env
-
 
 def _run_cli(out: str, nproc: int, *overrides: str, log: str) -> subprocess.Popen:
     fh = open(log, "w", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "loomtrain.launch", "run", "-",
                              *case("llama", f"train.output_dir={out}", *overrides), "--nproc-per-node", str(nproc)],
-                            cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_fh = fh
     return proc
 

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-from harness import ROOT, case
+from harness import ROOT, case, launch_env
 
 STEPS = 6
 COMMON = [f"train.max_steps={STEPS}", "checkpoint.every=2", "resilience.startup_timeout_s=0",
@@ -25,20 +25,13 @@ COMMON = [f"train.max_steps={STEPS}", "checkpoint.every=2", "resilience.startup_
 KILL = ["fault.kill_rank=1", "fault.kill_step=5"]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOOMTRAIN_LAUNCHER",
-                        "TORCHELASTIC_RESTART_COUNT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-    return env
-
 
 def _start(out: str, restarts: int, *overrides: str) -> subprocess.Popen:
     fh = open(out + ".log", "w", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "loomtrain.launch", "run", "-",
                              *case("llama", f"train.output_dir={out}", *COMMON, *overrides),
                              "--nproc-per-node", "2", "--max-restarts", str(restarts)],
-                            cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_fh = fh
     return proc
 

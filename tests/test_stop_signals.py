@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from harness import ROOT, case
+from harness import ROOT, case, launch_env
 from loomtrain.checkpoint import format as fmt
 from loomtrain.checkpoint.signals import StopOnSignal
 
@@ -39,12 +39,6 @@ def test_repeats_within_grace_are_absorbed_then_a_late_one_aborts():
 
 
 # ------------------------------------------------------------------------------ real launches
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOOMTRAIN_LAUNCHER")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-    return env
-
 
 def _launch(out, log, *extra):
     args = case("llama", f"train.output_dir={out}", f"checkpoint.dir={out}/ckpt", "checkpoint.resume=auto",
@@ -54,7 +48,7 @@ def _launch(out, log, *extra):
                 "model.config.hidden_size=256", "model.config.intermediate_size=1024", "data.seq_len=128", *extra)
     fh = open(log, "w", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "loomtrain.launch", "run", "-", *args, "--nproc-per-node", "2"],
-                            cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_fh = fh
     return proc
 

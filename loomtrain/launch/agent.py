@@ -23,8 +23,10 @@ import functools
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from typing import Iterator
@@ -41,6 +43,7 @@ from loomtrain.errors import LoomError
 from loomtrain.launch.failures import FailureLog, condense_failure
 from loomtrain.launch.lifecycle import AgentSignals, default_rdzv_id, hold_endpoint, without_stop_signals
 from loomtrain.launch.spec import LaunchSpec, UsageError, in_worker, one_line, parse_nnodes
+from loomtrain.resilience.restart import RESTART_NOTES_ENV
 from loomtrain.resilience.watchdog import HANG_EXIT_CODE
 
 # Set by the launcher for its workers: they leave the one-line error message to the launcher.
@@ -235,7 +238,9 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
     store = hold_endpoint(spec)
     stops = AgentSignals(spec.stop_grace_s)
     stops.install()
-    failures = FailureLog()
+    notes = os.path.join(tempfile.mkdtemp(prefix="loomtrain-agent-"), "restarts")
+    os.environ[RESTART_NOTES_ENV] = notes
+    failures = FailureLog(notes)
     failure_logger = logging.getLogger(FailureLog.LOGGER)
     failure_logger.addHandler(failures)
     try:
@@ -260,6 +265,7 @@ def launch(spec: LaunchSpec, worker_args: list[str]) -> int:
         return 1
     finally:
         failure_logger.removeHandler(failures)
+        shutil.rmtree(os.path.dirname(notes), ignore_errors=True)
         stops.restore()
         del store
     return 0

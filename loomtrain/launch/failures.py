@@ -13,7 +13,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from loomtrain.launch.spec import one_line
-from loomtrain.resilience.restart import RESTART_EXIT_CODE
+from loomtrain.resilience.restart import RESTART_EXIT_CODE, straggler_attempts
 
 _NOT_AVAILABLE = "<N/A>"
 
@@ -112,8 +112,9 @@ class FailureLog(logging.Handler):
 
     LOGGER = "torch.distributed.elastic.multiprocessing.api"
 
-    def __init__(self) -> None:
+    def __init__(self, notes: str | None = None) -> None:
         super().__init__(logging.ERROR)
+        self.notes = notes  # the workers' record of straggler restarts (`RESTART_NOTES_ENV`)
         self.failures: list[tuple[int, int]] = []  # (exit code, local rank), one per failed attempt
         # attempts whose every local failure was a communication error: the cause was elsewhere
         # (another node's rank, or the whole node, died)
@@ -143,8 +144,11 @@ class FailureLog(logging.Handler):
         if not self.failures:
             return None
         causes = []
+        # an attempt the workers recorded as a straggler restart was one, whichever rank the agent
+        # saw first (it may stop a rank with SIGTERM before another exits with the restart code)
+        stragglers = straggler_attempts(self.notes)
         for i, (code, local_rank) in enumerate(self.failures):
-            if code == RESTART_EXIT_CODE:
+            if code == RESTART_EXIT_CODE or i in stragglers:
                 causes.append("a straggler restart (resilience.straggler=restart)")
                 continue
             how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"

@@ -18,6 +18,7 @@ Components on the training loop's hook points (`loomtrain.hooks`), built by the 
                 last collectives, the dumps are lined up through the job's store, one line names
                 the rank that never entered, and the job exits 3
   orphan.py     a worker exits when its launcher dies
+  build.py      which of these a run gets, built from its config (the trainer only says when)
   restart.py    a restarted group's `restart` event (attempt, resumed step, world size before and
                 after), and `resilience.straggler=restart`'s cost arithmetic
 

@@ -30,10 +30,10 @@ def parse_ranks(text: str) -> tuple[int, ...]:
     return tuple(sorted(int(part) for part in text.replace(" ", "").split(",") if part))
 
 
-def restart_count() -> int:
+def restart_count(env: dict | None = None) -> int:
     """How many times torchelastic restarted this worker group (0 in the first attempt, or outside it)."""
     try:
-        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        return int((os.environ if env is None else env).get("TORCHELASTIC_RESTART_COUNT", "0"))
     except ValueError:
         return 0
 

@@ -70,6 +70,31 @@ class RestartRecorder(Hook):
 RENDEZVOUS_S = 3 * 5.0 + 30.0
 # A worker that stops for an elastic restart exits with this code (EX_TEMPFAIL: try again).
 RESTART_EXIT_CODE = 75
+# a file the launcher names for its workers: the attempts that ended in a straggler restart, one
+# number per line, so the launcher's restart line names that cause even when its agent first saw
+# a rank it stopped itself (SIGTERM) rather than one that exited with RESTART_EXIT_CODE
+RESTART_NOTES_ENV = "LOOMTRAIN_RESTART_NOTES"
+
+
+def note_straggler_restart(env: dict | None = None) -> None:
+    """Records this attempt as a straggler restart in the launcher's file (`RESTART_NOTES_ENV`)."""
+    env = os.environ if env is None else env
+    path = env.get(RESTART_NOTES_ENV)
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(f"{restart_count(env)}\n")
+        except OSError:
+            pass  # only the launcher's wording depends on it
+
+
+def straggler_attempts(path: str | None) -> set[int]:
+    """The attempts (0 = the first) that `note_straggler_restart` recorded in `path`."""
+    try:
+        with open(path or "", encoding="utf-8") as fh:
+            return {int(line) for line in fh if line.strip().isdigit()}
+    except OSError:
+        return set()
 
 
 def process_age_s() -> float | None:
@@ -154,6 +179,7 @@ def leave_for_restart(exclude: list[int], rank: int) -> None:
     stop, so the rendezvous drops the node. Every rank then exits with `RESTART_EXIT_CODE`: the
     other nodes' agents see failed workers and restart them, and their next rendezvous forms
     without the excluded node (`--nnodes MIN:MAX`); the new group resumes from the checkpoint."""
+    note_straggler_restart()  # before the barrier: the launcher must know why before it sees an exit
     if rank in exclude:  # before the barrier: once past it, the agent may stop this rank any moment
         print(f"loomtrain: straggler restart: this node (ranks {','.join(map(str, exclude))}) leaves the job; "
               f"its launcher (pid {os.getppid()}) is stopped with SIGTERM", flush=True)

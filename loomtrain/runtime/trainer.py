@@ -15,7 +15,6 @@ The loop is `train_step` repeated; everything else is a component on the hook po
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -43,11 +42,9 @@ from loomtrain.optim.schedule import lr_lambda
 from loomtrain.parallel import pipeline
 from loomtrain.parallel.compose import Parallelized, parallelize, wrap_after_materialize
 from loomtrain.parallel.hetero.scheduler import HeteroScheduler
-from loomtrain.resilience.faults import FaultInjector, Faults
+from loomtrain.resilience import build as resilience
 from loomtrain.resilience.orphan import OrphanGuard
-from loomtrain.resilience.rebalance import Rebalancer
-from loomtrain.resilience.restart import RestartRecorder
-from loomtrain.resilience.straggler import StragglerMonitor, TimedLoader, hetero_work
+from loomtrain.resilience.straggler import TimedLoader
 from loomtrain.resilience.watchdog import Watchdog
 from loomtrain.parallel.tied import TiedEmbeddings, ties_embeddings
 from loomtrain.runtime.components import MetricsLogger, PipelineTimeline, SampleLog
@@ -107,7 +104,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
         cfg = self.cfg
-        self._start_resilience()
+        guards = resilience.start_guards(cfg)  # before anything can hang
+        self.watchdog, self.orphan_guard = guards.watchdog, guards.orphan
         self.env = env = init_distributed(cfg.train.device, host_collectives=cfg.offload.params)
         self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, env.is_main)
         if self._user_model is None:
@@ -203,41 +201,14 @@ class Trainer:
         self.checkpointer = self.hooks.add(Checkpointer(
             cfg, env, self.dims, model_parts=self.model_parts, optimizer=self.optimizer,
             lr_scheduler=self.scheduler, data=self.loader, dp_rank=self.dp_rank, dp_size=self.dp_size))
-        self._register_resilience()
+        checkpointer = self.checkpointer
+        for hook in resilience.components(
+                cfg, rank=env.rank, world_size=env.world_size, is_main=env.is_main, device_type=env.device.type,
+                mesh_root=self.mesh.root if self.mesh is not None else None,
+                resumed_from=lambda: checkpointer.resumed_from, hetero=self.hetero, loader=self.data_timer):
+            self.hooks.add(hook)
         for hook in self._user_hooks:
             self.hooks.add(hook)
-
-    def _start_resilience(self) -> None:
-        """Under a multi-process launch, before anything can hang: the hang watchdog (start-up
-        deadline first) and, under torchelastic, the guard that ends this worker if its launcher dies."""
-        cfg = self.cfg
-        self.watchdog = None
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            self.watchdog = Watchdog(
-                cfg.resilience, rank=int(os.environ.get("RANK", "0")), world_size=world,
-                output_dir=cfg.train.output_dir, checkpoint_every=cfg.checkpoint.every,
-                max_steps=cfg.train.max_steps, quiet=bool(os.environ.get("LOOMTRAIN_LAUNCHER"))).start()
-        if "TORCHELASTIC_RUN_ID" in os.environ:
-            self.orphan_guard = OrphanGuard(cfg.resilience.orphan_check_s).start()
-
-    def _register_resilience(self) -> None:
-        """Injected faults (`fault.*`) and the straggler monitor (`resilience.*`)."""
-        cfg, env = self.cfg, self.env
-        faults = Faults.from_config(cfg.fault, env.rank)
-        if faults.active:
-            self.hooks.add(FaultInjector(faults))
-        checkpointer = self.checkpointer
-        self.hooks.add(RestartRecorder(cfg.train.output_dir, env.world_size, env.is_main,
-                                       lambda: checkpointer.resumed_from if checkpointer is not None else None))
-        hetero = self.hetero
-        work = (lambda: hetero_work(hetero.last_plan, hetero.executor.index)) if hetero is not None else (lambda: 1.0)
-        self.hooks.add(StragglerMonitor(
-            cfg.resilience, rank=env.rank, world_size=env.world_size, device_type=env.device.type,
-            mesh_root=self.mesh.root if self.mesh is not None else None, output_dir=cfg.train.output_dir,
-            is_main=env.is_main, work=work, loader=self.data_timer, faults=faults,
-            checkpoint_every=cfg.checkpoint.every,
-            rebalancer=Rebalancer(hetero) if hetero is not None and cfg.resilience.straggler == "rebalance" else None))
 
     def _moe_aux(self) -> MoeAux | None:
         """A mixture-of-experts model's load-balancing loss and expert-load metrics (`models.moe`)."""
