@@ -81,6 +81,45 @@ def widen(b, best, m, kreq, pack, rounds: int = 8):
     return best
 
 
+
+def descend(b, best, m, kreq, pack, top: int = 24, budget: int = 96):
+    """Coordinate descent on the degrees of the `top` longest sequences, both ways: one of them
+    one or two degrees narrower or wider, packed again (`pack(m, kreq)`) at `m`, `m` + 1 and
+    `m` - 1 micro-steps; the first change that makes the plan faster is kept and the scan starts
+    over, until none does or `budget` packs were spent. `widen` only widens the sequence that
+    holds a step up; when memory forces two or three steps, the best plan can also narrow a long
+    sequence (a wide group spends more rank-seconds on its all-to-alls) or let it move to
+    another step, which the packer's per-step share of the work does not see. Returns (plan, m,
+    degrees)."""
+    n_deg = len(b.lat)
+    kreq = np.asarray(kreq).copy()
+    spent = 0
+    while spent < budget:
+        found = None
+        for i in b.order[:top]:
+            for dk in (-1, 1, -2, 2):
+                k = int(kreq[i]) + dk
+                if not b.kmin[i] <= k < n_deg:
+                    continue
+                trial = kreq.copy()
+                trial[i] = k
+                for mm in (m, m + 1, m - 1):
+                    if mm < 1 or spent >= budget:
+                        continue
+                    spent += 1
+                    c = pack(mm, trial)
+                    if c is not None and (c.time, c.n_steps) < (best.time, best.n_steps):
+                        found = (c, mm, trial)
+                        break
+                if found:
+                    break
+            if found or spent >= budget:
+                break
+        if found is None:
+            break
+        best, m, kreq = found
+    return best, m, kreq
+
 SWAP_SEQS = 8  # groups of at most this many sequences take part in swaps (the long ones' groups)
 
 

@@ -14,7 +14,8 @@ makes the same choice greedily, in tens of milliseconds, so every rank can run i
 3. Portfolio: a few alphas and micro-step counts (more for small batches); for the winner, its
    few longest sequences narrowed to fit one tall step (`_heterogeneous`), `widen` (the sequence
    holding a step up gets the next degree) and a candidate keeping short sequences off groups
-   costing 2x; the best after `polish` (moves off each step's slowest group; for batches of <= 600
+   costing 2x; for batches of <= 300 sequences, `descend` (the longest sequences' degrees moved one
+   or two either way, one at a time, while the plan gets faster); the best after `polish` (moves off each step's slowest group; for batches of <= 600
    sequences after `swap`, exchanges inside a step) wins. Batches of <= 300 sequences also try
    `_fill_first`: one step filled at one degree, the rest planned after it. The same packer
    with one degree for every group competes; the fastest plan by the cost model wins, so the
@@ -32,13 +33,14 @@ from typing import Sequence
 import numpy as np
 
 from loomtrain.parallel.hetero.costmodel import CostModel
-from loomtrain.parallel.hetero.local_search import polish, swap, widen
+from loomtrain.parallel.hetero.local_search import descend, polish, swap, widen
 from loomtrain.parallel.hetero.packer import Batch, Candidate, candidate, pack_groups, prepare, to_plan
 from loomtrain.parallel.hetero.plan_types import Plan, PlanError
 
 # batches of <= SMALL sequences pack fast: a wider portfolio (alphas, betas, n_long) for them
 SMALL, WIDE = 300, (tuple(2.0 ** (e / 8) for e in range(-8, 9)), (0.3, 0.45, 0.55, 0.65, 0.8, 0.9, 1.0), 5)
 SWAP_MAX = 600  # batches of at most this many sequences get `swap` before `polish`
+DESCEND_MAX = 300  # batches of at most this many sequences get `descend` on their longest ones' degrees
 MIN_RATE = 0.5  # a candidate keeps short sequences off groups that need 2x their rank-seconds
 
 
@@ -114,6 +116,8 @@ def _heterogeneous(b: Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3)
     m0, k0 = next((m, kreq) for c, m, kreq in cache.values() if c is best)
     best = widen(b, best, m0, k0, pack)
     m0, k0 = next((m, kreq) for c, m, kreq in cache.values() if c is best)
+    if len(b.lengths) <= DESCEND_MAX:  # few steps, few long sequences: each degree matters
+        best, m0, k0 = descend(b, best, m0, k0, pack)
     finals = [best] + [c for c in (pack(m, k0, MIN_RATE) for m in (m0, m0 + 1)) if c is not None]
     small = len(b.lengths) <= SWAP_MAX  # swaps cost O(pairs): only where few steps make them count
     return min((candidate(b, polish(b, swap(b, c.bins) if small else c.bins), "hetero", None) for c in finals),
