@@ -36,7 +36,9 @@ def four_ranks(out):
     cases = {f"cp4_{i}": case("llama", "parallel.cp=4", f"parallel.cp_impl={i}") for i in IMPLS}
     cases.update({f"dp2cp2_{i}": case("llama", "parallel.cp=2", f"parallel.cp_impl={i}", "parallel.zero=3")
                   for i in IMPLS})
-    cases["hetero_z3"] = case("llama", *HETERO, "parallel.hetero_tokens_per_rank=48", "parallel.zero=3")
+    # 64 tokens per rank: the 128-token documents need 2 ranks, shorter ones 1, and every step's plan
+    # mixes group sizes ({1, 2} or {2, 4}); at 48 the planner runs some batches on degree 4 alone
+    cases["hetero_z3"] = case("llama", *HETERO, "parallel.hetero_tokens_per_rank=64", "parallel.zero=3")
     path = os.path.join(out, "four")
     run_cases(4, cases, path)
     return path
@@ -56,7 +58,8 @@ def test_hetero_scheduler_zero3_four_ranks(four_ranks, refs):
     assert_parity(load_result(four_ranks, "hetero_z3"), refs["hetero"], "hetero scheduler, ZeRO-3, 4 ranks")
     with open(os.path.join(four_ranks, "hetero_z3", "metrics.jsonl"), encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh]
-    # The plan really mixed group sizes: long sequences on wider groups than short ones. Which
-    # sizes is the planner's choice (since its fill-first and swap passes, {2, 4} on this batch).
-    used = {d for r in records for d in r["plan_degrees"]}
-    assert len(used) > 1 and max(used) > 1, used
+    # The plans really mixed group sizes: long sequences on wider groups than short ones, in
+    # every step (which sizes is the planner's choice).
+    assert all(len(r["plan_degrees"]) > 1 for r in records), [r["plan_degrees"] for r in records]
+    # the planner's own time is on the step's critical path, so every step reports it
+    assert all(0.0 < r["plan_ms"] < 60_000 for r in records), [r.get("plan_ms") for r in records]

@@ -180,3 +180,28 @@ def test_bad_bound_seconds_is_one_line(tmp_path, value):
     assert out.returncode != 0
     assert "--bound-seconds" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_memory_beside_a_time_bound_long_sequence_counts():
+    """A batch that nearly fills 64 ranks' memory, with long documents whose attention fills a
+    narrow group's time: the MILP's raw-memory row (memory such groups cannot use) raises the
+    bound, and it stays below the planner's plan (validity on small instances: brute force above)."""
+    from loomtrain.parallel.hetero.bound import tables
+    from loomtrain.parallel.hetero.milp import milp_bound
+
+    cost, n_ranks = CostModel(), 64
+    capacity = cost.max_tokens_per_gpu()
+    rng = np.random.default_rng(8)
+    lengths: list[int] = []
+    while sum(lengths) < 0.97 * n_ranks * capacity:
+        lengths.append(int(min(262_144, max(1, rng.lognormal(np.log(2048), 1.5)))))
+    lengths = lengths[:-1]
+    plan = plan_batch(lengths, n_ranks, capacity, cost)
+    t = tables(lengths, n_ranks, capacity, cost)
+    long = [int(i) for i in np.argsort(-np.asarray(lengths), kind="stable")[:12]]
+    big = t.per_rank * 2 > capacity
+    args = (t.time, t.lat, t.mem, t.feasible, big, long, n_ranks, capacity, cost.step_overhead_s, 20.0, plan.time)
+    without = milp_bound(*args)
+    with_rows = milp_bound(*args, per_rank=t.per_rank)
+    assert without.solved and with_rows.solved
+    assert without.value * 1.01 < with_rows.value <= plan.time, (without.value, with_rows.value, plan.time)

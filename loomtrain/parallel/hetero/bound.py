@@ -8,7 +8,8 @@ plan / bound - 1 (the optimality gap) can. The bound is the largest of:
            ceil(least rank-tokens / (N x capacity)) micro-steps, each paying the fixed overhead;
 * longest: some micro-step runs the slowest sequence at its fastest feasible degree;
 * MILP:    the relaxation in `milp.py` (per-step height, area and memory; the long sequences placed
-           with binaries; idle time in wide groups only partly usable by short sequences),
+           with binaries; idle time in wide groups only partly usable by short sequences; memory
+           beside a long sequence that fills its group's time unusable),
            whatever bound HiGHS proves within `seconds`; skipped when seconds <= 0.
 * classes: whole micro-steps per step-height class (`height_bound.py`), each sequence charged the
            ranks its time and memory take at the top of its class; also within `seconds`.
@@ -129,7 +130,8 @@ def lower_bound(lengths: Sequence[int], n_ranks: int, capacity: int, cost: CostM
         big = t.per_rank * 2 > capacity  # no two of these share a group
         trivial = float(alone.sum()) + alone.size * o
         upper = trivial if upper is None else min(float(upper), trivial)
-        res = milp_bound(t.time, t.lat, t.mem, t.feasible, big, long, n_ranks, capacity, o, seconds, upper)
+        res = milp_bound(t.time, t.lat, t.mem, t.feasible, big, long, n_ranks, capacity, o, seconds, upper,
+                         per_rank=t.per_rank)
         milp_lb, solved = res.value * (1 - 1e-7), res.solved  # HiGHS's feasibility tolerance
         cls_lb, cls_solved = height_class_bound(lengths, t.time, t.lat, t.mem, t.feasible, n_ranks, capacity,
                                                 o, upper, seconds)

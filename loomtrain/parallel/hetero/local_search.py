@@ -82,7 +82,7 @@ def widen(b, best, m, kreq, pack, rounds: int = 8):
 
 
 
-def descend(b, best, m, kreq, pack, top: int = 24, budget: int = 96):
+def descend(b, best, m, kreq, pack, top: int = 16, budget: int = 48):
     """Coordinate descent on the degrees of the `top` longest sequences, both ways: one of them
     one or two degrees narrower or wider, packed again (`pack(m, kreq)`) at `m`, `m` + 1 and
     `m` - 1 micro-steps; the first change that makes the plan faster is kept and the scan starts

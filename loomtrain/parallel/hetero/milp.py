@@ -8,7 +8,8 @@ fixed overhead. The relaxation keeps, per micro-step, only these consequences of
 * height: the step lasts at least as long as each sequence in it, alone, at its degree;
 * area:   N ranks x the step's height >= the rank-seconds (degree x time) of its sequences, plus
           the part of wide groups' idle time short sequences cannot use cheaply;
-* memory: N x capacity >= the rank-tokens (degree x ceil(L / degree)) of its sequences;
+* memory: N x capacity >= the rank-tokens (degree x ceil(L / degree)) of its sequences, plus the
+          memory that groups whose time a long sequence fills cannot use (see `milp_bound`);
 * groups: the long sequences at each degree fill a whole number of groups, within the N ranks;
 
 and drops alignment and which sequence shares which group. Every real plan satisfies these, so
@@ -140,7 +141,7 @@ class _Rows:
 
 
 def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int, overhead: float,
-               time_limit: float, upper: float) -> MilpBound:
+               time_limit: float, upper: float, per_rank=None) -> MilpBound:
     """Lower bound on the step time of any plan.
 
     time[i, k]: seconds of sequence i on a degree-2**k group (without lat[k]); mem[i, k]: its
@@ -158,6 +159,19 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
     degree d can use, at rho_d x their least rank-seconds or more (rho_d: the least such ratio
     over the short sequences). So a share c_d = 1 - 1/rho_d of it is lost to the divisible work:
     the step's area row also counts lam >= c_d x d x (P - loads).
+
+    Memory a time-bound group cannot use (`per_rank`: tokens per rank, ceil(L / d); given, these
+    rows are added). Every sequence at degree d takes at least r_d seconds per token it puts on a
+    rank (r_d: the least time / per-rank tokens over the batch), so sequence i takes r_d x tok_i
+    + e_i with e_i >= 0 its excess (attention's quadratic part, mostly). A group of height h
+    holding excess e_g can then hold at most (h - lat - e_g) / r_d tokens per rank, and
+    d x max(0, capacity - (h - lat - e_g) / r_d) of its memory is lost. Summed over the G groups
+    holding long sequences (max(0, .) summed >= the sum): W >= d x (G capacity - (P - lat G - sum e_i)
+    / r_d), linear in G, P and the placements. A second memory row per step counts raw
+    tokens: long ones', W, and the short work's (whose raw least rank-tokens, L each, are poured
+    like its charged ones). A long document at a narrow degree in a step not much taller than it
+    runs fills its group's time, not its memory; the charged rows alone let short work use that
+    memory, and so promise one tall step where two are needed.
     """
     time, mem, feasible = np.asarray(time, float), np.asarray(mem, float), np.asarray(feasible, bool)
     big = np.asarray(big, bool)
@@ -177,6 +191,15 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
             lost[k] = max(0.0, 1.0 - 1.0 / float((area[short[ok], k] / least[ok]).min()))
     n_mem = float(n_ranks) * capacity
     k_long = len(long)
+    raw = None
+    if per_rank is not None:  # seconds per per-rank token, least over the batch, per degree
+        tok = np.asarray(per_rank, float)
+        raw = tok * width[None, :]  # raw rank-tokens
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(feasible & (tok > 0), time / tok, np.inf)
+        rate = ratio.min(axis=0)
+        excess = np.where(feasible, time - rate[None, :] * tok, 0.0)
+        excess = np.maximum(excess, 0.0) * (1 - 1e-9)  # float error must never add excess
     big_m = max(float(upper), 0.0)
 
     kinds: list = []  # per variable: (integer, upper bound)
@@ -209,6 +232,7 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
                 rows.add(cols + lead[m], [1.0] * len(cols) + [-1.0] * len(lead[m]), hi=0.0)
             rows.add([h[m]] + cols, [1.0] + [-(time[i, k] + lat[k]) for _, k in slots[p][m]], lo=0.0)
     area_rows = []
+    waste_cols: list[list[int]] = [[] for _ in range(k_long)]
     for m in range(k_long):
         members = [(c, long[p], k) for p in range(m, k_long) for c, k in slots[p][m]]
         lam_cols, rank_cols, rank_vals = [], [], []
@@ -235,6 +259,14 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
             # their load fits G groups of height h: sum t + lat x G <= G h
             rows.add(prods + bits + cols, weights + [-lat[k] * w for w in weights] + [-t for t in loads],
                      lo=0.0)
+            if raw is not None and np.isfinite(rate[k]) and rate[k] > 0:
+                # memory those groups cannot use (time-bound): W >= d (G cap - (P - lat G - sum e) / r)
+                w = new()
+                waste_cols[m].append(w)
+                dr = float(width[k]) / float(rate[k])
+                rows.add([w] + bits + prods + cols,
+                         [1.0] + [-(float(width[k]) * capacity + dr * lat[k]) * wb for wb in weights]
+                         + [dr * wb for wb in weights] + [-dr * float(excess[i, k]) for _, i in at_k], lo=0.0)
             if lost[k] > 0:  # idle time in those groups: lam >= c d (G h - lat G - sum t)
                 scale = lost[k] * width[k]
                 lam = new()
@@ -253,6 +285,19 @@ def milp_bound(time, lat, mem, feasible, big, long, n_ranks: int, capacity: int,
             coef[c] += n_mem
         rows.add([q[m]] + list(coef), [-1.0] + list(coef.values()), lo=0.0)  # memory
         rows.add([a[m]] + lead[m], [1.0] + [-a_short] * len(lead[m]), hi=0.0)  # short work: open steps
+    if raw is not None:  # raw tokens: long ones', the memory time-bound groups lose, and short work's
+        raw_short = float(np.where(feasible[short], raw[short], np.inf).min(axis=1).sum()) if short.size else 0.0
+        qr = [new() for _ in range(k_long)]
+        qr_s = new()
+        for m in range(k_long):
+            members = [(c, long[p], k) for p in range(m, k_long) for c, k in slots[p][m]]
+            coef = {c: float(raw[i, k]) for c, i, k in members}
+            for c in lead[m]:
+                coef[c] -= n_mem
+            rows.add([qr[m]] + waste_cols[m] + list(coef), [1.0] * (1 + len(waste_cols[m])) + list(coef.values()),
+                     hi=0.0)
+        rows.add(qr + [qr_s], [1.0] * (k_long + 1), lo=raw_short)
+        rows.add([j, qr_s], [n_mem, -1.0], lo=0.0)
     rows.add(a + [a_s], [1.0] * (k_long + 1), lo=a_short)
     _couple(rows, new, short, area, mem, feasible, n_ranks, h, lead, area_rows, q, q_s, h_s, j, q_short)
     rows.add([h_s, a_s], [float(n_ranks), -1.0], lo=0.0)

@@ -19,7 +19,9 @@ makes the same choice greedily, in tens of milliseconds, so every rank can run i
    sequences after `swap`, exchanges inside a step) wins. Batches of <= 300 sequences also try
    `_fill_first`: one step filled at one degree, the rest planned after it. The same packer
    with one degree for every group competes; the fastest plan by the cost model wins, so the
-   result is never slower than the best homogeneous plan.
+   result is never slower than the best homogeneous plan. Batches of <= 300 sequences also try
+   `_tall_first`: a first step of height H with the longest sequences on the narrowest groups that
+   run them within H, filled with the next longest, the rest after it (a few H).
 
 Plain data in, ties broken by index: every rank computes the same plan, which
 `Plan.fingerprint64` lets the executor check with one all-gather before running it.
@@ -42,6 +44,7 @@ SMALL, WIDE = 300, (tuple(2.0 ** (e / 8) for e in range(-8, 9)), (0.3, 0.45, 0.5
 SWAP_MAX = 600  # batches of at most this many sequences get `swap` before `polish`
 DESCEND_MAX = 300  # batches of at most this many sequences get `descend` on their longest ones' degrees
 MIN_RATE = 0.5  # a candidate keeps short sequences off groups that need 2x their rank-seconds
+TALL_TARGETS, TALL_LONGEST = 6, 6  # `_tall_first`: heights tried, from the alone times of the longest
 
 
 # ------------------------------------------------------------------------- strategies
@@ -68,7 +71,7 @@ def _homogeneous(b: Batch, k: int) -> Candidate:
 
 
 def _heterogeneous(b: Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3)),
-                   betas=(0.45, 0.65, 0.9), n_long=3) -> Candidate | None:
+                   betas=(0.45, 0.65, 0.9), n_long=3, thorough: bool = True) -> Candidate | None:
     """Degrees: the smallest that holds a sequence, widened until it runs within alpha x tau.
     The alphas step by sqrt(2) around 1: half a degree-doubling, so a sequence near the
     threshold is tried at both of its candidate degrees.
@@ -116,7 +119,7 @@ def _heterogeneous(b: Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3)
     m0, k0 = next((m, kreq) for c, m, kreq in cache.values() if c is best)
     best = widen(b, best, m0, k0, pack)
     m0, k0 = next((m, kreq) for c, m, kreq in cache.values() if c is best)
-    if len(b.lengths) <= DESCEND_MAX:  # few steps, few long sequences: each degree matters
+    if thorough and len(b.lengths) <= DESCEND_MAX:  # few steps, few long sequences: each degree matters
         best, m0, k0 = descend(b, best, m0, k0, pack)
     finals = [best] + [c for c in (pack(m, k0, MIN_RATE) for m in (m0, m0 + 1)) if c is not None]
     small = len(b.lengths) <= SWAP_MAX  # swaps cost O(pairs): only where few steps make them count
@@ -124,18 +127,18 @@ def _heterogeneous(b: Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3)
                key=lambda c: (c.time, c.n_steps))
 
 
-def _fill_first(b: Batch, k: int, rest_plan) -> Candidate | None:
-    """One micro-step filled at degree 2**k with as many of the longest sequences as it holds,
-    the rest planned on their own (`rest_plan(lengths) -> Plan`) after it. Balanced steps are not
-    always best: 58 x 16K documents on 64 GPUs run fastest as 56 of them 7 to a degree-8 group in
-    one tall step and the last two alone on 32 GPUs each in a short one, not as two steps of 29."""
-    idx = [i for i in b.order if b.kmin[i] <= k]
-    if not idx:
-        return None
-
+def _first_step_then_rest(b: Batch, idx: list, kreq, k_small: int, rest_plan, height: float | None = None,
+                          whole: bool = True) -> Candidate | None:
+    """One micro-step holding the longest prefix of `idx` (sequence i at degree >= 2**kreq[i])
+    that it fits -- in memory and, when `height` is given, under that height -- the rest planned
+    on their own (`rest_plan(lengths) -> Plan`) after it. `whole`: a step that holds the whole
+    batch is a candidate too (else None: another candidate covers that case)."""
     def one_step(p):
         sub = prepare([b.lengths[i] for i in idx[:p]], b.n_ranks, b.capacity, b.cost)
-        return pack_groups(sub, [k] * p, 1, k)
+        bins = pack_groups(sub, [int(kreq[i]) for i in idx[:p]], 1, k_small)
+        if bins is not None and height is not None and max(e[3] for e in bins) > height:
+            return None
+        return bins
 
     lo, hi = 0, len(idx)  # the longest prefix that one step holds: lo fits, hi + 1 does not
     if one_step(hi) is None:
@@ -143,19 +146,61 @@ def _fill_first(b: Batch, k: int, rest_plan) -> Candidate | None:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if one_step(mid) is not None else (lo, mid)
         hi = lo
-    if hi == 0 or hi == len(b.lengths):  # nothing fits, or all does (the homogeneous plan's case)
+    if hi == 0 or (hi == len(b.lengths) and not whole):
         return None
     first = set(idx[:hi])
     bins = [[0, kk, start, load, room, [idx[j] for j in seqs]]
             for _, kk, start, load, room, seqs in one_step(hi)]
     rest = [i for i in range(len(b.lengths)) if i not in first]
-    plan = rest_plan([b.lengths[i] for i in rest])
-    for m, step in enumerate(plan.steps):
-        for g in step.groups:
-            if g.seqs:
-                bins.append([m + 1, g.degree.bit_length() - 1, g.start, g.time, b.capacity - g.tokens,
-                             [rest[j] for j in g.seqs]])
+    if rest:
+        plan = rest_plan([b.lengths[i] for i in rest])
+        for m, step in enumerate(plan.steps):
+            for g in step.groups:
+                if g.seqs:
+                    bins.append([m + 1, g.degree.bit_length() - 1, g.start, g.time, b.capacity - g.tokens,
+                                 [rest[j] for j in g.seqs]])
     return candidate(b, polish(b, swap(b, bins)), "hetero", None)
+
+
+def _fill_first(b: Batch, k: int, rest_plan) -> Candidate | None:
+    """One micro-step filled at degree 2**k with as many of the longest sequences as it holds,
+    the rest planned on their own after it. Balanced steps are not always best: 58 x 16K
+    documents on 64 GPUs run fastest as 56 of them 7 to a degree-8 group in one tall step and the
+    last two alone on 32 GPUs each in a short one, not as two steps of 29."""
+    idx = [i for i in b.order if b.kmin[i] <= k]
+    if not idx:
+        return None
+    return _first_step_then_rest(b, idx, np.full(len(b.lengths), k), k, rest_plan, whole=False)
+
+
+def _tall_first(b: Batch, rest_plan, upper: float) -> Candidate | None:
+    """A first micro-step of height H holding the longest sequences, each at the narrowest degree
+    that runs it within H, and as many of the next longest as fit under H; the rest planned on
+    their own after it. For H: up to TALL_TARGETS of the alone times of the TALL_LONGEST longest
+    sequences at each degree, from the least any plan allows to `upper` (the best plan so far).
+
+    When a batch nearly fills the ranks' memory, two steps are needed and the packer balances
+    them, which runs the long documents on wide groups (cross-node all-to-alls, more
+    rank-seconds) to keep each step short. One tall step with them on narrow groups and a short
+    step for the short documents that did not fit is often faster (the lognormal batches of
+    benchmarks/plan_distributions.py: 3-6% per batch)."""
+    alone = b.time_np + np.asarray(b.lat)[None, :]
+    ks = np.arange(b.n_ranks.bit_length())
+    alone = np.where(ks[None, :] >= b.kmin[:, None], alone, np.inf)
+    floor = float(alone.min(axis=1).max())  # no step is shorter than the slowest sequence's best
+    heights = sorted({float(alone[i, k]) for i in b.order[:TALL_LONGEST] for k in ks
+                      if floor - 1e-12 <= alone[i, k] <= upper})
+    if len(heights) > TALL_TARGETS:
+        pick = np.unique(np.round(np.linspace(0, len(heights) - 1, TALL_TARGETS)).astype(int))
+        heights = [heights[q] for q in pick]
+    best = None
+    for h in heights:
+        fits = alone <= h * (1 + 1e-12)
+        kreq = np.where(fits.any(axis=1), np.argmax(fits, axis=1), np.argmin(alone, axis=1))
+        c = _first_step_then_rest(b, list(b.order), kreq, 0, rest_plan, height=h * (1 + 1e-12))
+        if c is not None and (best is None or (c.time, c.n_steps) < (best.time, best.n_steps)):
+            best = c
+    return best
 
 
 @dataclass(frozen=True)
@@ -189,12 +234,23 @@ def compare_plans(lengths: Sequence[int], n_ranks: int, capacity: int, cost: Cos
         if k == k_static or bound <= min((c.time for c in homog.values()), default=math.inf):
             homog[k] = _homogeneous(b, k)
     hom = min(homog.values(), key=lambda c: (c.time, c.degree, c.n_steps))
-    het = _heterogeneous(b) if len(b.lengths) > SMALL else _heterogeneous(b, *WIDE)
+    # the wide portfolio for small batches; not for the rest of a batch after a first step
+    # (`fill_first` off), planned once per candidate first step
+    het = _heterogeneous(b, thorough=fill_first) if len(b.lengths) > SMALL or not fill_first else \
+        _heterogeneous(b, *WIDE)
     if fill_first and 1 < len(b.lengths) <= SMALL:  # a full tall step, then the rest planned alone
+        rests: dict = {}  # first-step candidates often leave the same rest
+
         def rest_plan(sub):
-            return compare_plans(sub, n_ranks, capacity, b.cost, fill_first=False).best
-        for k in range(k_lo, n_ranks.bit_length()):
-            c = _fill_first(b, k, rest_plan)
+            key = tuple(sub)
+            if key not in rests:
+                rests[key] = compare_plans(sub, n_ranks, capacity, b.cost, fill_first=False).best
+            return rests[key]
+        cands = [_fill_first(b, k, rest_plan) for k in range(k_lo, n_ranks.bit_length())]
+        so_far = min((c for c in [het, hom, *cands] if c is not None), key=lambda c: (c.time, c.n_steps))
+        if so_far.n_steps > 1:  # memory forced several steps: one tall step may beat balanced ones
+            cands.append(_tall_first(b, rest_plan, so_far.time - b.cost.step_overhead_s))
+        for c in cands:
             if c is not None and (het is None or (c.time, c.n_steps) < (het.time, het.n_steps)):
                 het = c
     best = het if het is not None and het.time < hom.time else hom  # ties: the simpler plan

@@ -8,6 +8,7 @@ the loss sum and token count, exactly as it does for packed rows.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -49,6 +50,7 @@ class HeteroScheduler:
                                          self.memory, total)
         self.calibrated = False
         self.last_plan: Plan | None = None
+        self.plan_s = 0.0  # the planner's wall time for the last step
         # per pool rank, 1.0 typical, 1.5 = computes 1.5x as long (`set_speeds`; the straggler
         # monitor's rebalance policy): None while every rank is alike
         self.speeds: tuple[float, ...] | None = None
@@ -80,7 +82,9 @@ class HeteroScheduler:
         returns (this rank's loss sum, the global count of valid tokens). `sync(last)` is the
         context each micro-step runs in (gradients reduced on the last only)."""
         lengths = [int(doc.size) - 1 for doc in docs]
+        start = time.perf_counter()
         plan = plan_batch(lengths, self.ranks, self.capacity, self.cost)
+        self.plan_s = time.perf_counter() - start  # on the step's critical path: reported per step
         self.last_plan = plan if self.speeds is None else apply_speeds(plan, self.speeds, self.cost)
         return self.executor.run(self.last_plan, docs, call, token_loss_sum, sync=sync)
 
@@ -91,4 +95,4 @@ class HeteroScheduler:
             return {}
         degrees = sorted({g.degree for step in plan.steps for g in step.groups if g.seqs})
         return {"plan": plan.strategy, "plan_degrees": degrees, "plan_microsteps": len(plan.steps),
-                "plan_predicted_s": plan.time}
+                "plan_predicted_s": plan.time, "plan_ms": round(1e3 * self.plan_s, 2)}
