@@ -288,7 +288,7 @@ def _lognormal_batch(seed: int, n_ranks: int, capacity: int) -> list[int]:
 
 
 def test_thorough_candidates_help_memory_tight_batches(monkeypatch):
-    """Batches that nearly fill the ranks' memory (<= 300 sequences): `_tall_first` and
+    """Batches that nearly fill the ranks' memory (<= THOROUGH_MAX sequences): `_tall_first` and
     `local_search.descend` never make the plan slower, and make some >= 2% faster (a tall step
     with the long documents on narrow groups, then a short one, instead of two balanced steps)."""
     from loomtrain.parallel.hetero import planner

@@ -14,14 +14,15 @@ makes the same choice greedily, in tens of milliseconds, so every rank can run i
 3. Portfolio: a few alphas and micro-step counts (more for small batches); for the winner, its
    few longest sequences narrowed to fit one tall step (`_heterogeneous`), `widen` (the sequence
    holding a step up gets the next degree) and a candidate keeping short sequences off groups
-   costing 2x; for batches of <= 300 sequences, `descend` (the longest sequences' degrees moved one
-   or two either way, one at a time, while the plan gets faster); the best after `polish` (moves off each step's slowest group; for batches of <= 600
-   sequences after `swap`, exchanges inside a step) wins. Batches of <= 300 sequences also try
-   `_fill_first`: one step filled at one degree, the rest planned after it. The same packer
-   with one degree for every group competes; the fastest plan by the cost model wins, so the
-   result is never slower than the best homogeneous plan. Batches of <= 300 sequences also try
-   `_tall_first`: a first step of height H with the longest sequences on the narrowest groups that
-   run them within H, filled with the next longest, the rest after it (a few H).
+   costing 2x; for batches of <= 400 sequences, `descend` (the longest sequences' degrees moved
+   one or two either way, one at a time, while the plan gets faster); the best after `polish`
+   (moves off each step's slowest group; for batches of <= 600 sequences after `swap`, exchanges
+   inside a step) wins. Batches of <= 400 sequences also try first-step candidates, the rest of
+   the batch planned after them: `_fill_first` (one step filled at one degree) and `_tall_first`
+   (a step of height H with the longest sequences on the narrowest groups that run them within
+   H, filled with the next longest; a few H). The same packer with one degree for every group
+   competes; the fastest plan by the cost model wins, so the result is never slower than the
+   best homogeneous plan.
 
 Plain data in, ties broken by index: every rank computes the same plan, which
 `Plan.fingerprint64` lets the executor check with one all-gather before running it.
@@ -42,7 +43,10 @@ from loomtrain.parallel.hetero.plan_types import Plan, PlanError
 # batches of <= SMALL sequences pack fast: a wider portfolio (alphas, betas, n_long) for them
 SMALL, WIDE = 300, (tuple(2.0 ** (e / 8) for e in range(-8, 9)), (0.3, 0.45, 0.55, 0.65, 0.8, 0.9, 1.0), 5)
 SWAP_MAX = 600  # batches of at most this many sequences get `swap` before `polish`
-DESCEND_MAX = 300  # batches of at most this many sequences get `descend` on their longest ones' degrees
+# batches of at most this many sequences get the search that pays where memory forces several
+# steps: `descend` on the longest ones' degrees, `_fill_first` and `_tall_first`
+THOROUGH_MAX = 400
+DESCEND_MAX = THOROUGH_MAX
 MIN_RATE = 0.5  # a candidate keeps short sequences off groups that need 2x their rank-seconds
 TALL_TARGETS, TALL_LONGEST = 6, 6  # `_tall_first`: heights tried, from the alone times of the longest
 
@@ -122,7 +126,9 @@ def _heterogeneous(b: Batch, alphas=tuple(2.0 ** (e / 4) for e in (-3, -1, 1, 3)
     if thorough and len(b.lengths) <= DESCEND_MAX:  # few steps, few long sequences: each degree matters
         best, m0, k0 = descend(b, best, m0, k0, pack)
     finals = [best] + [c for c in (pack(m, k0, MIN_RATE) for m in (m0, m0 + 1)) if c is not None]
-    small = len(b.lengths) <= SWAP_MAX  # swaps cost O(pairs): only where few steps make them count
+    # swaps cost O(pairs): only where few steps make them count, and not in the rest plans of
+    # first-step candidates (`thorough` off), whose final plan is swapped once as a whole
+    small = thorough and len(b.lengths) <= SWAP_MAX
     return min((candidate(b, polish(b, swap(b, c.bins) if small else c.bins), "hetero", None) for c in finals),
                key=lambda c: (c.time, c.n_steps))
 
@@ -159,7 +165,7 @@ def _first_step_then_rest(b: Batch, idx: list, kreq, k_small: int, rest_plan, he
                 if g.seqs:
                     bins.append([m + 1, g.degree.bit_length() - 1, g.start, g.time, b.capacity - g.tokens,
                                  [rest[j] for j in g.seqs]])
-    return candidate(b, polish(b, swap(b, bins)), "hetero", None)
+    return candidate(b, polish(b, bins), "hetero", None)  # the winner is swapped (`compare_plans`)
 
 
 def _fill_first(b: Batch, k: int, rest_plan) -> Candidate | None:
@@ -238,7 +244,7 @@ def compare_plans(lengths: Sequence[int], n_ranks: int, capacity: int, cost: Cos
     # (`fill_first` off), planned once per candidate first step
     het = _heterogeneous(b, thorough=fill_first) if len(b.lengths) > SMALL or not fill_first else \
         _heterogeneous(b, *WIDE)
-    if fill_first and 1 < len(b.lengths) <= SMALL:  # a full tall step, then the rest planned alone
+    if fill_first and 1 < len(b.lengths) <= THOROUGH_MAX:  # a tall first step, then the rest
         rests: dict = {}  # first-step candidates often leave the same rest
 
         def rest_plan(sub):
@@ -250,9 +256,11 @@ def compare_plans(lengths: Sequence[int], n_ranks: int, capacity: int, cost: Cos
         so_far = min((c for c in [het, hom, *cands] if c is not None), key=lambda c: (c.time, c.n_steps))
         if so_far.n_steps > 1:  # memory forced several steps: one tall step may beat balanced ones
             cands.append(_tall_first(b, rest_plan, so_far.time - b.cost.step_overhead_s))
-        for c in cands:
-            if c is not None and (het is None or (c.time, c.n_steps) < (het.time, het.n_steps)):
-                het = c
+        first = min((c for c in cands if c is not None), key=lambda c: (c.time, c.n_steps), default=None)
+        if first is not None:  # swaps cost O(pairs): for the best first-step candidate only
+            first = candidate(b, polish(b, swap(b, first.bins)), "hetero", None)
+            if het is None or (first.time, first.n_steps) < (het.time, het.n_steps):
+                het = first
     best = het if het is not None and het.time < hom.time else hom  # ties: the simpler plan
     plans = {id(c): to_plan(b, c) for c in {id(c): c for c in
                                               (best, hom, homog.get(k_static, hom))}.values()}
